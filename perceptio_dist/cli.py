@@ -1,0 +1,81 @@
+"""Console entry points. A config mistake prints one paragraph and exits with status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import ConfigError, PerceptioConfig, dump_yaml, iter_field_docs, load_config, recipe_names
+
+CONFIG_ERROR_EXIT = 2
+
+
+def _recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--recipe", default="tiny_cpu",
+                        help=f"a shipped recipe ({', '.join(recipe_names())}) or a path to a YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="dotted overrides, e.g. train.lr=1e-4 train.max_steps=10")
+    return parser
+
+
+def _load_or_exit(recipe: str, overrides: list[str]) -> PerceptioConfig:
+    try:
+        return load_config(recipe, overrides)
+    except ConfigError as exc:
+        _config_error_exit(exc)
+
+
+def _config_error_exit(exc: ConfigError) -> None:
+    # Under torchrun every rank fails the same way; one message is enough.
+    if os.environ.get("RANK", "0") == "0":
+        print(str(exc), file=sys.stderr)
+    raise SystemExit(CONFIG_ERROR_EXIT)
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """perceptio-train [--nproc-per-node N] --recipe R [overrides]: validate, then train (launching torchrun if asked)."""
+    parser = _recipe_parser("perceptio-train", "Train a Perceptio model with DeepSpeed.")
+    parser.add_argument("--nproc-per-node", type=int, default=None,
+                        help="launch this many local ranks with torchrun (omit when already under torchrun/srun)")
+    args = parser.parse_args(argv)
+    cfg = _load_or_exit(args.recipe, args.overrides)
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={args.nproc_per_node}", "-m", "perceptio_dist.train",
+               "--recipe", args.recipe, *args.overrides]
+        os.execv(sys.executable, cmd)
+    from .train.trainer import Trainer
+
+    try:
+        Trainer(cfg).train()
+    except ConfigError as exc:  # errors only visible at run time (paths, rank count)
+        _config_error_exit(exc)
+
+
+def model_info_main(argv: list[str] | None = None) -> None:
+    """perceptio-model-info --recipe R: build the model on the meta device and print parameter counts."""
+    parser = _recipe_parser("perceptio-model-info", "Parameter counts of a recipe's model (meta device, no weights).")
+    args = parser.parse_args(argv)
+    cfg = _load_or_exit(args.recipe, args.overrides)
+    from .model.perceptio import build_perceptio_meta, parameter_report
+
+    try:
+        report = parameter_report(build_perceptio_meta(cfg.model))
+    except ConfigError as exc:
+        _config_error_exit(exc)
+    for name, count in report.items():
+        print(f"{name:30s} {count:>16,}  ({count / 1e9:.3f} B)")
+
+
+def config_main(argv: list[str] | None = None) -> None:
+    """perceptio-config --recipe R [--explain] [overrides]: print the resolved config or every field's documentation."""
+    parser = _recipe_parser("perceptio-config", "Show a resolved recipe, or document every config field.")
+    parser.add_argument("--explain", action="store_true", help="list every field with its type, default and meaning")
+    args = parser.parse_args(argv)
+    if args.explain:
+        for name, type_name, default, doc in iter_field_docs():
+            print(f"{name} ({type_name}, default {default!r})\n    {doc}")
+        return
+    print(dump_yaml(_load_or_exit(args.recipe, args.overrides)), end="")

@@ -1,0 +1,644 @@
+"""Typed configuration: dataclasses, YAML recipes, dotted overrides, validation.
+
+Every field carries its documentation in ``metadata["doc"]``; ``perceptio-config --explain``
+and the README's configuration reference are generated from it. Loading is strict:
+unknown keys, wrong types and inconsistent values raise :class:`ConfigError` with a
+one-paragraph message that names the field, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a recipe or an override. The message is meant to be read as is."""
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
+    kwargs = {"metadata": {"doc": text}}
+    if default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    if default_factory is not dataclasses.MISSING:
+        kwargs["default_factory"] = default_factory
+    return field(**kwargs)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class VisionArchitecture:
+    """InternViT vision tower (transformers' ``InternVLVisionConfig``)."""
+
+    hidden_size: int = _doc("Width of the vision transformer (1024 for InternViT-300M).", 1024)
+    num_layers: int = _doc("Number of vision transformer layers.", 24)
+    num_heads: int = _doc("Attention heads in the vision transformer.", 16)
+    intermediate_size: int = _doc("MLP width of the vision transformer.", 4096)
+    image_size: int = _doc("Tile size in pixels seen by the vision tower (448 for InternVL2.5).", 448)
+    patch_size: int = _doc("Patch size in pixels.", 14)
+    norm_type: Literal["layer_norm", "rms_norm"] = _doc("Normalisation layer of the vision tower.", "layer_norm")
+    use_qk_norm: bool = _doc("Normalise queries and keys (InternViT-6B uses it, InternViT-300M does not).", False)
+
+
+@dataclass
+class TextArchitecture:
+    """The language model inside InternVL (a transformers causal-LM config)."""
+
+    model_type: Literal["qwen2", "llama"] = _doc(
+        "transformers model type of the LLM: 'llama' for InternLM2.5 converted to HF format, 'qwen2' for Qwen2.5.",
+        "llama",
+    )
+    hidden_size: int = _doc("LLM hidden width d.", 4096)
+    num_layers: int = _doc("LLM decoder layers.", 32)
+    num_heads: int = _doc("LLM attention heads.", 32)
+    num_kv_heads: int = _doc("LLM key/value heads (grouped-query attention).", 8)
+    intermediate_size: int = _doc("LLM MLP width.", 14336)
+    vocab_size: Optional[int] = _doc(
+        "Vocabulary size of the base checkpoint, before spatial tokens are added. null: the tokenizer's size.", None
+    )
+    rope_theta: float = _doc("Rotary embedding base.", 1_000_000.0)
+    max_position_embeddings: int = _doc("Longest sequence the LLM supports.", 32768)
+    rms_norm_eps: float = _doc("Epsilon of the LLM's RMSNorm layers.", 1e-5)
+
+
+@dataclass
+class BackboneConfig:
+    """InternVL backbone: transformers' native ``InternVLForConditionalGeneration``."""
+
+    pretrained_path: Optional[str] = _doc(
+        "Local folder of an HF-native InternVL checkpoint (e.g. InternVL2.5-8B converted with transformers' "
+        "converter, or InternVL3-8B-hf). null: build from `vision`/`text` below with random weights. "
+        "Environment variables ($VAR) are expanded.",
+        None,
+    )
+    tokenizer: str = _doc(
+        "Where the tokenizer comes from: 'pretrained' (the checkpoint folder), 'builtin:tiny_bpe' (a small BPE "
+        "shipped with the package, for tests and the demo) or a local folder.",
+        "pretrained",
+    )
+    vision: VisionArchitecture = _doc("Vision tower architecture (checked against the checkpoint when one is loaded).",
+                                      default_factory=VisionArchitecture)
+    text: TextArchitecture = _doc("LLM architecture (checked against the checkpoint when one is loaded).",
+                                  default_factory=TextArchitecture)
+    downsample_ratio: float = _doc("Pixel-shuffle factor between vision tower and projector (0.5: 4x fewer tokens).", 0.5)
+    tie_word_embeddings: bool = _doc("Share the input embedding and LM head (InternLM2.5 and Qwen2.5-7B: false).", False)
+    image_token: str = _doc("Placeholder token replaced by image features.", "<IMG_CONTEXT>")
+    image_start_token: str = _doc("Token opening an image span.", "<img>")
+    image_end_token: str = _doc("Token closing an image span.", "</img>")
+    max_tiles: int = _doc("Most 448-px tiles per image in dynamic tiling (a thumbnail is added when > 1).", 12)
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = _doc(
+        "Attention kernel. 'auto': flash_attention_2 when flash-attn imports and a GPU is present, else sdpa.", "auto"
+    )
+    freeze_vision_tower: bool = _doc("Keep the InternViT weights fixed.", False)
+    freeze_language_model: bool = _doc("Keep the LLM decoder weights fixed (spatial-token rows stay trainable only "
+                                       "if the embeddings are trainable).", False)
+
+
+@dataclass
+class SpatialTokensConfig:
+    """Spatial tokens added to the tokenizer; embeddings and LM head are resized, new rows trainable."""
+
+    num_depth_codes: int = _doc("K: size of the depth codebook, one token <DEPTH_k> per code.", 128)
+    depth_grid: int = _doc("The depth map is tokenised on a depth_grid x depth_grid grid: N = depth_grid^2 tokens.", 10)
+    seg_token: str = _doc("Token whose last hidden state prompts the SAM2 mask decoder.", "[SEG]")
+    depth_start_token: str = _doc("Token opening a depth block.", "<DEPTH_START>")
+    depth_end_token: str = _doc("Token closing a depth block.", "<DEPTH_END>")
+    depth_code_template: str = _doc("Format of the K code tokens; '{}' is replaced by the code index.", "<DEPTH_{}>")
+
+    @property
+    def num_depth_tokens(self) -> int:
+        """N, the number of code tokens in one depth block."""
+        return self.depth_grid * self.depth_grid
+
+
+@dataclass
+class SegHeadConfig:
+    """[SEG] -> MLP -> SAM2 mask decoder, from the official `sam2` package."""
+
+    sam2_config: str = _doc(
+        "SAM2 model config: a name from the sam2 package (e.g. 'configs/sam2.1/sam2.1_hiera_l.yaml'), a config "
+        "shipped here (e.g. 'sam2_tiny', in perceptio_dist/recipes/sam2/) or a path to a yaml file.",
+        "configs/sam2.1/sam2.1_hiera_l.yaml",
+    )
+    sam2_checkpoint: Optional[str] = _doc(
+        "Local SAM2 checkpoint (.pt as released: a dict with key 'model'). null: random weights.", None
+    )
+    mlp_hidden_size: Optional[int] = _doc("Hidden width of the 2-layer [SEG] MLP; null: the LLM hidden size.", None)
+
+
+@dataclass
+class DepthVQVAEConfig:
+    """Convolutional VQ-VAE over a normalised inverse-depth map; frozen during Perceptio training."""
+
+    input_size: int = _doc("Side of the square depth map the tokenizer sees; input_size/depth_grid must be a power of 2.", 320)
+    code_dim: int = _doc("Width of each codebook vector.", 512)
+    base_channels: int = _doc("Channels after the stem conv; doubled at each downsampling, capped at max_channels.", 64)
+    max_channels: int = _doc("Cap on the channel count of the conv stages.", 512)
+    num_res_blocks: int = _doc("Residual blocks per resolution level.", 1)
+    ema_decay: float = _doc("EMA decay of the codebook updates (training the tokenizer only).", 0.99)
+    checkpoint: Optional[str] = _doc("Trained tokenizer weights (safetensors). null: random weights.", None)
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = _doc("InternVL backbone.", default_factory=BackboneConfig)
+    tokens: SpatialTokensConfig = _doc("Spatial tokens.", default_factory=SpatialTokensConfig)
+    seg_head: SegHeadConfig = _doc("Segmentation head.", default_factory=SegHeadConfig)
+    depth_vqvae: DepthVQVAEConfig = _doc("Depth tokenizer.", default_factory=DepthVQVAEConfig)
+
+
+# ------------------------------------------------------------------------- objective
+
+
+@dataclass
+class ObjectiveConfig:
+    """Weights and options of the composite objective (DESIGN.md section 2, losses/objective.py)."""
+
+    text_weight: float = _doc("Weight of next-token cross-entropy on answer text tokens.", 1.0)
+    marker_weight: float = _doc("Weight of full-vocabulary CE at [SEG], <DEPTH_START>, <DEPTH_END> targets.", 1.0)
+    token_weight: float = _doc("Weight of the restricted (K-way) CE at <DEPTH_k> targets.", 1.0)
+    count_weight: float = _doc("Weight of the depth-token count penalty.", 1.0)
+    reconstruction_weight: float = _doc("Weight of the soft-merge depth reconstruction L1.", 1.0)
+    mask_weight: float = _doc("Weight of the mask term as a whole.", 1.0)
+    mask_bce_weight: float = _doc("Factor of BCE inside the mask term.", 2.0)
+    mask_dice_weight: float = _doc("Factor of Dice inside the mask term.", 0.5)
+    mask_point_samples: int = _doc(
+        "Mask losses use this many random points per mask when the target has more pixels; 0: always dense.", 12544
+    )
+    z_loss_weight: float = _doc("Optional z-loss (mean squared log-partition) on all target positions; 0 disables.", 0.0)
+    implementation: Literal["auto", "reference"] = _doc(
+        "How LM-head statistics are computed. 'reference': full logits of the target positions in fp32.", "auto"
+    )
+
+
+# ------------------------------------------------------------------------------ data
+
+
+@dataclass
+class TemporarySyntheticConfig:
+    """The temporary in-process batch source (data/temporary_synthetic.py)."""
+
+    seg_fraction: float = _doc("Fraction of samples with a [SEG] mask target.", 0.75)
+    depth_fraction: float = _doc("Fraction of samples with a depth block.", 0.75)
+    image_size: int = _doc("Side of the generated square images, in pixels.", 96)
+
+
+@dataclass
+class DataConfig:
+    source: Literal["temporary_synthetic"] = _doc(
+        "Where training batches come from. 'temporary_synthetic': a deterministic in-process generator that "
+        "exercises every loss term (replaced by webdataset shards in the data pipeline).",
+        "temporary_synthetic",
+    )
+    seed: int = _doc("Seed of the sample order and of the synthetic content.", 1234)
+    max_seq_len: int = _doc("Longest tokenised sample; longer samples are an error, not silently truncated.", 4096)
+    temporary_synthetic: TemporarySyntheticConfig = _doc(
+        "Options of the temporary synthetic source.", default_factory=TemporarySyntheticConfig
+    )
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _doc("Optimizer steps to run.", 1000)
+    micro_batch_size: int = _doc("Samples per rank per forward/backward.", 1)
+    grad_accum_steps: int = _doc("Micro-batches accumulated per optimizer step.", 1)
+    global_batch_size: Optional[int] = _doc(
+        "Samples per optimizer step over all ranks. Must equal micro_batch_size x grad_accum_steps x ranks; "
+        "null: derived.", None
+    )
+    lr: float = _doc("Peak learning rate (AdamW).", 2e-5)
+    min_lr_ratio: float = _doc("Cosine schedule floor as a fraction of lr.", 0.1)
+    warmup_steps: int = _doc("Linear warmup steps from 0 to lr.", 100)
+    weight_decay: float = _doc("AdamW weight decay (not applied to biases, norms and embeddings).", 0.0)
+    betas: list[float] = _doc("AdamW betas.", default_factory=lambda: [0.9, 0.95])
+    eps: float = _doc("AdamW epsilon.", 1e-8)
+    grad_clip: float = _doc("Clip the global gradient norm to this value; 0 disables.", 1.0)
+    precision: Literal["fp32", "bf16"] = _doc("Parameter/activation precision (bf16 keeps fp32 master weights).", "bf16")
+    activation_checkpointing: bool = _doc("Recompute LLM and vision layers in backward to save activation memory.", False)
+    seed: int = _doc("Seed of parameter initialisation and of any training-time randomness.", 42)
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: Literal[2, 3] = _doc("DeepSpeed ZeRO stage: 3 shards parameters too (default for 8B), 2 shards "
+                                     "gradients and optimizer states.", 3)
+    deepspeed_config: Optional[str] = _doc(
+        "DeepSpeed JSON with ZeRO tuning (bucket sizes, prefetch, overlap). Batch sizes, precision, clipping and "
+        "stage come from this config; a JSON value that contradicts them is an error. Relative paths are resolved "
+        "against the working directory, then the repository root.",
+        None,
+    )
+    backend: Literal["auto", "nccl", "gloo"] = _doc("torch.distributed backend; 'auto': nccl on GPUs, gloo on CPU.", "auto")
+    zero_init: bool = _doc("Under ZeRO-3, create the backbone already partitioned (deepspeed.zero.Init), so no rank "
+                           "ever holds the full model.", True)
+    timeout_minutes: int = _doc("Collective timeout: a rank that waits longer fails instead of hanging.", 30)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = _doc("Checkpoint folder; null: <logging.output_dir>/checkpoints.", None)
+    save_every_steps: int = _doc("Save a DeepSpeed sharded checkpoint every N optimizer steps; 0: only at the end.", 0)
+    save_final: bool = _doc("Save a checkpoint when training ends.", True)
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = _doc("Run folder: resolved config, metrics.jsonl, wandb files, checkpoints.", "runs/default")
+    log_every_steps: int = _doc("Write metrics every N optimizer steps.", 1)
+    wandb: Literal["auto", "online", "offline", "disabled"] = _doc(
+        "Weights & Biases mode. 'auto': online when WANDB_API_KEY is set, else offline (files under the run folder).",
+        "auto",
+    )
+    wandb_project: str = _doc("wandb project name.", "perceptio_dist")
+    run_name: Optional[str] = _doc("wandb run name; null: the output folder's name.", None)
+    peak_tflops_per_device: Optional[float] = _doc(
+        "Peak dense TFLOP/s of one device for MFU. null: known GPUs from a table (bf16 dense), CPUs measured by a "
+        "short matmul at start.", None
+    )
+    progress_bar: bool = _doc("Show a progress bar on rank 0.", True)
+
+
+@dataclass
+class PerceptioConfig:
+    model: ModelConfig = _doc("The model.", default_factory=ModelConfig)
+    objective: ObjectiveConfig = _doc("The composite objective.", default_factory=ObjectiveConfig)
+    data: DataConfig = _doc("Training data.", default_factory=DataConfig)
+    train: TrainConfig = _doc("Optimisation.", default_factory=TrainConfig)
+    parallel: ParallelConfig = _doc("Parallelism.", default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = _doc("Checkpoints.", default_factory=CheckpointConfig)
+    logging: LoggingConfig = _doc("Metrics and outputs.", default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable short hash of the resolved config (recorded in checkpoints and metrics)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------- type checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it (ints widened to floats)."""
+
+    def fail() -> ConfigError:
+        shown = repr(value) if not isinstance(value, dict) else "a mapping"
+        return ConfigError(
+            f"Config error at '{path}': expected {_type_name(tp)}, got {shown} ({type(value).__name__}). "
+            f"Fix it in the recipe or override it on the command line, e.g. {path}=<value>."
+        )
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail()
+        return _build_dataclass(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            if value is None:
+                raise fail()
+            try:
+                return _coerce(value, non_none[0], path)
+            except ConfigError:
+                raise fail() from None
+        raise fail()
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+        raise fail()
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")  # a bug in this module, not a user mistake
+
+
+def _build_dataclass(cls: type, data: dict, path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = f"{path}.{key}" if path else key
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" Did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else ""
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"Config error: unknown key '{where}'.{hint} Known keys here: {known}.")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"Config error: required key '{sub}' is missing ({f.metadata.get('doc', '')}).")
+    return cls(**kwargs)
+
+
+# -------------------------------------------------------------------------- loading
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("perceptio_dist.recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_recipe(recipe: str) -> dict:
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        text = path.read_text()
+    elif recipe in recipe_names():
+        text = resources.files("perceptio_dist.recipes").joinpath(f"{recipe}.yaml").read_text()
+    else:
+        raise ConfigError(
+            f"Config error: recipe '{recipe}' is neither a shipped recipe ({', '.join(recipe_names())}) "
+            f"nor an existing .yaml file."
+        )
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config error: recipe '{recipe}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config error: recipe '{recipe}' must be a mapping at the top level.")
+    return data
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (``1e-4``, ``true``, ``[1,2]``)."""
+    if "=" not in override:
+        raise ConfigError(f"Config error: override '{override}' must look like section.key=value (e.g. train.lr=1e-4).")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError(f"Config error: '{key}' in override '{override}' is not a dotted key.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads "1e-4" as a string (no dot): accept it as the number users mean.
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
+        except ValueError:
+            pass
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"Config error: override '{override}': '{part}' is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def _normalise_numbers(data: Any) -> Any:
+    """YAML 1.1 reads '1e-4' as a string; turn such strings back into floats before type checking."""
+    if isinstance(data, dict):
+        return {k: _normalise_numbers(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_normalise_numbers(v) for v in data]
+    if isinstance(data, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", data):
+        return float(data)
+    return data
+
+
+def load_config(recipe: str, overrides: Optional[list[str]] = None) -> PerceptioConfig:
+    """Read a recipe (shipped name or yaml path), apply dotted overrides, type-check and validate."""
+    data = _read_recipe(recipe)
+    for override in overrides or []:
+        apply_override(data, override)
+    cfg = _build_dataclass(PerceptioConfig, _normalise_numbers(data), "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> PerceptioConfig:
+    cfg = _build_dataclass(PerceptioConfig, _normalise_numbers(data), "")
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------- validation
+
+
+def _is_power_of_two(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def validate(cfg: PerceptioConfig) -> None:
+    """Checks that need no file system and no process group (see :func:`validate_runtime` for those)."""
+
+    def err(path: str, msg: str) -> ConfigError:
+        return ConfigError(f"Config error at '{path}': {msg}")
+
+    b, tok, vq = cfg.model.backbone, cfg.model.tokens, cfg.model.depth_vqvae
+    positive = {
+        "model.backbone.vision.hidden_size": b.vision.hidden_size,
+        "model.backbone.vision.num_layers": b.vision.num_layers,
+        "model.backbone.vision.num_heads": b.vision.num_heads,
+        "model.backbone.text.hidden_size": b.text.hidden_size,
+        "model.backbone.text.num_layers": b.text.num_layers,
+        "model.backbone.text.num_heads": b.text.num_heads,
+        "model.backbone.text.num_kv_heads": b.text.num_kv_heads,
+        "model.backbone.max_tiles": b.max_tiles,
+        "model.tokens.num_depth_codes": tok.num_depth_codes,
+        "model.tokens.depth_grid": tok.depth_grid,
+        "model.depth_vqvae.input_size": vq.input_size,
+        "model.depth_vqvae.code_dim": vq.code_dim,
+        "train.max_steps": cfg.train.max_steps,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "logging.log_every_steps": cfg.logging.log_every_steps,
+    }
+    for path, value in positive.items():
+        if value <= 0:
+            raise err(path, f"must be positive, got {value}.")
+    if b.vision.hidden_size % b.vision.num_heads:
+        raise err("model.backbone.vision.num_heads", f"must divide vision.hidden_size={b.vision.hidden_size}.")
+    if b.text.hidden_size % b.text.num_heads:
+        raise err("model.backbone.text.num_heads", f"must divide text.hidden_size={b.text.hidden_size}.")
+    if b.text.num_heads % b.text.num_kv_heads:
+        raise err("model.backbone.text.num_kv_heads", f"must divide text.num_heads={b.text.num_heads}.")
+    grid = b.vision.image_size // b.vision.patch_size
+    if b.vision.image_size % b.vision.patch_size:
+        raise err("model.backbone.vision.patch_size", f"must divide vision.image_size={b.vision.image_size}.")
+    shuffled = grid * b.downsample_ratio
+    if not (0 < b.downsample_ratio <= 1) or shuffled != int(shuffled):
+        raise err("model.backbone.downsample_ratio",
+                  f"{b.downsample_ratio} must be in (0, 1] and turn the {grid}x{grid} patch grid into whole tokens.")
+    if b.tokenizer == "pretrained" and b.pretrained_path is None:
+        raise err("model.backbone.tokenizer",
+                  "'pretrained' needs model.backbone.pretrained_path; without a checkpoint use 'builtin:tiny_bpe' "
+                  "or a local tokenizer folder.")
+    if "{}" not in tok.depth_code_template:
+        raise err("model.tokens.depth_code_template", "must contain '{}' where the code index goes.")
+    ratio = vq.input_size / tok.depth_grid
+    if ratio != int(ratio) or not _is_power_of_two(int(ratio)) or int(ratio) < 2:
+        raise err("model.depth_vqvae.input_size",
+                  f"input_size/depth_grid = {vq.input_size}/{tok.depth_grid} must be a power of two >= 2 "
+                  "(the encoder halves the map that many times).")
+    if not 0 < vq.ema_decay < 1:
+        raise err("model.depth_vqvae.ema_decay", f"must be in (0, 1), got {vq.ema_decay}.")
+    for name in ("seg_fraction", "depth_fraction"):
+        value = getattr(cfg.data.temporary_synthetic, name)
+        if not 0 <= value <= 1:
+            raise err(f"data.temporary_synthetic.{name}", f"must be in [0, 1], got {value}.")
+    t = cfg.train
+    if t.warmup_steps < 0 or t.warmup_steps >= t.max_steps:
+        raise err("train.warmup_steps", f"must be in [0, train.max_steps={t.max_steps}), got {t.warmup_steps}.")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise err("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}.")
+    if len(t.betas) != 2 or not all(0 <= x < 1 for x in t.betas):
+        raise err("train.betas", f"must be two numbers in [0, 1), got {t.betas}.")
+    if t.lr <= 0:
+        raise err("train.lr", f"must be positive, got {t.lr}.")
+    if t.grad_clip < 0:
+        raise err("train.grad_clip", f"must be >= 0, got {t.grad_clip}.")
+    if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * t.grad_accum_steps):
+        raise err("train.global_batch_size",
+                  f"{t.global_batch_size} is not a multiple of micro_batch_size x grad_accum_steps = "
+                  f"{t.micro_batch_size} x {t.grad_accum_steps}, so no number of ranks can match it.")
+    if cfg.objective.mask_point_samples < 0:
+        raise err("objective.mask_point_samples", "must be >= 0.")
+    weights = {f.name: getattr(cfg.objective, f.name) for f in dataclasses.fields(ObjectiveConfig)
+               if f.name.endswith("_weight")}
+    for name, value in weights.items():
+        if value < 0:
+            raise err(f"objective.{name}", f"must be >= 0, got {value}.")
+    if cfg.checkpoint.save_every_steps < 0:
+        raise err("checkpoint.save_every_steps", "must be >= 0.")
+    if cfg.parallel.timeout_minutes <= 0:
+        raise err("parallel.timeout_minutes", "must be positive.")
+
+
+def expand_path(value: str, path: str) -> str:
+    """Expand $VARS and ~ in a path field; an undefined variable is a config error, not a silent literal."""
+    expanded = os.path.expanduser(os.path.expandvars(value))
+    missing = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", expanded)
+    if missing:
+        raise ConfigError(
+            f"Config error at '{path}': '{value}' uses the environment variable ${missing[0]}, which is not set. "
+            f"Export it or override the field, e.g. {path}=/path/to/it."
+        )
+    return expanded
+
+
+def validate_runtime(cfg: PerceptioConfig, world_size: int) -> None:
+    """Checks that need the file system or the number of ranks. Called once at training start."""
+    t = cfg.train
+    derived = t.micro_batch_size * t.grad_accum_steps * world_size
+    if t.global_batch_size is not None and t.global_batch_size != derived:
+        raise ConfigError(
+            f"Config error at 'train.global_batch_size': {t.global_batch_size} != micro_batch_size x "
+            f"grad_accum_steps x ranks = {t.micro_batch_size} x {t.grad_accum_steps} x {world_size} = {derived}. "
+            f"Change one of them (e.g. train.grad_accum_steps="
+            f"{max(1, t.global_batch_size // (t.micro_batch_size * world_size))}) or set train.global_batch_size=null."
+        )
+    checks = [
+        ("model.backbone.pretrained_path", cfg.model.backbone.pretrained_path, True),
+        ("model.seg_head.sam2_checkpoint", cfg.model.seg_head.sam2_checkpoint, False),
+        ("model.depth_vqvae.checkpoint", cfg.model.depth_vqvae.checkpoint, False),
+        ("parallel.deepspeed_config", cfg.parallel.deepspeed_config, False),
+    ]
+    tok = cfg.model.backbone.tokenizer
+    if tok not in ("pretrained",) and not tok.startswith("builtin:"):
+        checks.append(("model.backbone.tokenizer", tok, True))
+    for path, value, is_dir in checks:
+        if value is None:
+            continue
+        resolved = resolve_path(expand_path(value, path))
+        if not resolved.exists():
+            raise ConfigError(
+                f"Config error at '{path}': '{value}' does not exist"
+                + (f" (resolved to {resolved})" if str(resolved) != value else "")
+                + ". Point it at a local copy (no weights are downloaded) or set it to null to use random weights."
+            )
+        if is_dir and not resolved.is_dir():
+            raise ConfigError(f"Config error at '{path}': '{value}' must be a folder.")
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_path(value: str) -> Path:
+    """Resolve a relative path against the working directory, then the repository root."""
+    path = Path(value)
+    if path.is_absolute() or path.exists():
+        return path
+    candidate = REPO_ROOT / path
+    return candidate if candidate.exists() else path
+
+
+# ---------------------------------------------------------------- documentation
+
+
+def iter_field_docs(cls: type = PerceptioConfig, prefix: str = ""):
+    """Yield (dotted name, type name, default, doc) for every leaf field, for --explain and the README."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_field_docs(tp, name + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        yield name, _type_name(tp), default, f.metadata.get("doc", "")
+
+
+def dump_yaml(cfg: PerceptioConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,77 @@
+"""One training sample and the collated batch the model and objective consume.
+
+Per-sample spatial targets are aligned with the spatial tokens in the conversation:
+``seg_masks[i]`` belongs to the i-th ``[SEG]`` of the sample, ``teacher_depth[j]`` to its j-th
+depth block. Collation keeps that order (row-major), which is how the objective reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..losses.objective import IGNORE_INDEX
+
+
+@dataclass
+class Sample:
+    input_ids: torch.Tensor  # [T] int64
+    labels: torch.Tensor  # [T] int64, IGNORE_INDEX outside the assistant turn
+    pixel_values: torch.Tensor  # [tiles, 3, tile, tile] InternVL-normalised
+    sam_image: torch.Tensor  # [3, S, S] SAM2-normalised whole image
+    seg_masks: torch.Tensor  # [num_seg, S, S] float {0, 1}
+    teacher_depth: torch.Tensor  # [num_depth_blocks, 1, D, D] normalised inverse depth
+    has_teacher_depth: torch.Tensor  # [num_depth_blocks] bool
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T]
+    pixel_values: torch.Tensor  # [sum tiles, 3, tile, tile]
+    sam_images: torch.Tensor  # [B, 3, S, S]
+    seg_masks: torch.Tensor  # [total seg, S, S]
+    teacher_depth: torch.Tensor  # [total blocks, 1, D, D]
+    has_teacher_depth: torch.Tensor  # [total blocks]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def collate(samples: list[Sample], pad_token_id: int) -> Batch:
+    """Right-pad to the longest sample; concatenate tiles and spatial targets in sample order."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    length = max(s.input_ids.numel() for s in samples)
+    b = len(samples)
+    input_ids = torch.full((b, length), pad_token_id, dtype=torch.long)
+    labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((b, length), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = s.input_ids.numel()
+        input_ids[i, :n] = s.input_ids
+        labels[i, :n] = s.labels
+        attention_mask[i, :n] = 1
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        pixel_values=torch.cat([s.pixel_values for s in samples]),
+        sam_images=torch.stack([s.sam_image for s in samples]),
+        seg_masks=torch.cat([s.seg_masks for s in samples]),
+        teacher_depth=torch.cat([s.teacher_depth for s in samples]),
+        has_teacher_depth=torch.cat([s.has_teacher_depth for s in samples]),
+    )

@@ -1,0 +1,1 @@
+"""The composite objective and the LM-head statistics back ends."""

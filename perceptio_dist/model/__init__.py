@@ -1,0 +1,1 @@
+"""Model: InternVL backbone, spatial tokens, SAM2 seg head, depth VQ-VAE, PerceptioModel."""

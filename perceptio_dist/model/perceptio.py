@@ -1,0 +1,199 @@
+"""PerceptioModel: InternVL backbone + [SEG]-prompted SAM2 decoder + frozen depth VQ-VAE.
+
+``forward`` returns what the objective needs: the LLM's last hidden states and the mask
+logits of every ``[SEG]`` in the batch. It never computes the full LM-head logits; the
+objective works from the hidden states and the LM-head weight (see losses/).
+
+ZeRO-3 rule (DESIGN.md section 2): every rank runs every parameterised branch on every step.
+A batch without ``[SEG]`` still runs the SAM2 encoder and decoder on one dummy prompt whose
+result the objective multiplies by zero, so parameter gathers stay in step across ranks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase
+
+from ..config import ModelConfig
+from .backbone import build_backbone, choose_attention_implementation, internvl_config, resize_for_tokenizer
+from .depth_vqvae import DepthVQVAE
+from .seg_head import SegHead, build_seg_head
+from .spatial_tokens import SpatialTokenIds, add_spatial_tokens, spatial_token_strings
+
+
+class PerceptioOutput(NamedTuple):  # a tuple, so DeepSpeed's ZeRO-3 hooks see the tensors
+    hidden_states: torch.Tensor  # [B, T, d], last layer
+    mask_logits: torch.Tensor  # [S, 1, h, w]; one dummy row when num_seg == 0
+    num_seg: int  # [SEG] tokens in the batch, in row-major order of input_ids
+
+
+class PerceptioModel(nn.Module):
+    def __init__(
+        self,
+        backbone: InternVLForConditionalGeneration,
+        seg_head: SegHead,
+        depth_vqvae: DepthVQVAE,
+        token_ids: SpatialTokenIds,
+        base_vocab_size: int,
+        freeze_vision_tower: bool = False,
+        freeze_language_model: bool = False,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.seg_head = seg_head
+        self.depth_vqvae = depth_vqvae
+        self.token_ids = token_ids
+        self.base_vocab_size = base_vocab_size  # vocabulary before the spatial tokens were added
+        self.depth_vqvae.requires_grad_(False)
+        if freeze_vision_tower:
+            self.backbone.model.vision_tower.requires_grad_(False)
+        if freeze_language_model:
+            lm = self.backbone.model.language_model
+            lm.layers.requires_grad_(False)
+            lm.norm.requires_grad_(False)
+
+    # Frozen parts stay in eval mode whatever mode the model is put in (no EMA updates, no dropout).
+    def train(self, mode: bool = True) -> "PerceptioModel":
+        super().train(mode)
+        self.depth_vqvae.eval()
+        for module in self.seg_head.frozen_modules():
+            module.eval()
+        return self
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.backbone.config._attn_implementation
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.backbone.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        sam_images: torch.Tensor,
+    ) -> PerceptioOutput:
+        out = self.backbone.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values.to(self.backbone.dtype),
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state
+        mask_logits, num_seg = self.segment(hidden, input_ids, attention_mask, sam_images)
+        return PerceptioOutput(hidden_states=hidden, mask_logits=mask_logits, num_seg=num_seg)
+
+    def segment(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, sam_images: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        """Mask logits of every [SEG] (the hidden state at the [SEG] input position prompts SAM2)."""
+        is_seg = (input_ids == self.token_ids.seg) & attention_mask.bool()
+        rows, cols = is_seg.nonzero(as_tuple=True)
+        num_seg = int(rows.numel())
+        if num_seg == 0:
+            # Dummy prompt: same modules, same order, result multiplied by zero by the objective.
+            rows = torch.zeros(1, dtype=torch.long, device=hidden.device)
+            seg_hidden = hidden[0, :1] * 0
+        else:
+            seg_hidden = hidden[rows, cols]
+        images, image_index = torch.unique(rows, return_inverse=True)
+        features = self.seg_head.encode_images(sam_images[images].to(seg_hidden.dtype))
+        return self.seg_head(seg_hidden, features.select(image_index)), num_seg
+
+
+# ------------------------------------------------------------------------ building
+
+
+def build_perceptio(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32
+) -> PerceptioModel:
+    """The model for training or inference. ``tokenizer`` gains the spatial tokens (idempotent).
+
+    Every part is in ``dtype`` (the backbone is created in it, possibly already partitioned by
+    ZeRO-3; the SAM2 parts and the VQ-VAE are cast before anything partitions them).
+    """
+    from safetensors.torch import load_file
+
+    from ..config import expand_path, resolve_path
+
+    b = cfg.backbone
+    base_vocab = b.text.vocab_size or len(tokenizer)
+    token_ids = add_spatial_tokens(tokenizer, cfg.tokens)
+    attn = choose_attention_implementation(b.attn_implementation)
+    image_token_id = tokenizer.convert_tokens_to_ids(b.image_token)
+    backbone = build_backbone(b, base_vocab, image_token_id, attn, dtype)
+    resize_for_tokenizer(backbone, len(tokenizer))
+    seg_head = build_seg_head(cfg.seg_head, b.text.hidden_size).to(dtype)
+    vqvae = DepthVQVAE(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid)
+    if cfg.depth_vqvae.checkpoint:
+        path = resolve_path(expand_path(cfg.depth_vqvae.checkpoint, "model.depth_vqvae.checkpoint"))
+        vqvae.load_state_dict(load_file(str(path)))
+    vqvae = vqvae.to(dtype)
+    return PerceptioModel(
+        backbone, seg_head, vqvae, token_ids, base_vocab, b.freeze_vision_tower, b.freeze_language_model
+    )
+
+
+def build_perceptio_meta(cfg: ModelConfig) -> PerceptioModel:
+    """The full-size model on the meta device (no memory, no weights, no tokenizer): for planning and counting.
+
+    The vocabulary is the recipe's base vocabulary plus the spatial tokens, as after resizing.
+    """
+    from accelerate import init_empty_weights
+
+    b = cfg.backbone
+    if b.text.vocab_size is None:
+        raise ValueError("a meta build needs model.backbone.text.vocab_size (no tokenizer is loaded)")
+    num_spatial = len(spatial_token_strings(cfg.tokens))
+    token_ids = SpatialTokenIds(
+        seg=b.text.vocab_size, depth_start=b.text.vocab_size + 1, depth_end=b.text.vocab_size + 2,
+        code_start=b.text.vocab_size + 3, num_codes=cfg.tokens.num_depth_codes,
+        num_depth_tokens=cfg.tokens.num_depth_tokens,
+    )
+    hf_config = internvl_config(b, b.text.vocab_size + num_spatial, image_token_id=0)
+    with init_empty_weights():
+        backbone = InternVLForConditionalGeneration(hf_config)
+    seg_head = build_seg_head(cfg.seg_head, b.text.hidden_size, meta=True)
+    with init_empty_weights():
+        vqvae = DepthVQVAE(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid)
+    return PerceptioModel(backbone, seg_head, vqvae, token_ids, b.text.vocab_size)
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitioned parameters report their full size here
+
+
+def parameter_report(model: PerceptioModel) -> dict[str, int]:
+    """Parameter counts by component (full sizes, also under ZeRO-3 and on the meta device)."""
+
+    def count(module: nn.Module) -> int:
+        return sum(_numel(p) for p in module.parameters())
+
+    bb = model.backbone
+    inner = bb.model
+    embed = inner.language_model.embed_tokens
+    hidden = embed.embedding_dim
+    vocab = embed.num_embeddings
+    tied = bb.lm_head.weight is embed.weight
+    spatial_rows = (vocab - model.base_vocab_size) * hidden * (1 if tied else 2)
+    report = {
+        "vision_tower": count(inner.vision_tower),
+        "projector": count(inner.multi_modal_projector),
+        "language_model": count(inner.language_model),
+        "lm_head": 0 if tied else _numel(bb.lm_head.weight),
+        "of_which_spatial_token_rows": spatial_rows,
+        "sam2_image_encoder": count(model.seg_head.image_encoder) + _numel(model.seg_head.no_mem_embed),
+        "sam2_prompt_encoder": count(model.seg_head.prompt_encoder),
+        "sam2_mask_decoder": count(model.seg_head.mask_decoder),
+        "seg_mlp": count(model.seg_head.text_to_prompt),
+        "depth_vqvae": count(model.depth_vqvae) + model.depth_vqvae.quantizer.codebook.numel(),
+    }
+    report["backbone_total"] = report["vision_tower"] + report["projector"] + report["language_model"] + report["lm_head"]
+    report["total"] = sum(v for k, v in report.items() if k not in ("of_which_spatial_token_rows", "backbone_total"))
+    report["trainable"] = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    return report

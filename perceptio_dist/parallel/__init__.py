@@ -1,0 +1,1 @@
+"""DeepSpeed setup: process groups, DeepSpeed config, ZeRO-3 helpers."""

@@ -1,0 +1,85 @@
+"""The DeepSpeed config of a run: a JSON template for ZeRO tuning plus values derived from our config.
+
+Batch sizes, precision, gradient clipping and the ZeRO stage have one source of truth, the
+recipe. The template may leave them out or write "auto"; a concrete value that contradicts
+the recipe is a config error. The optimizer and scheduler are ours (torch AdamW, warmup +
+cosine), so the template must not define them. Bucket sizes written "auto" are derived from
+the LLM width as transformers' Trainer does.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..config import ConfigError, PerceptioConfig, expand_path, resolve_path
+
+AUTO = "auto"
+
+
+def _auto_zero_values(hidden: int) -> dict[str, float]:
+    return {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+
+
+def _merge(template: dict, key: str, value: Any, source: str) -> None:
+    if key in template and template[key] != AUTO and template[key] != value:
+        raise ConfigError(
+            f"Config error at 'parallel.deepspeed_config': {source} sets '{key}' to {template[key]!r} but the recipe "
+            f"implies {value!r}. Remove it from the JSON (or write \"auto\") and set it in the recipe."
+        )
+    template[key] = value
+
+
+def build_deepspeed_config(cfg: PerceptioConfig, world_size: int) -> dict:
+    template: dict = {}
+    source = "the DeepSpeed JSON"
+    if cfg.parallel.deepspeed_config:
+        path = resolve_path(expand_path(cfg.parallel.deepspeed_config, "parallel.deepspeed_config"))
+        source = str(path)
+        try:
+            template = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"Config error at 'parallel.deepspeed_config': cannot read {path}: {exc}") from None
+    for forbidden in ("optimizer", "scheduler"):
+        if forbidden in template:
+            raise ConfigError(
+                f"Config error at 'parallel.deepspeed_config': {source} defines '{forbidden}'; optimizer and schedule "
+                "come from the recipe's train section (torch AdamW, warmup + cosine)."
+            )
+    t = cfg.train
+    _merge(template, "train_micro_batch_size_per_gpu", t.micro_batch_size, source)
+    _merge(template, "gradient_accumulation_steps", t.grad_accum_steps, source)
+    _merge(template, "train_batch_size", t.micro_batch_size * t.grad_accum_steps * world_size, source)
+    _merge(template, "gradient_clipping", t.grad_clip, source)
+    bf16 = dict(template.get("bf16", {}))
+    _merge(bf16, "enabled", t.precision == "bf16", f"{source} (bf16)")
+    template["bf16"] = bf16
+    fp16 = dict(template.get("fp16", {}))
+    if fp16.get("enabled") not in (None, False, AUTO):
+        raise ConfigError(f"Config error at 'parallel.deepspeed_config': {source} enables fp16; use train.precision=bf16.")
+    template["fp16"] = {**fp16, "enabled": False}
+    zero = dict(template.get("zero_optimization", {}))
+    _merge(zero, "stage", cfg.parallel.zero_stage, f"{source} (zero_optimization)")
+    for key, value in _auto_zero_values(cfg.model.backbone.text.hidden_size).items():
+        if zero.get(key) == AUTO:
+            zero[key] = value
+    template["zero_optimization"] = zero
+    template.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW is fine with ZeRO
+    template.setdefault("steps_per_print", 2**31 - 1)  # we log ourselves
+    template.setdefault("wall_clock_breakdown", False)
+    leftover = [k for k, v in _walk(template) if v == AUTO]
+    if leftover:
+        raise ConfigError(f"Config error at 'parallel.deepspeed_config': no rule fills \"auto\" for {', '.join(leftover)}.")
+    return template
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v

@@ -1,0 +1,61 @@
+"""ZeRO-3 helpers: partitioned construction, external parameters, partition inspection."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+@contextlib.contextmanager
+def partitioned_construction(ds_config: dict, enabled: bool) -> Iterator[None]:
+    """Activate transformers' DeepSpeed integration so HF models are created (and loaded) already
+    partitioned under ZeRO-3, and ``resize_token_embeddings`` gathers what it touches.
+
+    The integration is global state in transformers; it is switched off again on exit so later
+    model builds in the same process are not affected.
+    """
+    if not enabled:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: keep this one alive
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_ds_config
+
+
+def register_external_parameters(pairs: list[tuple[nn.Module, nn.Parameter]]) -> None:
+    """Let DeepSpeed gather ``param`` around ``module``'s forward and backward although ``module`` does not own it."""
+    import deepspeed
+
+    for module, param in pairs:
+        deepspeed.zero.register_external_parameter(module, param)
+
+
+@dataclass
+class PartitionInfo:
+    name: str
+    full_numel: int
+    local_numel: int
+    persistent: bool
+
+
+def partition_report(module: nn.Module) -> list[PartitionInfo]:
+    """How much of each parameter this rank holds (ZeRO-3 parameters only)."""
+    out = []
+    for name, p in module.named_parameters():
+        if not hasattr(p, "ds_tensor"):
+            continue
+        out.append(PartitionInfo(name, int(p.ds_numel), int(p.ds_tensor.numel()), bool(getattr(p, "ds_persist", False))))
+    return out
+
+
+def is_zero3_parameter(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")

@@ -1,0 +1,1 @@
+"""Trainer loop, optimizer and schedule, metrics."""

@@ -1,0 +1,91 @@
+"""Model FLOPs for MFU, PaLM-style (Chowdhery et al. 2022, appendix B).
+
+Per optimizer step:
+* LLM: 6 * N_llm per token (forward + backward), N_llm = decoder-layer and LM-head parameters
+  (embedding lookups are not matmuls), plus attention 12 * L * d * T per token for a sequence of
+  length T, i.e. 12 * L * d * sum_i T_i^2 over the batch;
+* vision: the InternViT forward only, 2 * N_vision per patch token plus 4 * L_v * d_v * P^2 per
+  tile of P patch tokens, and the projector's 2 * N_proj per image token.
+SAM2 and the VQ-VAE decoder are left out (small next to the LLM at 8B). MFU is these FLOPs over
+wall time, divided by the device peak (bf16 dense on GPUs; measured fp32 matmul on CPUs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+# Dense bf16 peak TFLOP/s (no sparsity) by device-name fragment.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    llm_params: int  # decoder layers + LM head
+    llm_layers: int
+    llm_hidden: int
+    vision_params: int
+    vision_layers: int
+    vision_hidden: int
+    patches_per_tile: int
+    projector_params: int
+    image_tokens_per_tile: int
+
+    def step_flops(self, sequence_lengths: list[int], num_tiles: int) -> float:
+        tokens = sum(sequence_lengths)
+        llm = 6 * self.llm_params * tokens + 12 * self.llm_layers * self.llm_hidden * sum(t * t for t in sequence_lengths)
+        p = self.patches_per_tile
+        vision = num_tiles * (2 * self.vision_params * p + 4 * self.vision_layers * self.vision_hidden * p * p)
+        vision += 2 * self.projector_params * self.image_tokens_per_tile * num_tiles
+        return float(llm + vision)
+
+
+def flops_model_for(model) -> FlopsModel:
+    """Read the sizes from a PerceptioModel (works under ZeRO-3: full sizes via ds_numel)."""
+
+    def count(module) -> int:
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
+
+    bb = model.backbone
+    inner = bb.model
+    cfg = bb.config
+    lm = inner.language_model
+    head = int(getattr(bb.lm_head.weight, "ds_numel", bb.lm_head.weight.numel()))
+    vision_cfg = cfg.vision_config
+    patches = (vision_cfg.image_size[0] // vision_cfg.patch_size[0]) ** 2
+    return FlopsModel(
+        llm_params=count(lm.layers) + head,
+        llm_layers=cfg.text_config.num_hidden_layers,
+        llm_hidden=cfg.text_config.hidden_size,
+        vision_params=count(inner.vision_tower),
+        vision_layers=vision_cfg.num_hidden_layers,
+        vision_hidden=vision_cfg.hidden_size,
+        patches_per_tile=patches,
+        projector_params=count(inner.multi_modal_projector),
+        image_tokens_per_tile=cfg.image_seq_length,
+    )
+
+
+def device_peak_tflops(device: torch.device, configured: float | None) -> tuple[float, str]:
+    """(peak TFLOP/s of one device, where the figure comes from)."""
+    if configured is not None:
+        return configured, "config"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, peak in GPU_PEAK_TFLOPS.items():
+            if fragment in name:
+                return peak, f"table ({name})"
+        return float("nan"), f"unknown GPU {name}"
+    return measure_cpu_tflops(), "measured fp32 matmul"
+
+
+def measure_cpu_tflops(size: int = 512, seconds: float = 0.2) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - start) / 1e12

@@ -1,0 +1,53 @@
+"""The module DeepSpeed wraps: model forward and the whole objective, so the loss runs inside the
+engine's forward (ZeRO-3 gathers and gradient hooks fire for every parameter involved)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..losses.lm_head_stats import LMHeadStatisticsModule
+from ..losses.objective import TERMS, PerceptioObjective
+from ..model.perceptio import PerceptioModel
+
+
+class PerceptioTrainingModule(nn.Module):
+    def __init__(self, model: PerceptioModel, objective: PerceptioObjective, implementation: str = "auto"):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        ids = model.token_ids
+        self.lm_head_stats = LMHeadStatisticsModule(ids.code_start, ids.num_codes, implementation)
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """Parameters used by a module that does not own them (for ZeRO-3 registration)."""
+        return [(self.lm_head_stats, self.model.lm_head.weight)]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor,
+        sam_images: torch.Tensor,
+        seg_masks: torch.Tensor,
+        teacher_depth: torch.Tensor,
+        has_teacher_depth: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total loss, the unweighted terms in ``TERMS`` order (detached), how many items each term averaged)."""
+        out = self.model(input_ids, attention_mask, pixel_values, sam_images)
+        result = self.objective(
+            hidden=out.hidden_states,
+            lm_head_weight=self.model.lm_head.weight,
+            labels=labels,
+            stats_fn=self.lm_head_stats,
+            soft_decode=self.model.depth_vqvae.soft_decode,
+            mask_logits=out.mask_logits,
+            num_seg=out.num_seg,
+            seg_masks=seg_masks,
+            teacher_depth=teacher_depth,
+            has_teacher_depth=has_teacher_depth,
+        )
+        terms = torch.stack([result.terms[name].float() for name in TERMS])
+        counts = torch.tensor([float(result.counts[name]) for name in TERMS], device=terms.device)
+        return result.total, terms, counts
