@@ -22,15 +22,16 @@ from torch import nn
 
 
 class LMHeadStatistics(NamedTuple):
-    lse: torch.Tensor  # [P] fp32
-    target_logit: torch.Tensor  # [P] fp32
-    code_logits: torch.Tensor  # [P, K] fp32
+    lse: torch.Tensor  # [P], fp32 (fp64 for fp64 inputs)
+    target_logit: torch.Tensor  # [P]
+    code_logits: torch.Tensor  # [P, K]
 
 
 def reference_lm_head_statistics(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, code_start: int, num_codes: int
 ) -> LMHeadStatistics:
-    logits = hidden.float() @ weight.float().t()
+    dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least; fp64 stays fp64 (gradcheck)
+    logits = hidden.to(dtype) @ weight.to(dtype).t()
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
     code_logits = logits[:, code_start : code_start + num_codes]

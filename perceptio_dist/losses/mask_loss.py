@@ -23,7 +23,8 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def _sample_points(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Bilinear values of ``maps`` [S, 1, H, W] at ``points`` [S, P, 2] in [0, 1] (x, y) -> [S, P]."""
     grid = (2 * points - 1).unsqueeze(2)  # grid_sample wants [-1, 1]
-    return F.grid_sample(maps, grid, mode="bilinear", align_corners=False).squeeze(-1).squeeze(1)
+    # border padding: points near the edge must not blend in zeros from outside the map
+    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False).squeeze(-1).squeeze(1)
 
 
 def mask_loss(
@@ -35,8 +36,9 @@ def mask_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Mean over masks of the mask term; ``logits`` [S, 1, h, w], ``targets`` [S, H, W] in {0, 1}."""
-    logits = logits.float()
-    targets = targets.float()
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    logits = logits.to(dtype)
+    targets = targets.to(dtype)
     height, width = targets.shape[-2:]
     if num_points and height * width > num_points:
         points = torch.rand(logits.shape[0], num_points, 2, generator=generator, device=logits.device)

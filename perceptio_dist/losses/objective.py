@@ -156,7 +156,7 @@ class PerceptioObjective:
                 mask_logits, seg_masks, self.cfg.mask_bce_weight, self.cfg.mask_dice_weight, self.cfg.mask_point_samples
             )
         else:
-            terms["mask"] = mask_logits.float().sum() * 0.0
+            terms["mask"] = mask_logits.sum() * 0.0
         counts["mask"] = num_seg
 
         terms["z_loss"] = _safe_mean(stats.lse.pow(2), anchor)
@@ -192,5 +192,6 @@ class PerceptioObjective:
         else:
             pred = soft_decode(probs)
             target = teacher_depth.to(pred.dtype)
-        reconstruction = (pred.float() - target.float()).abs().flatten(1).mean(-1).mean()
+        dtype = torch.promote_types(pred.dtype, torch.float32)
+        reconstruction = (pred.to(dtype) - target.to(dtype)).abs().flatten(1).mean(-1).mean()
         return count, reconstruction

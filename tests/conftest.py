@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny configs, a tiny tokenizer, and a launcher for multi-rank runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("WANDB_MODE", "disabled")  # tests opt into offline wandb explicitly
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    from perceptio_dist.config import load_config
+
+    return load_config("tiny_cpu", [f"logging.output_dir={tmp_path / 'run'}", "logging.wandb=disabled"])
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_cfg):
+    from perceptio_dist.model.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_cfg.model.backbone)
+
+
+def run_ranks(nproc: int, args: list[str], timeout: float, cwd: Path = ROOT, module: str | None = "perceptio_dist.train",
+              script: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``nproc`` local ranks with torchrun; a hang fails the test through ``timeout``."""
+    target = ["-m", module] if script is None else [script]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{nproc}-rank run did not finish within {timeout}s (hang?)\n{(exc.stdout or '')[-3000:]}"
+                    f"\n{(exc.stderr or '')[-3000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"{nproc}-rank run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

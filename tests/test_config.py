@@ -1,0 +1,126 @@
+"""Config loading, overrides and validation: every user mistake gives one paragraph naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from perceptio_dist.config import (
+    ConfigError,
+    PerceptioConfig,
+    iter_field_docs,
+    load_config,
+    recipe_names,
+    validate_runtime,
+)
+
+from .conftest import ROOT
+
+
+def test_shipped_recipes_load():
+    assert {"tiny_cpu", "perceptio_8b"} <= set(recipe_names())
+    tiny = load_config("tiny_cpu")
+    assert isinstance(tiny, PerceptioConfig)
+    assert tiny.parallel.zero_stage == 3 and tiny.model.tokens.num_depth_tokens == 16
+    big = load_config("perceptio_8b")
+    assert big.model.tokens.num_depth_codes == 128 and big.model.tokens.num_depth_tokens == 100
+    assert big.model.backbone.text.hidden_size == 4096
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("tiny_cpu", ["train.lr=1e-4", "train.max_steps=7", "train.activation_checkpointing=true",
+                                   "model.backbone.pretrained_path=null", "train.betas=[0.8, 0.9]"])
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 7
+    assert cfg.train.activation_checkpointing is True
+    assert cfg.train.betas == [0.8, 0.9]
+
+
+def test_yaml_file_recipe(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  max_steps: 3\n  warmup_steps: 1\nmodel:\n  backbone:\n    tokenizer: builtin:tiny_bpe\n")
+    cfg = load_config(str(path))
+    assert cfg.train.max_steps == 3
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.lrr=1", ["unknown key 'train.lrr'", "Did you mean 'train.lr'"]),
+        ("model.backbone.visoin.hidden_size=3", ["unknown key 'model.backbone.visoin'", "vision"]),
+        ("train.max_steps=abc", ["'train.max_steps'", "expected an integer", "'abc'"]),
+        ("train.activation_checkpointing=3", ["'train.activation_checkpointing'", "true or false"]),
+        ("parallel.zero_stage=4", ["'parallel.zero_stage'", "one of 2, 3"]),
+        ("train.precision=fp16", ["'train.precision'", "'bf16'"]),
+        ("model.depth_vqvae.input_size=30", ["'model.depth_vqvae.input_size'", "power of two"]),
+        ("train.warmup_steps=100", ["'train.warmup_steps'"]),
+        ("train.global_batch_size=5", ["'train.global_batch_size'", "multiple"]),
+        ("model.backbone.tokenizer=pretrained", ["'model.backbone.tokenizer'", "pretrained_path"]),
+        ("objective.mask_weight=-1", ["'objective.mask_weight'", ">= 0"]),
+        ("trainlr", ["section.key=value"]),
+    ],
+)
+def test_bad_config_names_the_field(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny_cpu", [override])
+    message = str(info.value)
+    for word in words:
+        assert word in message, (word, message)
+    assert "\n" not in message  # one paragraph
+
+
+def test_global_batch_must_match_ranks():
+    cfg = load_config("tiny_cpu", ["train.global_batch_size=8"])  # micro 2 x accum 1
+    validate_runtime(cfg, world_size=4)
+    with pytest.raises(ConfigError, match="train.global_batch_size.*2 x 1 x 2 = 4"):
+        validate_runtime(cfg, world_size=2)
+
+
+def test_missing_checkpoint_paths(tmp_path, monkeypatch):
+    cfg = load_config("tiny_cpu", [f"model.seg_head.sam2_checkpoint={tmp_path / 'nope.pt'}"])
+    with pytest.raises(ConfigError, match="'model.seg_head.sam2_checkpoint'.*does not exist"):
+        validate_runtime(cfg, 1)
+    monkeypatch.delenv("PERCEPTIO_WEIGHTS", raising=False)
+    with pytest.raises(ConfigError, match=r"'model.backbone.pretrained_path'.*\$PERCEPTIO_WEIGHTS.*not set"):
+        validate_runtime(load_config("perceptio_8b"), 1)
+    monkeypatch.setenv("PERCEPTIO_WEIGHTS", str(tmp_path))
+    with pytest.raises(ConfigError, match="'model.backbone.pretrained_path'.*InternVL2_5-8B-hf' does not exist"):
+        validate_runtime(load_config("perceptio_8b"), 1)
+
+
+def test_every_field_is_documented():
+    docs = list(iter_field_docs())
+    assert len(docs) > 60
+    undocumented = [name for name, _, _, doc in docs if len(doc) < 10]
+    assert not undocumented
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["train.lrr=1"], "train.lrr"),
+        (["model.backbone.pretrained_path=/nonexistent/internvl", "model.backbone.tokenizer=pretrained"],
+         "model.backbone.pretrained_path"),
+    ],
+)
+def test_cli_reports_config_errors_without_traceback(args, field, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "perceptio_dist.train", "--recipe", "tiny_cpu",
+         f"logging.output_dir={tmp_path}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert field in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0  # one paragraph
+
+
+def test_config_cli_explain_and_dump():
+    out = subprocess.run([sys.executable, "-c", "from perceptio_dist.cli import config_main; config_main()",
+                          "--explain"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "train.lr (a number" in out.stdout
+    out = subprocess.run([sys.executable, "-c", "from perceptio_dist.cli import config_main; config_main()",
+                          "--recipe", "tiny_cpu", "train.max_steps=33"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "max_steps: 33" in out.stdout
