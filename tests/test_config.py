@@ -124,3 +124,14 @@ def test_config_cli_explain_and_dump():
     out = subprocess.run([sys.executable, "-c", "from perceptio_dist.cli import config_main; config_main()",
                           "--recipe", "tiny_cpu", "train.max_steps=33"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "max_steps: 33" in out.stdout
+
+
+def test_readme_configuration_reference_is_current():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/gen_config_reference.py"), "--check"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci/run").read_text().strip().splitlines()[-1]
+    assert ci == "./run_tests.sh" and f"\n{ci}" in (ROOT / "README.md").read_text()

@@ -184,10 +184,20 @@ class Trainer:
         summary = self._summary(history, time.perf_counter() - wall_start)
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            log.info("done: %d steps in %.1fs, loss %.4f -> %.4f", summary["steps"], summary["wall_time_s"],
-                     summary["first_loss"], summary["last_loss"])
+            print(self._summary_text(summary, history), flush=True)
         metrics.close()
         return summary
+
+    def _summary_text(self, summary: dict, history: list[dict]) -> str:
+        """The end-of-run summary a person reads: each term at the first and last step it was scored."""
+        lines = [f"\n== {summary['steps']} steps on {summary['world_size']} rank(s) in {summary['wall_time_s']:.1f}s "
+                 f"({history[-1]['tokens_per_s']:.0f} tokens/s at the end) ==" if history else "== no steps =="]
+        for key in ["loss"] + [f"loss/{name}" for name in TERMS]:
+            values = [h[key] for h in history if h.get(key) is not None]
+            if values:
+                lines.append(f"  {key:22s} {values[0]:9.4f} -> {values[-1]:9.4f}")
+        lines.append(f"  run folder: {self.run_dir} (metrics.jsonl, summary.json, config.yaml, checkpoints/)")
+        return "\n".join(lines)
 
     def _summary(self, history: list[dict], wall: float) -> dict:
         if not history:
