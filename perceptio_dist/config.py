@@ -188,26 +188,25 @@ class ObjectiveConfig:
 # ------------------------------------------------------------------------------ data
 
 
-@dataclass
-class TemporarySyntheticConfig:
-    """The temporary in-process batch source (data/temporary_synthetic.py)."""
-
-    seg_fraction: float = _doc("Fraction of samples with a [SEG] mask target.", 0.75)
-    depth_fraction: float = _doc("Fraction of samples with a depth block.", 0.75)
-    image_size: int = _doc("Side of the generated square images, in pixels.", 96)
+TASKS = ("referring_seg", "relative_depth", "depth", "vqa")
 
 
 @dataclass
 class DataConfig:
-    source: Literal["temporary_synthetic"] = _doc(
-        "Where training batches come from. 'temporary_synthetic': a deterministic in-process generator that "
-        "exercises every loss term (replaced by webdataset shards in the data pipeline).",
-        "temporary_synthetic",
+    shards: Optional[str] = _doc(
+        "Folder written by the preprocessing job (ray_jobs/preprocess.py): manifest.json and <task>/*.tar shards.", None
     )
-    seed: int = _doc("Seed of the sample order and of the synthetic content.", 1234)
-    max_seq_len: int = _doc("Longest tokenised sample; longer samples are an error, not silently truncated.", 4096)
-    temporary_synthetic: TemporarySyntheticConfig = _doc(
-        "Options of the temporary synthetic source.", default_factory=TemporarySyntheticConfig
+    task_weights: dict[str, float] = _doc(
+        "Relative sampling weight per task (referring_seg, relative_depth, depth, vqa); tasks missing from the "
+        "shards or weighted 0 are not drawn.",
+        default_factory=lambda: {"referring_seg": 1.0, "relative_depth": 1.0, "depth": 0.5, "vqa": 0.5},
+    )
+    num_workers: int = _doc("DataLoader worker processes per rank (0: load in the training process).", 2)
+    seed: int = _doc("Seed of the task mixing and of the shard/sample shuffles (with the epoch).", 1234)
+    max_seq_len: int = _doc("Longest tokenised sample; longer samples are skipped and counted, not truncated.", 4096)
+    depth_tokens: bool = _doc(
+        "Put the depth block into assistant turns that have one. false: the no-depth-token ablation (same samples, "
+        "the answer follows directly).", True
     )
 
 
@@ -306,6 +305,9 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in args) + " or null"
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        key, value = typing.get_args(tp)
+        return f"a mapping of {_type_name(key)} to {_type_name(value)}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -346,6 +348,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise fail()
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, f"{path}.{k}"): _coerce(v, value_tp, f"{path}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -388,20 +395,21 @@ def _build_dataclass(cls: type, data: dict, path: str) -> Any:
 # -------------------------------------------------------------------------- loading
 
 
-def recipe_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("perceptio_dist.recipes").iterdir()
-                  if p.name.endswith(".yaml"))
+def recipe_names(kind: str = "") -> list[str]:
+    """Shipped recipes: training ones at the top of recipes/, others in a subfolder (e.g. 'preprocess')."""
+    folder = resources.files("perceptio_dist.recipes").joinpath(kind) if kind else resources.files("perceptio_dist.recipes")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_recipe(recipe: str) -> dict:
+def _read_recipe(recipe: str, kind: str = "") -> dict:
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml") and path.exists():
         text = path.read_text()
-    elif recipe in recipe_names():
-        text = resources.files("perceptio_dist.recipes").joinpath(f"{recipe}.yaml").read_text()
+    elif recipe in recipe_names(kind):
+        text = resources.files("perceptio_dist.recipes").joinpath(kind, f"{recipe}.yaml").read_text()
     else:
         raise ConfigError(
-            f"Config error: recipe '{recipe}' is neither a shipped recipe ({', '.join(recipe_names())}) "
+            f"Config error: recipe '{recipe}' is neither a shipped recipe ({', '.join(recipe_names(kind))}) "
             f"nor an existing .yaml file."
         )
     try:
@@ -419,26 +427,33 @@ def apply_override(data: dict, override: str) -> None:
         raise ConfigError(f"Config error: override '{override}' must look like section.key=value (e.g. train.lr=1e-4).")
     key, raw = override.split("=", 1)
     key = key.strip()
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|\d+))*", key):
         raise ConfigError(f"Config error: '{key}' in override '{override}' is not a dotted key.")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    # YAML reads "1e-4" as a string (no dot): accept it as the number users mean.
-    if isinstance(value, str):
-        try:
-            value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
-        except ValueError:
-            pass
-    node = data
+    node: Any = data
     parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"Config error: override '{override}': '{part}' is a value, not a section.")
-        node = child
-    node[parts[-1]] = value
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):  # list items are addressed by index: sources.0.path=...
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"Config error: override '{override}': '{where}' is not an item of a "
+                                  f"{len(node)}-item list.")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"Config error: override '{override}': '{'.'.join(parts[:depth])}' is a value, not a "
+                              "section.")
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
 
 
 def _normalise_numbers(data: Any) -> Any:
@@ -452,12 +467,17 @@ def _normalise_numbers(data: Any) -> Any:
     return data
 
 
-def load_config(recipe: str, overrides: Optional[list[str]] = None) -> PerceptioConfig:
-    """Read a recipe (shipped name or yaml path), apply dotted overrides, type-check and validate."""
-    data = _read_recipe(recipe)
+def load_typed_config(cls: type, recipe: str, overrides: Optional[list[str]] = None, kind: str = ""):
+    """Read a recipe (shipped name or yaml path) into the dataclass ``cls``, with dotted overrides, type-checked."""
+    data = _read_recipe(recipe, kind)
     for override in overrides or []:
         apply_override(data, override)
-    cfg = _build_dataclass(PerceptioConfig, _normalise_numbers(data), "")
+    return _build_dataclass(cls, _normalise_numbers(data), "")
+
+
+def load_config(recipe: str, overrides: Optional[list[str]] = None) -> PerceptioConfig:
+    """Read a training recipe (shipped name or yaml path), apply dotted overrides, type-check and validate."""
+    cfg = load_typed_config(PerceptioConfig, recipe, overrides)
     validate(cfg)
     return cfg
 
@@ -529,10 +549,13 @@ def validate(cfg: PerceptioConfig) -> None:
                   "(the encoder halves the map that many times).")
     if not 0 < vq.ema_decay < 1:
         raise err("model.depth_vqvae.ema_decay", f"must be in (0, 1), got {vq.ema_decay}.")
-    for name in ("seg_fraction", "depth_fraction"):
-        value = getattr(cfg.data.temporary_synthetic, name)
-        if not 0 <= value <= 1:
-            raise err(f"data.temporary_synthetic.{name}", f"must be in [0, 1], got {value}.")
+    unknown = sorted(set(cfg.data.task_weights) - set(TASKS))
+    if unknown:
+        raise err("data.task_weights", f"unknown task(s) {unknown}; tasks are {list(TASKS)}.")
+    if any(w < 0 for w in cfg.data.task_weights.values()) or not any(w > 0 for w in cfg.data.task_weights.values()):
+        raise err("data.task_weights", "weights must be >= 0 with at least one positive.")
+    if cfg.data.num_workers < 0:
+        raise err("data.num_workers", "must be >= 0.")
     t = cfg.train
     if t.warmup_steps < 0 or t.warmup_steps >= t.max_steps:
         raise err("train.warmup_steps", f"must be in [0, train.max_steps={t.max_steps}), got {t.warmup_steps}.")
@@ -584,7 +607,13 @@ def validate_runtime(cfg: PerceptioConfig, world_size: int) -> None:
             f"Change one of them (e.g. train.grad_accum_steps="
             f"{max(1, t.global_batch_size // (t.micro_batch_size * world_size))}) or set train.global_batch_size=null."
         )
+    if cfg.data.shards is None:
+        raise ConfigError(
+            "Config error at 'data.shards': training needs preprocessed shards. Write them with "
+            "`python -m ray_jobs.preprocess --config <preprocess recipe>` and set data.shards=<its output_dir>."
+        )
     checks = [
+        ("data.shards", cfg.data.shards, True),
         ("model.backbone.pretrained_path", cfg.model.backbone.pretrained_path, True),
         ("model.seg_head.sam2_checkpoint", cfg.model.seg_head.sam2_checkpoint, False),
         ("model.depth_vqvae.checkpoint", cfg.model.depth_vqvae.checkpoint, False),
@@ -640,5 +669,5 @@ def iter_field_docs(cls: type = PerceptioConfig, prefix: str = ""):
         yield name, _type_name(tp), default, f.metadata.get("doc", "")
 
 
-def dump_yaml(cfg: PerceptioConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

@@ -7,7 +7,7 @@ depth block. Collation keeps that order (row-major), which is how the objective 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -35,12 +35,17 @@ class Batch:
     seg_masks: torch.Tensor  # [total seg, S, S]
     teacher_depth: torch.Tensor  # [total blocks, 1, D, D]
     has_teacher_depth: torch.Tensor  # [total blocks]
+    keys: tuple[str, ...] = field(default=())  # sample keys, for tracing and resume checks
+
+    def _tensor_fields(self) -> list[str]:
+        return [f.name for f in fields(self) if f.name != "keys"]
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return Batch(**{name: getattr(self, name).to(device) for name in self._tensor_fields()}, keys=self.keys)
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The model inputs (every tensor field)."""
+        return {name: getattr(self, name) for name in self._tensor_fields()}
 
     @property
     def num_tokens(self) -> int:
@@ -51,7 +56,7 @@ class Batch:
         return int(self.input_ids.shape[0])
 
 
-def collate(samples: list[Sample], pad_token_id: int) -> Batch:
+def collate(samples: list[Sample], pad_token_id: int, keys: list[str] | tuple[str, ...] = ()) -> Batch:
     """Right-pad to the longest sample; concatenate tiles and spatial targets in sample order."""
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
@@ -74,4 +79,5 @@ def collate(samples: list[Sample], pad_token_id: int) -> Batch:
         seg_masks=torch.cat([s.seg_masks for s in samples]),
         teacher_depth=torch.cat([s.teacher_depth for s in samples]),
         has_teacher_depth=torch.cat([s.has_teacher_depth for s in samples]),
+        keys=tuple(keys),
     )

@@ -5,7 +5,8 @@ Layout (ChatML, as InternVL2.5's chat template):
     <|im_start|>user\n<img><IMG_CONTEXT> x n</img>\n{question}<|im_end|>\n<|im_start|>assistant\n
     [SEG] <DEPTH_START> <DEPTH_i1> .. <DEPTH_iN> <DEPTH_END> {answer}<|im_end|>
 
-Only the assistant turn (its spatial tokens, the answer and the closing <|im_end|>) is a target.
+Only assistant turns (spatial tokens, the answer and the closing <|im_end|>) are targets; later
+turns of a multi-turn conversation follow the same pattern without the image and spatial tokens.
 Spatial tokens are inserted as ids, never parsed back out of text.
 """
 
@@ -44,18 +45,23 @@ def encode_conversation(
     tokenizer: PreTrainedTokenizerBase,
     image: ImageTokens,
     num_tiles: int,
-    question: str,
+    turns: Sequence[Sequence[str]],
     spatial_ids: list[int],
-    answer: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels) for one image-question-answer turn."""
+    """(input_ids, labels) for an image conversation; the image opens the first question and the spatial
+    tokens open the first answer. Every assistant turn (with its <|im_end|>) is a target, nothing else."""
 
     def enc(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     image_span = image.start + image.context * (image.per_tile * num_tiles) + image.end
-    prompt = enc(f"<|im_start|>user\n{image_span}\n{question}<|im_end|>\n<|im_start|>assistant\n")
-    target = spatial_ids + enc(answer) + enc("<|im_end|>")
-    input_ids = torch.tensor(prompt + target, dtype=torch.long)
-    labels = torch.tensor([IGNORE_INDEX] * len(prompt) + target, dtype=torch.long)
-    return input_ids, labels
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for i, (question, answer) in enumerate(turns):
+        user = f"{image_span}\n{question}" if i == 0 else question
+        prompt = enc(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+        target = (spatial_ids if i == 0 else []) + enc(answer) + enc("<|im_end|>")
+        newline = enc("\n") if i < len(turns) - 1 else []
+        input_ids += prompt + target + newline
+        labels += [IGNORE_INDEX] * len(prompt) + target + [IGNORE_INDEX] * len(newline)
+    return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)

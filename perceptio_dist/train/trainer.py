@@ -11,14 +11,12 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 from ..config import PerceptioConfig, dump_yaml, validate_runtime
-from ..data import Batch, iterate_micro_batches
-from ..data.sources import build_source
+from ..data.training_data import build_loader
 from ..losses.objective import TERMS, PerceptioObjective
 from ..model.perceptio import build_perceptio, parameter_report
 from ..model.tokenizer import load_tokenizer
@@ -53,9 +51,9 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """``Trainer(cfg).train()``. ``batches`` replaces the configured data source (tests use it)."""
+    """``Trainer(cfg).train()``."""
 
-    def __init__(self, cfg: PerceptioConfig, batches: Optional[Iterator[Batch]] = None):
+    def __init__(self, cfg: PerceptioConfig):
         import deepspeed
 
         self.cfg = cfg
@@ -88,16 +86,11 @@ class Trainer:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
         self.start_step = 0
-        if batches is None:
-            source = build_source(
-                cfg, self.tokenizer, self.model.token_ids, self.model.seg_head.image_size,
-                self.model.backbone.config.image_seq_length,
-            )
-            batches = iterate_micro_batches(
-                source, self.tokenizer.pad_token_id, self.start_step, self.dist.rank, self.dist.world_size,
-                cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
-            )
-        self.batches = batches
+        self.loader = build_loader(
+            cfg, self.tokenizer, self.model.token_ids, self.model.seg_head.image_size,
+            self.model.backbone.config.image_seq_length, self.dist.rank, self.dist.world_size,
+        )
+        self.batches = iter(self.loader)
         self._log_setup()
 
     def _log_setup(self) -> None:

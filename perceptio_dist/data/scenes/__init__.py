@@ -1,0 +1,1 @@
+"""Synthetic spatial scenes: pybullet rendering and the samples built from them."""

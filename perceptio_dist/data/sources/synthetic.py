@@ -1,0 +1,20 @@
+"""Rendered scene folders (perceptio-scenes) -> records for the tasks listed in the source config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..preprocess_config import SourceConfig
+from ..records import Record
+from ..scenes.render import load_scene_meta
+from ..scenes.tasks import scene_records
+
+
+def iter_synthetic(spec: SourceConfig) -> Iterator[Record]:
+    root = Path(spec.path)
+    for folder in sorted(p for p in root.iterdir() if (p / "meta.json").exists()):
+        depth = np.load(folder / "depth.npy", allow_pickle=False)
+        yield from scene_records(folder, load_scene_meta(folder), depth, spec.tasks)

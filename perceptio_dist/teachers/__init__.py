@@ -1,0 +1,1 @@
+"""Teachers that label data during preprocessing (Depth Anything V2 for depth)."""

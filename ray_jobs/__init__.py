@@ -1,0 +1,1 @@
+"""Ray job entry points (submit with `ray job submit --working-dir . -- python -m ray_jobs.<name>`)."""

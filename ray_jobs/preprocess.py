@@ -1,0 +1,177 @@
+"""Preprocessing as a Ray job: raw sources -> webdataset shards + manifest.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python -m ray_jobs.preprocess --config perceptio_dist/recipes/preprocess_tiny.yaml output_dir=/abs/path
+
+Without a cluster, `python -m ray_jobs.preprocess ...` starts a local Ray instance. Paths in the
+config should be absolute when submitting (the job runs in a copy of the working directory).
+
+Pipeline (Ray Data): records are planned into shards on the driver (deterministic per task), shards
+already complete from an earlier run are skipped, the rest flow through
+decode/validate (tasks) -> depth: ground truth or Depth Anything V2 (actor pool, `teacher.concurrency`
+actors with `teacher.num_gpus` each) -> VQ-VAE codes (actor) -> one writer per shard (groupby).
+Bad records go to quarantine with their reason; the job never fails on data. Progress: Ray Data's
+progress bars in the job log and the Ray dashboard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from perceptio_dist.config import ConfigError, expand_path, resolve_path
+from perceptio_dist.data.preprocess_config import PreprocessConfig, load_preprocess_config
+from perceptio_dist.data.preprocess_stages import CodeStage, DepthStage, decode_row, plan_shards, write_shard_group
+from perceptio_dist.data.shards import MANIFEST, QUARANTINE, file_sha256, shard_complete, sidecar_path
+from perceptio_dist.data.sources import iter_source
+
+log = logging.getLogger("ray_jobs.preprocess")
+
+
+def _check_paths(cfg: PreprocessConfig) -> None:
+    for i, src in enumerate(cfg.sources):
+        src.path = str(resolve_path(expand_path(src.path, f"sources[{i}].path")))
+        if not Path(src.path).exists():
+            raise ConfigError(f"Config error at 'sources[{i}].path': {src.path} does not exist.")
+        if src.images:
+            src.images = str(resolve_path(expand_path(src.images, f"sources[{i}].images")))
+    for name, value in (("teacher.pretrained_path", cfg.teacher.pretrained_path),
+                        ("depth_vqvae.checkpoint", cfg.depth_vqvae.checkpoint)):
+        if value and not resolve_path(expand_path(value, name)).exists():
+            raise ConfigError(f"Config error at '{name}': {value} does not exist (no weights are downloaded).")
+    if cfg.teacher.pretrained_path:
+        cfg.teacher.pretrained_path = str(resolve_path(expand_path(cfg.teacher.pretrained_path, "teacher")))
+    if cfg.depth_vqvae.checkpoint:
+        cfg.depth_vqvae.checkpoint = str(resolve_path(expand_path(cfg.depth_vqvae.checkpoint, "depth_vqvae")))
+
+
+def identities(cfg: PreprocessConfig) -> dict:
+    from perceptio_dist.teachers.depth_anything import weights_identity
+
+    teacher = None
+    if cfg.teacher.pretrained_path:
+        path = Path(cfg.teacher.pretrained_path)
+        teacher = f"depth_anything:{path.name}:{weights_identity(path)}"
+    tokenizer = (f"vqvae:{Path(cfg.depth_vqvae.checkpoint).name}:{file_sha256(Path(cfg.depth_vqvae.checkpoint))[:16]}"
+                 if cfg.depth_vqvae.checkpoint else f"vqvae:random(seed={cfg.vqvae_seed})")
+    return {"teacher": teacher, "ground_truth_depth": cfg.teacher.use_ground_truth, "depth_tokenizer": tokenizer}
+
+
+def run_pipeline(cfg: PreprocessConfig, pending, out: Path) -> None:
+    import ray
+
+    items = [{"shard": p.name, "record": json.dumps(r.to_dict())} for p in pending for r in p.records]
+    ds = ray.data.from_items(items)
+    ds = ds.map(decode_row, fn_kwargs={"max_image_side": cfg.max_image_side},
+                compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency))
+    ds = ds.map_batches(
+        DepthStage, batch_format="numpy", batch_size=cfg.teacher.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.teacher.concurrency),
+        num_gpus=cfg.teacher.num_gpus, num_cpus=cfg.teacher.num_cpus,
+        fn_constructor_kwargs=dict(out_size=cfg.depth_vqvae.input_size, teacher_path=cfg.teacher.pretrained_path,
+                                   input_size=cfg.teacher.input_size, use_ground_truth=cfg.teacher.use_ground_truth,
+                                   batch_size=cfg.teacher.batch_size),
+    )
+    ds = ds.map_batches(
+        CodeStage, batch_format="numpy", batch_size=64, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.tokenizer_num_cpus,
+        fn_constructor_kwargs=dict(vqvae_config=_vqvae_arch(cfg), num_codes=cfg.tokens.num_depth_codes,
+                                   grid=cfg.tokens.depth_grid, checkpoint=cfg.depth_vqvae.checkpoint,
+                                   seed=cfg.vqvae_seed),
+    )
+    ds = ds.groupby("shard", num_partitions=max(1, min(len(pending), 64))).map_groups(write_shard_group, fn_kwargs={"out_dir": str(out)}, batch_format="numpy")
+    written = ds.take_all()
+    log.info("wrote %d shards", len(written))
+
+
+def _vqvae_arch(cfg: PreprocessConfig) -> dict:
+    from dataclasses import asdict
+
+    arch = asdict(cfg.depth_vqvae)
+    arch["checkpoint"] = None
+    return arch
+
+
+def write_manifest(cfg: PreprocessConfig, plans, out: Path, elapsed: float) -> dict:
+    from dataclasses import asdict
+
+    shards, quarantine = [], []
+    per_task: dict[str, int] = {}
+    per_source: dict[str, int] = {}
+    for plan in plans:
+        stats = json.loads(sidecar_path(out, plan.name).read_text())
+        shards.append({"path": f"{plan.name}.tar", "task": plan.task, "num_samples": stats["num_samples"],
+                       "sha256": stats["sha256"], "keys": stats["keys"]})
+        per_task[plan.task] = per_task.get(plan.task, 0) + stats["num_samples"]
+        for source, n in stats["sources"].items():
+            per_source[source] = per_source.get(source, 0) + n
+        quarantine += stats["quarantined"]
+    with open(out / QUARANTINE, "w") as f:
+        for entry in quarantine:
+            f.write(json.dumps(entry) + "\n")
+    manifest = {
+        "format": "perceptio-shards-v1",
+        "split": cfg.split,
+        "num_samples": sum(per_task.values()),
+        "counts": {"task": per_task, "source": per_source},
+        "quarantined": len(quarantine),
+        "depth": {"size": cfg.depth_vqvae.input_size, "num_codes": cfg.tokens.num_depth_codes,
+                  "grid": cfg.tokens.depth_grid},
+        "identities": identities(cfg),
+        "shards": shards,
+        "config": asdict(cfg),
+        "seconds": round(elapsed, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def preprocess(cfg: PreprocessConfig) -> dict:
+    start = time.perf_counter()
+    _check_paths(cfg)
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    records = [record for src in cfg.sources for record in iter_source(src)]
+    if cfg.split == "train" and any(r.split == "eval" for r in records):
+        raise ConfigError("Config error at 'sources': evaluation-only records in a train job.")
+    plans = plan_shards(records, cfg.shard_size)
+    pending = [p for p in plans if not shard_complete(out, p.name, p.plan)]
+    log.info("%d records -> %d shards (%d already complete, %d to write) in %s",
+             len(records), len(plans), len(plans) - len(pending), len(pending), out)
+    if pending:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        run_pipeline(cfg, pending, out)
+    manifest = write_manifest(cfg, plans, out, time.perf_counter() - start)
+    log.info("manifest: %d samples %s, %d quarantined, %.1fs", manifest["num_samples"], manifest["counts"]["task"],
+             manifest["quarantined"], manifest["seconds"])
+    print(json.dumps({"output_dir": str(out), "num_samples": manifest["num_samples"],
+                      "counts": manifest["counts"], "quarantined": manifest["quarantined"],
+                      "shards_written": len(pending), "shards_skipped": len(plans) - len(pending)}), flush=True)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ray_jobs.preprocess", description="Raw sources -> webdataset shards.")
+    parser.add_argument("--config", required=True, help="a preprocessing recipe (shipped name or yaml path)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        preprocess(load_preprocess_config(args.config, args.overrides))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
