@@ -660,6 +660,11 @@ def iter_field_docs(cls: type = PerceptioConfig, prefix: str = ""):
         if dataclasses.is_dataclass(tp):
             yield from iter_field_docs(tp, name + ".")
             continue
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if item is not None and dataclasses.is_dataclass(item):
+            yield name, f"a list of {item.__name__}", [], f.metadata.get("doc", "")
+            yield from iter_field_docs(item, name + "[].")
+            continue
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:

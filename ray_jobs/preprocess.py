@@ -149,7 +149,10 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+            if os.environ.get("RAY_ADDRESS"):  # submitted with `ray job submit`, or pointed at a cluster
+                ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+            else:  # a private local instance on loopback only
+                ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
         run_pipeline(cfg, pending, out)
     manifest = write_manifest(cfg, plans, out, time.perf_counter() - start)
     log.info("manifest: %d samples %s, %d quarantined, %.1fs", manifest["num_samples"], manifest["counts"]["task"],

@@ -15,11 +15,33 @@ os.environ.setdefault("WANDB_MODE", "disabled")  # tests opt into offline wandb 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def make_shards(folder: Path, num_scenes: int, shard_size: int, *overrides: str) -> Path:
+    """Render scenes and preprocess them into shards with the real job (a private local Ray instance)."""
+    from perceptio_dist.data.scenes.cli import write_scenes
+
+    write_scenes(folder / "scenes", num_scenes, progress=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.preprocess", "--config", "preprocess_tiny",
+         f"sources.0.path={folder / 'scenes'}", f"output_dir={folder / 'shards'}", f"shard_size={shard_size}",
+         *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return folder / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """40 rendered scenes (about 190 samples of all four tasks) in shards of 8, shared by the session."""
+    return make_shards(tmp_path_factory.mktemp("tiny_data"), 40, 8)
+
+
 @pytest.fixture
-def tiny_cfg(tmp_path):
+def tiny_cfg(tmp_path, tiny_shards):
     from perceptio_dist.config import load_config
 
-    return load_config("tiny_cpu", [f"logging.output_dir={tmp_path / 'run'}", "logging.wandb=disabled"])
+    return load_config("tiny_cpu", [f"logging.output_dir={tmp_path / 'run'}", "logging.wandb=disabled",
+                                    f"data.shards={tiny_shards}"])
 
 
 @pytest.fixture

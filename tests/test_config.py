@@ -59,6 +59,8 @@ def test_yaml_file_recipe(tmp_path):
         ("train.global_batch_size=5", ["'train.global_batch_size'", "multiple"]),
         ("model.backbone.tokenizer=pretrained", ["'model.backbone.tokenizer'", "pretrained_path"]),
         ("objective.mask_weight=-1", ["'objective.mask_weight'", ">= 0"]),
+        ("data.task_weights={vqa: 1, ocr: 1}", ["'data.task_weights'", "'ocr'"]),
+        ("data.task_weights={vqa: 0}", ["'data.task_weights'", "at least one positive"]),
         ("trainlr", ["section.key=value"]),
     ],
 )
@@ -71,17 +73,23 @@ def test_bad_config_names_the_field(override, words):
     assert "\n" not in message  # one paragraph
 
 
-def test_global_batch_must_match_ranks():
-    cfg = load_config("tiny_cpu", ["train.global_batch_size=8"])  # micro 2 x accum 1
+def test_global_batch_must_match_ranks(tmp_path):
+    cfg = load_config("tiny_cpu", ["train.global_batch_size=8", f"data.shards={tmp_path}"])  # micro 2 x accum 1
     validate_runtime(cfg, world_size=4)
     with pytest.raises(ConfigError, match="train.global_batch_size.*2 x 1 x 2 = 4"):
         validate_runtime(cfg, world_size=2)
 
 
-def test_missing_checkpoint_paths(tmp_path, monkeypatch):
-    cfg = load_config("tiny_cpu", [f"model.seg_head.sam2_checkpoint={tmp_path / 'nope.pt'}"])
+def test_missing_data_and_checkpoint_paths(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="'data.shards'.*ray_jobs.preprocess"):
+        validate_runtime(load_config("tiny_cpu", ["data.shards=null"]), 1)
+    with pytest.raises(ConfigError, match="'data.shards'.*does not exist"):
+        validate_runtime(load_config("tiny_cpu", [f"data.shards={tmp_path / 'none'}"]), 1)
+    cfg = load_config("tiny_cpu", [f"model.seg_head.sam2_checkpoint={tmp_path / 'nope.pt'}", f"data.shards={tmp_path}"])
     with pytest.raises(ConfigError, match="'model.seg_head.sam2_checkpoint'.*does not exist"):
         validate_runtime(cfg, 1)
+    monkeypatch.setenv("PERCEPTIO_DATA", str(tmp_path))
+    (tmp_path / "shards" / "perceptio_v1").mkdir(parents=True)
     monkeypatch.delenv("PERCEPTIO_WEIGHTS", raising=False)
     with pytest.raises(ConfigError, match=r"'model.backbone.pretrained_path'.*\$PERCEPTIO_WEIGHTS.*not set"):
         validate_runtime(load_config("perceptio_8b"), 1)
@@ -103,12 +111,13 @@ def test_every_field_is_documented():
         (["train.lrr=1"], "train.lrr"),
         (["model.backbone.pretrained_path=/nonexistent/internvl", "model.backbone.tokenizer=pretrained"],
          "model.backbone.pretrained_path"),
+        (["data.shards=/nonexistent/shards"], "data.shards"),
     ],
 )
 def test_cli_reports_config_errors_without_traceback(args, field, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "perceptio_dist.train", "--recipe", "tiny_cpu",
-         f"logging.output_dir={tmp_path}", *args],
+         f"logging.output_dir={tmp_path}", f"data.shards={tmp_path}", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -10,18 +10,18 @@ import torch
 from safetensors.torch import save_file
 
 from perceptio_dist.config import ConfigError, load_config
-from perceptio_dist.data import collate
-from perceptio_dist.data.sources import build_source
+from perceptio_dist.data.training_data import build_loader
 from perceptio_dist.model.perceptio import build_perceptio, build_perceptio_meta, parameter_report
 from perceptio_dist.model.seg_head import build_sam2
 from perceptio_dist.model.spatial_tokens import spatial_token_strings
 from perceptio_dist.model.tokenizer import load_tokenizer
 
 
-def tiny_batch(cfg, tokenizer, model, indices):
-    source = build_source(cfg, tokenizer, model.token_ids, model.seg_head.image_size,
-                          model.backbone.config.image_seq_length)
-    return collate([source[i] for i in indices], tokenizer.pad_token_id)
+def tiny_batch(cfg, tokenizer, model, size):
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=size))
+    loader = build_loader(cfg, tokenizer, model.token_ids, model.seg_head.image_size,
+                          model.backbone.config.image_seq_length, rank=0, world_size=1)
+    return next(iter(loader))
 
 
 def test_spatial_tokens_added_contiguously_and_rows_trainable(tiny_cfg):
@@ -51,7 +51,7 @@ def test_forward_outputs_and_frozen_parts(tiny_cfg, tiny_tokenizer):
     model = build_perceptio(tiny_cfg.model, tiny_tokenizer).train()
     assert not model.depth_vqvae.training and not model.seg_head.image_encoder.training
     assert not any(p.requires_grad for p in model.depth_vqvae.parameters())
-    batch = tiny_batch(tiny_cfg, tiny_tokenizer, model, range(6))
+    batch = tiny_batch(tiny_cfg, tiny_tokenizer, model, 6)
     out = model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.sam_images)
     b, t = batch.input_ids.shape
     assert out.hidden_states.shape == (b, t, tiny_cfg.model.backbone.text.hidden_size)
@@ -73,6 +73,7 @@ def test_every_part_loads_from_local_paths(tiny_cfg, tiny_tokenizer, tmp_path):
     torch.save({"model": build_sam2("sam2_tiny").state_dict()}, tmp_path / "sam2.pt")
     save_file(original.depth_vqvae.state_dict(), str(tmp_path / "vqvae.safetensors"))
     cfg = load_config("tiny_cpu", [
+        f"data.shards={tiny_cfg.data.shards}",
         f"model.backbone.pretrained_path={tmp_path / 'internvl'}", "model.backbone.tokenizer=pretrained",
         f"model.seg_head.sam2_checkpoint={tmp_path / 'sam2.pt'}",
         f"model.depth_vqvae.checkpoint={tmp_path / 'vqvae.safetensors'}",
@@ -86,7 +87,7 @@ def test_every_part_loads_from_local_paths(tiny_cfg, tiny_tokenizer, tmp_path):
         torch.testing.assert_close(loaded.backbone.state_dict()[name], value, msg=name)
     for name, value in original.depth_vqvae.state_dict().items():
         torch.testing.assert_close(loaded.depth_vqvae.state_dict()[name], value, msg=name)
-    batch = tiny_batch(cfg, tokenizer, loaded, range(2))
+    batch = tiny_batch(cfg, tokenizer, loaded, 2)
     with torch.no_grad():
         a = original.backbone.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values).last_hidden_state
         b = loaded.backbone.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values).last_hidden_state

@@ -21,12 +21,12 @@ HELPER = str(ROOT / "tests/helpers/train_with_rank_overrides.py")
 TERMS = ("text", "marker", "token", "count", "reconstruction", "mask")
 
 
-def test_console_script_trains_tiny_model_on_two_ranks_with_zero3(tmp_path):
+def test_console_script_trains_tiny_model_on_two_ranks_with_zero3(tmp_path, tiny_shards):
     """The README's main command: every term finite and logged, loss falls, wandb offline, checkpoint written."""
     run_dir = tmp_path / "run"
     exe = shutil.which("perceptio-train", path=str(Path(sys.executable).parent))
     proc = subprocess.run(
-        [exe, "--nproc-per-node", "2", "--recipe", "tiny_cpu", "train.max_steps=30",
+        [exe, "--nproc-per-node", "2", "--recipe", "tiny_cpu", "train.max_steps=30", f"data.shards={tiny_shards}",
          f"logging.output_dir={run_dir}", "logging.wandb=offline"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -54,9 +54,10 @@ def test_console_script_trains_tiny_model_on_two_ranks_with_zero3(tmp_path):
     assert summary["world_size"] == 2 and summary["attn_implementation"] == "sdpa"
 
 
-def test_zero3_partitions_every_parameter_across_ranks(tmp_path):
+def test_zero3_partitions_every_parameter_across_ranks(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
-    run_ranks(2, ["--dump-partition", "train.max_steps=2", "train.warmup_steps=1", f"logging.output_dir={run_dir}"],
+    run_ranks(2, ["--dump-partition", "train.max_steps=2", "train.warmup_steps=1", f"logging.output_dir={run_dir}",
+                  f"data.shards={tiny_shards}"],
               timeout=300, script=HELPER)
     reports = [json.loads((run_dir / f"partition_rank{r}.json").read_text()) for r in range(2)]
     params = [{p["name"]: p for p in rep["parameters"]} for rep in reports]
@@ -74,15 +75,15 @@ def test_zero3_partitions_every_parameter_across_ranks(tmp_path):
         assert rep["embedding_rows"] == rep["lm_head_rows"] == rep["tokenizer_size"]
 
 
-def test_rank_without_spatial_targets_does_not_hang(tmp_path):
-    """ZeRO-3 rule: rank 0 has [SEG] and a depth block in every sample, rank 1 has neither."""
+def test_rank_without_spatial_targets_does_not_hang(tmp_path, tiny_shards):
+    """ZeRO-3 rule: rank 0 reads only referring segmentation ([SEG] and a depth block in every sample),
+    rank 1 only VQA (neither)."""
     run_dir = tmp_path / "run"
     run_ranks(2, [
-        "--rank", "0", "data.temporary_synthetic.seg_fraction=1.0",
-        "--rank", "0", "data.temporary_synthetic.depth_fraction=1.0",
-        "--rank", "1", "data.temporary_synthetic.seg_fraction=0.0",
-        "--rank", "1", "data.temporary_synthetic.depth_fraction=0.0",
+        "--rank", "0", "data.task_weights={referring_seg: 1.0}",
+        "--rank", "1", "data.task_weights={vqa: 1.0}",
         "train.max_steps=5", "train.warmup_steps=1", "parallel.timeout_minutes=2", f"logging.output_dir={run_dir}",
+        f"data.shards={tiny_shards}",
     ], timeout=300, script=HELPER)
     metrics = read_metrics(run_dir)
     assert len(metrics) == 5
@@ -116,6 +117,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, tiny_cfg,
     build_perceptio(tiny_cfg.model, tiny_tokenizer).backbone.save_pretrained(init)
     tiny_tokenizer.save_pretrained(init)
     common = ["train.max_steps=8", "train.warmup_steps=2", "checkpoint.save_final=false",
+              f"data.shards={tiny_cfg.data.shards}",
               f"model.backbone.pretrained_path={init}", "model.backbone.tokenizer=pretrained"]
     two = tmp_path / "two_ranks_zero3"
     run_ranks(2, ["--recipe", "tiny_cpu", *common, f"logging.output_dir={two}"], timeout=300)
@@ -132,12 +134,12 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, tiny_cfg,
             assert a == pytest.approx(b, rel=1e-5), (step, other, reference)
 
 
-def test_bf16_with_activation_checkpointing_trains(tmp_path):
+def test_bf16_with_activation_checkpointing_trains(tmp_path, tiny_shards):
     """bf16 parameters (fp32 master weights in the optimizer) and recomputed layers, ZeRO-3 on 2 ranks."""
     run_dir = tmp_path / "run"
     run_ranks(2, ["--recipe", "tiny_cpu", "train.precision=bf16", "train.activation_checkpointing=true",
                   "train.max_steps=6", "train.warmup_steps=1", "checkpoint.save_final=false",
-                  f"logging.output_dir={run_dir}"], timeout=300)
+                  f"logging.output_dir={run_dir}", f"data.shards={tiny_shards}"], timeout=300)
     metrics = read_metrics(run_dir)
     assert len(metrics) == 6 and all(math.isfinite(m["loss"]) for m in metrics)
     # the total depends on which terms a step's samples carry; the text term is comparable step to step

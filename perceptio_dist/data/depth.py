@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 
 
-def normalise_inverse_depth(inverse_depth: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-map min-max normalisation of ``inverse_depth`` [..., H, W] to [0, 1]."""
+def normalise_inverse_depth(inverse_depth: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Per-map min-max normalisation of ``inverse_depth`` [..., H, W] to [0, 1] (a constant map gives zeros).
+
+    Scale-invariant: any positive range is stretched to [0, 1], however small (teachers differ in scale)."""
     flat = inverse_depth.flatten(-2)
     lo = flat.min(-1).values[..., None, None]
     hi = flat.max(-1).values[..., None, None]

@@ -1,8 +1,7 @@
 """Image tensors for the two image paths: InternVL tiles and the whole image for SAM2.
 
-Both use ImageNet statistics (InternVL's processor and SAM2's transforms do). The data pipeline
-uses transformers' InternVL processor for dynamic tiling; this single-tile path serves the
-temporary source and tests.
+Both use ImageNet statistics (InternVL's processor and SAM2's transforms do). InternVL's dynamic
+tiling itself goes through transformers' image processor (data/sample_builder.py).
 """
 
 from __future__ import annotations

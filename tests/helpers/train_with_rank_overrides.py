@@ -1,7 +1,7 @@
 """Test helper, run under torchrun: the real Trainer with per-rank config overrides.
 
     torchrun --nproc_per_node 2 tests/helpers/train_with_rank_overrides.py --recipe tiny_cpu \
-        --rank 1 data.temporary_synthetic.seg_fraction=0.0 --dump-partition  section.key=value ...
+        --rank 1 "data.task_weights={vqa: 1.0}" --dump-partition  section.key=value ...
 
 Used to give ranks different batch layouts (the ZeRO-3 rule test) and to dump what each rank
 holds of every parameter (the partitioning test).
