@@ -26,7 +26,7 @@ from pathlib import Path
 
 from perceptio_dist.config import ConfigError, expand_path, resolve_path
 from perceptio_dist.data.preprocess_config import PreprocessConfig, load_preprocess_config
-from perceptio_dist.data.preprocess_stages import CodeStage, DepthStage, decode_row, plan_shards, write_shard_group
+from perceptio_dist.data.preprocess_stages import CodeStage, DepthStage, decode_batch, plan_shards, write_shard_group
 from perceptio_dist.data.shards import MANIFEST, QUARANTINE, file_sha256, shard_complete, sidecar_path
 from perceptio_dist.data.sources import iter_source
 
@@ -40,14 +40,26 @@ def _check_paths(cfg: PreprocessConfig) -> None:
             raise ConfigError(f"Config error at 'sources[{i}].path': {src.path} does not exist.")
         if src.images:
             src.images = str(resolve_path(expand_path(src.images, f"sources[{i}].images")))
-    for name, value in (("teacher.pretrained_path", cfg.teacher.pretrained_path),
-                        ("depth_vqvae.checkpoint", cfg.depth_vqvae.checkpoint)):
-        if value and not resolve_path(expand_path(value, name)).exists():
-            raise ConfigError(f"Config error at '{name}': {value} does not exist (no weights are downloaded).")
+    if cfg.depth_vqvae.checkpoint and not resolve_path(expand_path(cfg.depth_vqvae.checkpoint, "depth_vqvae")).exists():
+        raise ConfigError(f"Config error at 'depth_vqvae.checkpoint': {cfg.depth_vqvae.checkpoint} does not exist.")
     if cfg.teacher.pretrained_path:
-        cfg.teacher.pretrained_path = str(resolve_path(expand_path(cfg.teacher.pretrained_path, "teacher")))
+        path = resolve_path(expand_path(cfg.teacher.pretrained_path, "teacher.pretrained_path"))
+        if path.exists():
+            cfg.teacher.pretrained_path = str(path)
+        elif not _in_hf_cache(cfg.teacher.pretrained_path):
+            raise ConfigError(f"Config error at 'teacher.pretrained_path': {cfg.teacher.pretrained_path} is neither a "
+                              "local folder nor a model in the local Hugging Face cache (nothing is downloaded).")
     if cfg.depth_vqvae.checkpoint:
         cfg.depth_vqvae.checkpoint = str(resolve_path(expand_path(cfg.depth_vqvae.checkpoint, "depth_vqvae")))
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:
+        return False
 
 
 def identities(cfg: PreprocessConfig) -> dict:
@@ -56,7 +68,8 @@ def identities(cfg: PreprocessConfig) -> dict:
     teacher = None
     if cfg.teacher.pretrained_path:
         path = Path(cfg.teacher.pretrained_path)
-        teacher = f"depth_anything:{path.name}:{weights_identity(path)}"
+        teacher = (f"depth_anything:{path.name}:{weights_identity(path)}" if path.exists()
+                   else f"depth_anything:hf-cache:{cfg.teacher.pretrained_path}")
     tokenizer = (f"vqvae:{Path(cfg.depth_vqvae.checkpoint).name}:{file_sha256(Path(cfg.depth_vqvae.checkpoint))[:16]}"
                  if cfg.depth_vqvae.checkpoint else f"vqvae:random(seed={cfg.vqvae_seed})")
     return {"teacher": teacher, "ground_truth_depth": cfg.teacher.use_ground_truth, "depth_tokenizer": tokenizer}
@@ -67,8 +80,8 @@ def run_pipeline(cfg: PreprocessConfig, pending, out: Path) -> None:
 
     items = [{"shard": p.name, "record": json.dumps(r.to_dict())} for p in pending for r in p.records]
     ds = ray.data.from_items(items)
-    ds = ds.map(decode_row, fn_kwargs={"max_image_side": cfg.max_image_side},
-                compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency))
+    ds = ds.map_batches(decode_batch, fn_kwargs={"max_image_side": cfg.max_image_side}, batch_size=16,
+                        batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency))
     ds = ds.map_batches(
         DepthStage, batch_format="numpy", batch_size=cfg.teacher.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.teacher.concurrency),
@@ -145,6 +158,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     pending = [p for p in plans if not shard_complete(out, p.name, p.plan)]
     log.info("%d records -> %d shards (%d already complete, %d to write) in %s",
              len(records), len(plans), len(plans) - len(pending), len(pending), out)
+    pipeline_start = time.perf_counter()
     if pending:
         import ray
 
@@ -153,13 +167,18 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
             else:  # a private local instance on loopback only
                 ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+        pipeline_start = time.perf_counter()  # Ray is up: from here on it is the pipeline itself
         run_pipeline(cfg, pending, out)
+    pipeline_seconds = time.perf_counter() - pipeline_start
     manifest = write_manifest(cfg, plans, out, time.perf_counter() - start)
     log.info("manifest: %d samples %s, %d quarantined, %.1fs", manifest["num_samples"], manifest["counts"]["task"],
              manifest["quarantined"], manifest["seconds"])
     print(json.dumps({"output_dir": str(out), "num_samples": manifest["num_samples"],
                       "counts": manifest["counts"], "quarantined": manifest["quarantined"],
-                      "shards_written": len(pending), "shards_skipped": len(plans) - len(pending)}), flush=True)
+                      "shards_written": len(pending), "shards_skipped": len(plans) - len(pending),
+                      "records_processed": sum(len(p.records) for p in pending),
+                      "pipeline_seconds": round(pipeline_seconds, 2), "total_seconds": manifest["seconds"]}),
+          flush=True)
     return manifest
 
 

@@ -77,7 +77,7 @@ def make_coco(root: Path) -> Path:
 
 
 def make_llava(root: Path) -> Path:
-    _image(root / "imgs" / "a.jpg", 200)
+    _image(root / "a.jpg", 200)  # next to the json, where the adapter looks by default
     entries = [
         {"id": "a1", "image": "a.jpg", "conversations": [
             {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": "A box."},

@@ -16,7 +16,7 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> [3, H, W] float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # a writable copy
 
 
 def resize_normalised(image: torch.Tensor, size: int) -> torch.Tensor:

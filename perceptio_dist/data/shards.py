@@ -90,12 +90,14 @@ class ShardSample:
 
 
 def write_shard(path: Path, samples: list[ShardSample]) -> str:
-    """Write a tar atomically (temporary name, then rename); return its sha256."""
+    """Write a tar atomically (temporary name, then rename); return its sha256.
+
+    Member times are fixed, so the same samples always give the same bytes (reproducible checksums)."""
     import webdataset as wds
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tar.tmp")
-    with wds.TarWriter(str(tmp)) as writer:
+    with wds.TarWriter(str(tmp), mtime=0.0) as writer:
         for sample in samples:
             writer.write(sample.to_webdataset())
     os.replace(tmp, path)

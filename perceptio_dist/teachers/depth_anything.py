@@ -36,12 +36,15 @@ class DepthAnythingTeacher:
         if input_size % 14:
             raise ValueError("input_size must be a multiple of 14")
         self.path = Path(pretrained_path)
+        # A local folder, or a repo id already in the local Hugging Face cache (never downloaded).
         self.model = DepthAnythingForDepthEstimation.from_pretrained(
-            str(self.path), attn_implementation="eager", trust_remote_code=False
+            pretrained_path, attn_implementation="eager", trust_remote_code=False,
+            local_files_only=not self.path.exists(),
         ).to(device).eval()
         self.input_size = input_size
         self.device = torch.device(device)
-        self.identity = f"depth_anything:{self.path.name}:{weights_identity(self.path)}"
+        folder = self.path if self.path.exists() else Path(self.model.name_or_path)
+        self.identity = f"depth_anything:{self.path.name}:{weights_identity(folder)}"
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
         """H x W x 3 uint8 images -> [B, 3, s, s], bicubic resize and ImageNet normalisation (as DA-V2's processor)."""

@@ -162,6 +162,7 @@ class Trainer:
                 "mfu": step_flops / elapsed / (peak * 1e12 * self.dist.world_size),
                 "step_time_s": elapsed,
                 "peak_memory_mb": peak_memory_mb(device),
+                "data/skipped_samples": self.loader.skipped,
             }
             history.append({"step": step + 1, **record})
             if (step + 1) % cfg.logging.log_every_steps == 0 or step + 1 == t.max_steps:
@@ -175,10 +176,10 @@ class Trainer:
         if cfg.checkpoint.save_final:
             self._save_checkpoint(t.max_steps)
         summary = self._summary(history, time.perf_counter() - wall_start)
+        metrics.close()
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             print(self._summary_text(summary, history), flush=True)
-        metrics.close()
         return summary
 
     def _summary_text(self, summary: dict, history: list[dict]) -> str:
