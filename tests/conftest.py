@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tiny recipe expects a trained depth tokenizer (runs/tiny_data/depth_vqvae); tests use random ones.
+NO_TOKENIZER = "model.depth_vqvae.checkpoint=null"
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests opt into offline wandb explicitly
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -23,7 +25,7 @@ def make_shards(folder: Path, num_scenes: int, shard_size: int, *overrides: str)
     proc = subprocess.run(
         [sys.executable, "-m", "ray_jobs.preprocess", "--config", "preprocess_tiny",
          f"sources.0.path={folder / 'scenes'}", f"output_dir={folder / 'shards'}", f"shard_size={shard_size}",
-         *overrides],
+         "depth_vqvae.checkpoint=null", *overrides],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -41,7 +43,7 @@ def tiny_cfg(tmp_path, tiny_shards):
     from perceptio_dist.config import load_config
 
     return load_config("tiny_cpu", [f"logging.output_dir={tmp_path / 'run'}", "logging.wandb=disabled",
-                                    f"data.shards={tiny_shards}"])
+                                    f"data.shards={tiny_shards}", NO_TOKENIZER])
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from perceptio_dist.config import (
     validate_runtime,
 )
 
-from .conftest import ROOT
+from .conftest import NO_TOKENIZER, ROOT
 
 
 def test_shipped_recipes_load():
@@ -74,7 +74,7 @@ def test_bad_config_names_the_field(override, words):
 
 
 def test_global_batch_must_match_ranks(tmp_path):
-    cfg = load_config("tiny_cpu", ["train.global_batch_size=8", f"data.shards={tmp_path}"])  # micro 2 x accum 1
+    cfg = load_config("tiny_cpu", ["train.global_batch_size=8", f"data.shards={tmp_path}", NO_TOKENIZER])  # micro 2 x accum 1
     validate_runtime(cfg, world_size=4)
     with pytest.raises(ConfigError, match="train.global_batch_size.*2 x 1 x 2 = 4"):
         validate_runtime(cfg, world_size=2)
@@ -85,7 +85,8 @@ def test_missing_data_and_checkpoint_paths(tmp_path, monkeypatch):
         validate_runtime(load_config("tiny_cpu", ["data.shards=null"]), 1)
     with pytest.raises(ConfigError, match="'data.shards'.*does not exist"):
         validate_runtime(load_config("tiny_cpu", [f"data.shards={tmp_path / 'none'}"]), 1)
-    cfg = load_config("tiny_cpu", [f"model.seg_head.sam2_checkpoint={tmp_path / 'nope.pt'}", f"data.shards={tmp_path}"])
+    cfg = load_config("tiny_cpu", [f"model.seg_head.sam2_checkpoint={tmp_path / 'nope.pt'}", f"data.shards={tmp_path}",
+                                   NO_TOKENIZER])
     with pytest.raises(ConfigError, match="'model.seg_head.sam2_checkpoint'.*does not exist"):
         validate_runtime(cfg, 1)
     monkeypatch.setenv("PERCEPTIO_DATA", str(tmp_path))
@@ -112,12 +113,13 @@ def test_every_field_is_documented():
         (["model.backbone.pretrained_path=/nonexistent/internvl", "model.backbone.tokenizer=pretrained"],
          "model.backbone.pretrained_path"),
         (["data.shards=/nonexistent/shards"], "data.shards"),
+        (["model.depth_vqvae.checkpoint=/nonexistent/tokenizer.safetensors"], "model.depth_vqvae.checkpoint"),
     ],
 )
 def test_cli_reports_config_errors_without_traceback(args, field, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "perceptio_dist.train", "--recipe", "tiny_cpu",
-         f"logging.output_dir={tmp_path}", f"data.shards={tmp_path}", *args],
+         f"logging.output_dir={tmp_path}", f"data.shards={tmp_path}", NO_TOKENIZER, *args],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]

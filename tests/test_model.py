@@ -99,7 +99,8 @@ def test_checkpoint_with_another_architecture_is_refused(tiny_cfg, tiny_tokenize
     build_perceptio(tiny_cfg.model, tiny_tokenizer).backbone.save_pretrained(tmp_path / "internvl")
     tiny_tokenizer.save_pretrained(tmp_path / "internvl")
     cfg = load_config("tiny_cpu", [f"model.backbone.pretrained_path={tmp_path / 'internvl'}",
-                                   "model.backbone.tokenizer=pretrained", "model.backbone.text.num_layers=3"])
+                                   "model.backbone.tokenizer=pretrained", "model.backbone.text.num_layers=3",
+                                   "model.depth_vqvae.checkpoint=null"])
     with pytest.raises(ConfigError, match=r"text.num_layers: recipe 3, checkpoint 2"):
         build_perceptio(cfg.model, load_tokenizer(cfg.model.backbone))
 

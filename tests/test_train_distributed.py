@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, read_metrics, run_ranks
+from .conftest import NO_TOKENIZER, ROOT, read_metrics, run_ranks
 
 HELPER = str(ROOT / "tests/helpers/train_with_rank_overrides.py")
 TERMS = ("text", "marker", "token", "count", "reconstruction", "mask")
@@ -27,6 +27,7 @@ def test_console_script_trains_tiny_model_on_two_ranks_with_zero3(tmp_path, tiny
     exe = shutil.which("perceptio-train", path=str(Path(sys.executable).parent))
     proc = subprocess.run(
         [exe, "--nproc-per-node", "2", "--recipe", "tiny_cpu", "train.max_steps=30", f"data.shards={tiny_shards}",
+         NO_TOKENIZER,
          f"logging.output_dir={run_dir}", "logging.wandb=offline"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -57,7 +58,7 @@ def test_console_script_trains_tiny_model_on_two_ranks_with_zero3(tmp_path, tiny
 def test_zero3_partitions_every_parameter_across_ranks(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
     run_ranks(2, ["--dump-partition", "train.max_steps=2", "train.warmup_steps=1", f"logging.output_dir={run_dir}",
-                  f"data.shards={tiny_shards}"],
+                  f"data.shards={tiny_shards}", NO_TOKENIZER],
               timeout=300, script=HELPER)
     reports = [json.loads((run_dir / f"partition_rank{r}.json").read_text()) for r in range(2)]
     params = [{p["name"]: p for p in rep["parameters"]} for rep in reports]
@@ -83,7 +84,7 @@ def test_rank_without_spatial_targets_does_not_hang(tmp_path, tiny_shards):
         "--rank", "0", "data.task_weights={referring_seg: 1.0}",
         "--rank", "1", "data.task_weights={vqa: 1.0}",
         "train.max_steps=5", "train.warmup_steps=1", "parallel.timeout_minutes=2", f"logging.output_dir={run_dir}",
-        f"data.shards={tiny_shards}",
+        f"data.shards={tiny_shards}", NO_TOKENIZER,
     ], timeout=300, script=HELPER)
     metrics = read_metrics(run_dir)
     assert len(metrics) == 5
@@ -117,7 +118,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, tiny_cfg,
     build_perceptio(tiny_cfg.model, tiny_tokenizer).backbone.save_pretrained(init)
     tiny_tokenizer.save_pretrained(init)
     common = ["train.max_steps=8", "train.warmup_steps=2", "checkpoint.save_final=false",
-              f"data.shards={tiny_cfg.data.shards}",
+              f"data.shards={tiny_cfg.data.shards}", NO_TOKENIZER,
               f"model.backbone.pretrained_path={init}", "model.backbone.tokenizer=pretrained"]
     two = tmp_path / "two_ranks_zero3"
     run_ranks(2, ["--recipe", "tiny_cpu", *common, f"logging.output_dir={two}"], timeout=300)
@@ -139,7 +140,7 @@ def test_bf16_with_activation_checkpointing_trains(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
     run_ranks(2, ["--recipe", "tiny_cpu", "train.precision=bf16", "train.activation_checkpointing=true",
                   "train.max_steps=6", "train.warmup_steps=1", "checkpoint.save_final=false",
-                  f"logging.output_dir={run_dir}", f"data.shards={tiny_shards}"], timeout=300)
+                  f"logging.output_dir={run_dir}", f"data.shards={tiny_shards}", NO_TOKENIZER], timeout=300)
     metrics = read_metrics(run_dir)
     assert len(metrics) == 6 and all(math.isfinite(m["loss"]) for m in metrics)
     # the total depends on which terms a step's samples carry; the text term is comparable step to step

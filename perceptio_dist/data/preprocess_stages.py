@@ -225,14 +225,12 @@ class CodeStage:
         import torch
 
         from ..config import DepthVQVAEConfig
-        from ..model.depth_vqvae import DepthVQVAE
+        from ..model.depth_vqvae import DepthVQVAE, load_depth_vqvae
 
         torch.manual_seed(seed)
-        self.model = DepthVQVAE(DepthVQVAEConfig(**vqvae_config), num_codes, grid).eval()
-        if checkpoint:
-            from safetensors.torch import load_file
-
-            self.model.load_state_dict(load_file(checkpoint))
+        arch = DepthVQVAEConfig(**vqvae_config)
+        model = load_depth_vqvae(arch, num_codes, grid, checkpoint) if checkpoint else DepthVQVAE(arch, num_codes, grid)
+        self.model = model.eval()
         self.dtype = np.uint8 if num_codes <= 256 else np.uint16
 
     def __call__(self, batch: dict) -> dict:

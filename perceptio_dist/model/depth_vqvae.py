@@ -105,6 +105,28 @@ class EMAVectorQuantizer(nn.Module):
         size = (self.ema_cluster_size + self.eps) / (n + self.num_codes * self.eps) * n  # Laplace smoothing
         self.codebook.copy_(self.ema_code_sum / size[:, None])
 
+    @torch.no_grad()
+    def restart_dead_codes(self, candidates: torch.Tensor, threshold: float, generator=None) -> int:
+        """Re-seed codes whose EMA usage fell below ``threshold`` with random encoder outputs.
+
+        ``candidates`` [M, D] are current encoder vectors (the batch). A restarted code becomes one
+        of them exactly, with its EMA count reset to ``threshold`` and its EMA sum to match, so it
+        starts where data is and is not immediately dead again. Under torch.distributed, rank 0's
+        choice is broadcast so every rank keeps the same codebook. Returns how many were restarted.
+        """
+        dead = (self.ema_cluster_size < threshold).nonzero(as_tuple=True)[0]
+        if dead.numel() and candidates.shape[0]:
+            pick = torch.randint(0, candidates.shape[0], (dead.numel(),), generator=generator,
+                                 device=candidates.device)
+            fresh = candidates[pick].to(self.codebook.dtype)
+            self.codebook[dead] = fresh
+            self.ema_cluster_size[dead] = threshold
+            self.ema_code_sum[dead] = fresh * threshold
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buffer in (self.codebook, self.ema_cluster_size, self.ema_code_sum):
+                torch.distributed.broadcast(buffer, src=0)
+        return int(dead.numel())
+
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``z`` [B, D, h, w] -> (straight-through quantised z, codes [B, h*w], commitment loss)."""
         b, d, h, w = z.shape
@@ -163,3 +185,38 @@ class DepthVQVAE(nn.Module):
         self._check_depth(depth)
         quant, codes, commitment = self.quantizer(self.encoder(depth))
         return self.decoder(quant), codes, commitment
+
+
+def load_depth_vqvae(cfg: DepthVQVAEConfig, num_codes: int, grid: int, weights: str) -> DepthVQVAE:
+    """A trained tokenizer from ``weights`` (safetensors), checked against the recipe's architecture.
+
+    ``perceptio-vqvae train`` writes ``tokenizer.json`` beside the weights; when present, every
+    architecture field must agree with the recipe, so a wrong file fails with a readable message.
+    """
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from ..config import ConfigError
+
+    path = Path(weights)
+    meta_path = path.with_name("tokenizer.json")
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        expected = {**{k: v for k, v in asdict(cfg).items() if k not in ("checkpoint", "ema_decay")},
+                    "num_codes": num_codes, "grid": grid}
+        found = {**{k: meta["depth_vqvae"].get(k) for k in expected if k not in ("num_codes", "grid")},
+                 "num_codes": meta["num_codes"], "grid": meta["grid"]}
+        diffs = [f"{k}: recipe {expected[k]}, tokenizer {found[k]}" for k in expected if expected[k] != found[k]]
+        if diffs:
+            raise ConfigError(f"Config error at 'model.depth_vqvae.checkpoint': {path} was trained with another "
+                              f"architecture ({'; '.join(diffs)}).")
+    model = DepthVQVAE(cfg, num_codes, grid)
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except RuntimeError as exc:
+        raise ConfigError(f"Config error at 'model.depth_vqvae.checkpoint': {path} does not fit the recipe's "
+                          f"depth_vqvae architecture ({str(exc).splitlines()[0]})") from None
+    return model

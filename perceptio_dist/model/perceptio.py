@@ -19,7 +19,7 @@ from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBa
 
 from ..config import ModelConfig
 from .backbone import build_backbone, choose_attention_implementation, internvl_config, resize_for_tokenizer
-from .depth_vqvae import DepthVQVAE
+from .depth_vqvae import DepthVQVAE, load_depth_vqvae
 from .seg_head import SegHead, build_seg_head
 from .spatial_tokens import SpatialTokenIds, add_spatial_tokens, spatial_token_strings
 
@@ -117,8 +117,6 @@ def build_perceptio(
     Every part is in ``dtype`` (the backbone is created in it, possibly already partitioned by
     ZeRO-3; the SAM2 parts and the VQ-VAE are cast before anything partitions them).
     """
-    from safetensors.torch import load_file
-
     from ..config import expand_path, resolve_path
 
     b = cfg.backbone
@@ -129,10 +127,11 @@ def build_perceptio(
     backbone = build_backbone(b, base_vocab, image_token_id, attn, dtype)
     resize_for_tokenizer(backbone, len(tokenizer))
     seg_head = build_seg_head(cfg.seg_head, b.text.hidden_size).to(dtype)
-    vqvae = DepthVQVAE(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid)
     if cfg.depth_vqvae.checkpoint:
         path = resolve_path(expand_path(cfg.depth_vqvae.checkpoint, "model.depth_vqvae.checkpoint"))
-        vqvae.load_state_dict(load_file(str(path)))
+        vqvae = load_depth_vqvae(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid, str(path))
+    else:
+        vqvae = DepthVQVAE(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid)
     vqvae = vqvae.to(dtype)
     return PerceptioModel(
         backbone, seg_head, vqvae, token_ids, base_vocab, b.freeze_vision_tower, b.freeze_language_model

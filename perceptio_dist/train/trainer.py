@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -57,9 +58,10 @@ class Trainer:
         import deepspeed
 
         self.cfg = cfg
+        # Paths and batch arithmetic first: a config mistake fails in a second, before any process group.
+        validate_runtime(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.dist: DistInfo = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
         configure_logging(self.dist.rank)
-        validate_runtime(cfg, self.dist.world_size)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.run_dir = Path(cfg.logging.output_dir)
         if self.dist.is_main:

@@ -1,0 +1,1 @@
+"""Evaluation: real RGB-D frames and depth metrics, the depth tokenizer report."""
