@@ -180,9 +180,13 @@ class ObjectiveConfig:
         "Mask losses use this many random points per mask when the target has more pixels; 0: always dense.", 12544
     )
     z_loss_weight: float = _doc("Optional z-loss (mean squared log-partition) on all target positions; 0 disables.", 0.0)
-    implementation: Literal["auto", "reference"] = _doc(
-        "How LM-head statistics are computed. 'reference': full logits of the target positions in fp32.", "auto"
+    implementation: Literal["auto", "reference", "fused_torch", "fused_triton"] = _doc(
+        "How the LM-head terms are computed. 'auto': fused_triton on GPUs with triton installed, else fused_torch "
+        "(chunked, never the full logits); 'reference': the full fp32 logits of the target rows (tests, debugging).",
+        "auto",
     )
+    chunk_size: int = _doc("Rows per chunk of the fused LM-head terms (a chunk holds rows x vocabulary fp32 logits).",
+                           1024)
 
 
 # ------------------------------------------------------------------------------ data
@@ -571,6 +575,8 @@ def validate(cfg: PerceptioConfig) -> None:
         raise err("train.global_batch_size",
                   f"{t.global_batch_size} is not a multiple of micro_batch_size x grad_accum_steps = "
                   f"{t.micro_batch_size} x {t.grad_accum_steps}, so no number of ranks can match it.")
+    if cfg.objective.chunk_size <= 0:
+        raise err("objective.chunk_size", "must be positive.")
     if cfg.objective.mask_point_samples < 0:
         raise err("objective.mask_point_samples", "must be >= 0.")
     weights = {f.name: getattr(cfg.objective, f.name) for f in dataclasses.fields(ObjectiveConfig)

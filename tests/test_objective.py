@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from perceptio_dist.config import DepthVQVAEConfig, ObjectiveConfig
-from perceptio_dist.losses.lm_head_stats import reference_lm_head_statistics
+from perceptio_dist.losses.lm_head_terms import fused_lm_head_terms, reference_lm_head_terms
 from perceptio_dist.losses.mask_loss import mask_loss
 from perceptio_dist.losses.objective import IGNORE_INDEX, PerceptioObjective, find_depth_blocks
 from perceptio_dist.model.depth_vqvae import DepthVQVAE
@@ -21,8 +21,11 @@ V = 12
 CODE_VALUES = [0.0, 0.5, 1.0]  # the fake decoder maps a code distribution to sum_k p_k * value_k per cell
 
 
-def stats_fn(hidden, weight, targets):
-    return reference_lm_head_statistics(hidden, weight, targets, IDS.code_start, IDS.num_codes)
+IMPLEMENTATIONS = {
+    "reference": reference_lm_head_terms,
+    # gradcheck runs backward many times on one graph: keep the fused buffers intact between passes
+    "fused_torch": lambda *args: fused_lm_head_terms(*args, chunk_size=3, single_backward=False),
+}
 
 
 def fake_soft_decode(probs):  # [nb, N, K] -> [nb, 1, 1, N]: one "pixel" per grid cell
@@ -40,8 +43,13 @@ def bce(x, t):
     return -(t * math.log(s) + (1 - t) * math.log(1 - s))
 
 
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def impl(request):
+    return IMPLEMENTATIONS[request.param]
+
+
 @pytest.fixture
-def setup():
+def setup(impl):
     torch.manual_seed(0)
     hidden = torch.randn(1, 10, V, dtype=torch.float64) * 2
     weight = torch.eye(V, dtype=torch.float64)  # logits == hidden states, so the hand computation reads them
@@ -50,13 +58,13 @@ def setup():
     mask_logits = torch.tensor([[[[0.3, -1.2], [2.0, 0.1]]]], dtype=torch.float64)
     seg_masks = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]], dtype=torch.float64)
     teacher = torch.tensor([[[[0.2, 0.9]]]], dtype=torch.float64)
-    return hidden, weight, labels, mask_logits, seg_masks, teacher
+    return hidden, weight, labels, mask_logits, seg_masks, teacher, impl
 
 
 def run(setup, cfg=None, **kw):
-    hidden, weight, labels, mask_logits, seg_masks, teacher = setup
+    hidden, weight, labels, mask_logits, seg_masks, teacher, impl = setup
     objective = PerceptioObjective(cfg or ObjectiveConfig(mask_point_samples=0), IDS)
-    args = dict(hidden=hidden, lm_head_weight=weight, labels=labels, stats_fn=stats_fn, soft_decode=fake_soft_decode,
+    args = dict(hidden=hidden, lm_head_weight=weight, labels=labels, lm_terms_fn=impl, soft_decode=fake_soft_decode,
                 mask_logits=mask_logits, num_seg=1, seg_masks=seg_masks, teacher_depth=teacher,
                 has_teacher_depth=torch.tensor([True]))
     args.update(kw)
@@ -64,7 +72,7 @@ def run(setup, cfg=None, **kw):
 
 
 def test_every_term_matches_hand_computation(setup):
-    hidden, _, _, mask_logits, seg_masks, teacher = setup
+    hidden, _, _, mask_logits, seg_masks, teacher, _ = setup
     h = hidden[0].tolist()
     ce = lambda t, y: lse(h[t]) - h[t][y]  # noqa: E731  position t predicts labels[t + 1]
     text = (ce(6, 3) + ce(7, 4) + ce(8, 5)) / 3
@@ -113,7 +121,7 @@ def test_reconstruction_falls_back_to_decoded_target_codes(setup):
 
 
 def test_no_spatial_targets_gives_exact_zeros_but_runs_every_branch(setup):
-    hidden, weight, _, mask_logits, _, _ = setup
+    hidden, weight, _, mask_logits, _, _, _ = setup
     labels = torch.tensor([[IGNORE_INDEX] * 6 + [3, 4, 5, 1]])
     hidden = hidden.clone().requires_grad_(True)
     calls = []
@@ -133,7 +141,8 @@ def test_no_spatial_targets_gives_exact_zeros_but_runs_every_branch(setup):
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
 
 
-def test_decoder_runs_once_when_mixing_teacher_and_code_targets():
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+def test_decoder_runs_once_when_mixing_teacher_and_code_targets(impl):
     torch.manual_seed(1)
     labels = torch.tensor([[IGNORE_INDEX, 7, 9, 10, 8, 7, 11, 9, 8, 3]])
     hidden = torch.randn(1, 10, V, dtype=torch.float64)
@@ -144,7 +153,8 @@ def test_decoder_runs_once_when_mixing_teacher_and_code_targets():
         return fake_soft_decode(probs)
 
     out = PerceptioObjective(ObjectiveConfig(mask_point_samples=0), IDS)(
-        hidden=hidden, lm_head_weight=torch.eye(V, dtype=torch.float64), labels=labels, stats_fn=stats_fn,
+        hidden=hidden, lm_head_weight=torch.eye(V, dtype=torch.float64), labels=labels,
+        lm_terms_fn=IMPLEMENTATIONS[impl],
         soft_decode=counting_decode, mask_logits=torch.zeros(1, 1, 2, 2), num_seg=0, seg_masks=torch.zeros(0, 2, 2),
         teacher_depth=torch.rand(2, 1, 1, 2, dtype=torch.float64), has_teacher_depth=torch.tensor([True, False]),
     )
@@ -159,6 +169,7 @@ def test_decoder_runs_once_when_mixing_teacher_and_code_targets():
         ([7, 9, 10, 3], "closed by <DEPTH_END>"),
         ([3, 8, 4, 5], "without a matching"),
         ([3, 4, 7, 9], "runs past the end"),
+        ([3, 9, 4, 5], "outside a"),
     ],
 )
 def test_malformed_depth_blocks_are_data_errors(labels, message):
@@ -177,7 +188,8 @@ def test_mask_loss_point_sampled_branch_by_hand():
     assert value.item() == pytest.approx(2.0 * -math.log(s) + 0.5 * dice, rel=1e-5)
 
 
-def test_reconstruction_gradcheck_through_real_vqvae():
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+def test_reconstruction_gradcheck_through_real_vqvae(impl):
     """d(reconstruction)/d(hidden) through LM head, restricted softmax, soft merge and the VQ-VAE decoder."""
     torch.manual_seed(0)
     cfg = DepthVQVAEConfig(input_size=8, code_dim=4, base_channels=2, max_channels=4, num_res_blocks=1)
@@ -193,7 +205,7 @@ def test_reconstruction_gradcheck_through_real_vqvae():
     def reconstruction(hidden):
         return objective(
             hidden=hidden, lm_head_weight=weight, labels=labels,
-            stats_fn=lambda h, w, y: reference_lm_head_statistics(h, w, y, 9, 3), soft_decode=vq.soft_decode,
+            lm_terms_fn=IMPLEMENTATIONS[impl], soft_decode=vq.soft_decode,
             mask_logits=torch.zeros(1, 1, 2, 2, dtype=torch.float64), num_seg=0,
             seg_masks=torch.zeros(0, 2, 2), teacher_depth=teacher, has_teacher_depth=torch.tensor([True]),
         ).total

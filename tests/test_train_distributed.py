@@ -33,6 +33,7 @@ def test_console_script_trains_tiny_model_on_two_ranks_with_zero3(tmp_path, tiny
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "attention implementation: sdpa" in proc.stderr
+    assert "LM-head loss implementation: fused_torch" in proc.stderr
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 31))
     for m in metrics:
@@ -101,6 +102,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, tiny_cfg, tiny_tokenizer):
     """2 ranks x micro 2 (ZeRO-3) == 1 rank x micro 2 x accum 2 (ZeRO-3, and ZeRO-2): same samples, same updates.
+    And the fused LM-head loss (the default) == the reference loss, both on 2 ranks with ZeRO-3.
 
     All runs start from one saved tiny checkpoint (ZeRO-3 loads it straight into partitioned
     parameters; random initialisation under zero.Init depends on the rank count, so it cannot be
@@ -128,9 +130,12 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, tiny_cfg,
     zero2 = tmp_path / "one_rank_zero2"
     run_ranks(1, ["--recipe", "tiny_cpu", *common, "train.grad_accum_steps=2", "parallel.zero_stage=2",
                   "parallel.deepspeed_config=ds_configs/zero2.json", f"logging.output_dir={zero2}"], timeout=300)
+    unfused = tmp_path / "two_ranks_zero3_reference_loss"
+    run_ranks(2, ["--recipe", "tiny_cpu", *common, "objective.implementation=reference",
+                  f"logging.output_dir={unfused}"], timeout=300)
     reference = _losses(zero2)
     assert len(reference) == 8 and reference[-1] < reference[0]
-    for other in (_losses(two), _losses(one)):
+    for other in (_losses(two), _losses(one), _losses(unfused)):
         for step, (a, b) in enumerate(zip(other, reference)):
             assert a == pytest.approx(b, rel=1e-5), (step, other, reference)
 

@@ -110,17 +110,3 @@ def test_metrics_jsonl_and_wandb_mode(tmp_path, monkeypatch):
     silent = MetricsLogger(tmp_path / "other", LoggingConfig(wandb="offline"), {}, enabled=False)
     silent.log(1, {"loss": 1.0})  # other ranks write nothing
     assert not (tmp_path / "other").exists()
-
-
-def test_lm_head_statistics_reference_matches_full_logits():
-    from perceptio_dist.losses.lm_head_stats import reference_lm_head_statistics
-
-    torch.manual_seed(0)
-    hidden, weight = torch.randn(5, 7, dtype=torch.bfloat16), torch.randn(11, 7, dtype=torch.bfloat16)
-    targets = torch.tensor([0, 3, 10, 8, 8])
-    stats = reference_lm_head_statistics(hidden, weight, targets, code_start=8, num_codes=3)
-    logits = hidden.double() @ weight.double().t()
-    assert stats.lse.dtype == torch.float32
-    torch.testing.assert_close(stats.lse.double(), torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.target_logit.double(), logits[torch.arange(5), targets], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.code_logits.double(), logits[:, 8:11], rtol=1e-5, atol=1e-5)

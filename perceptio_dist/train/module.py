@@ -6,22 +6,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..losses.lm_head_stats import LMHeadStatisticsModule
+from ..losses.lm_head_module import LMHeadTermsModule
 from ..losses.objective import TERMS, PerceptioObjective
 from ..model.perceptio import PerceptioModel
 
 
 class PerceptioTrainingModule(nn.Module):
-    def __init__(self, model: PerceptioModel, objective: PerceptioObjective, implementation: str = "auto"):
+    def __init__(self, model: PerceptioModel, objective: PerceptioObjective, implementation: str = "auto",
+                 chunk_size: int = 1024, device: torch.device | None = None):
         super().__init__()
         self.model = model
         self.objective = objective
-        ids = model.token_ids
-        self.lm_head_stats = LMHeadStatisticsModule(ids.code_start, ids.num_codes, implementation)
+        self.lm_head_terms = LMHeadTermsModule(implementation, chunk_size, device)
 
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """Parameters used by a module that does not own them (for ZeRO-3 registration)."""
-        return [(self.lm_head_stats, self.model.lm_head.weight)]
+        return [(self.lm_head_terms, self.model.lm_head.weight)]
 
     def forward(
         self,
@@ -40,7 +40,7 @@ class PerceptioTrainingModule(nn.Module):
             hidden=out.hidden_states,
             lm_head_weight=self.model.lm_head.weight,
             labels=labels,
-            stats_fn=self.lm_head_stats,
+            lm_terms_fn=self.lm_head_terms,
             soft_decode=self.model.depth_vqvae.soft_decode,
             mask_logits=out.mask_logits,
             num_seg=out.num_seg,

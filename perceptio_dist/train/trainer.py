@@ -80,7 +80,8 @@ class Trainer:
         self.param_report = parameter_report(self.model)
 
         objective = PerceptioObjective(cfg.objective, self.model.token_ids)
-        module = PerceptioTrainingModule(self.model, objective, cfg.objective.implementation)
+        module = PerceptioTrainingModule(self.model, objective, cfg.objective.implementation,
+                                         cfg.objective.chunk_size, self.dist.device)
         if zero3:
             register_external_parameters(module.external_parameters())
         optimizer, scheduler = build_optimizer(module, cfg.train)
@@ -98,6 +99,7 @@ class Trainer:
     def _log_setup(self) -> None:
         cfg = self.cfg
         log.info("attention implementation: %s", self.model.attn_implementation)
+        log.info("LM-head loss implementation: %s", self.engine.module.lm_head_terms.implementation)
         log.info(
             "ranks: %d (%s), ZeRO stage %d, precision %s, micro-batch %d x accum %d -> global batch %d",
             self.dist.world_size, self.dist.device.type, cfg.parallel.zero_stage, cfg.train.precision,
