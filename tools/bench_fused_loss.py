@@ -130,7 +130,10 @@ def main() -> None:
                "--vocab", str(args.vocab), "--chunk", str(args.chunk), "--dtype", args.dtype, "--device", args.device]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            results[impl] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+            reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+            if proc.returncode == -9:
+                reason = "killed (SIGKILL): out of memory on this machine"
+            results[impl] = {"error": reason, "returncode": proc.returncode}
             continue
         results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
     ref = results.get("reference", {})
