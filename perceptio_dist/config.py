@@ -236,6 +236,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = _doc("Parameter/activation precision (bf16 keeps fp32 master weights).", "bf16")
     activation_checkpointing: bool = _doc("Recompute LLM and vision layers in backward to save activation memory.", False)
     seed: int = _doc("Seed of parameter initialisation and of any training-time randomness.", 42)
+    max_nonfinite_in_a_row: int = _doc(
+        "A micro-batch whose loss is not finite on any rank is skipped by every rank (no backward) and counted; "
+        "after this many in a row the run saves a diagnostic checkpoint and stops with exit status 3.", 3)
 
 
 @dataclass
@@ -257,8 +260,16 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     dir: Optional[str] = _doc("Checkpoint folder; null: <logging.output_dir>/checkpoints.", None)
-    save_every_steps: int = _doc("Save a DeepSpeed sharded checkpoint every N optimizer steps; 0: only at the end.", 0)
+    save_every_steps: int = _doc("Save a DeepSpeed sharded checkpoint every N optimizer steps; 0: off.", 0)
+    save_every_minutes: float = _doc("Also save when this many minutes passed since the last save; 0: off.", 0.0)
     save_final: bool = _doc("Save a checkpoint when training ends.", True)
+    keep_last: int = _doc("Keep the newest N complete checkpoints; older ones are deleted.", 3)
+    resume: str = _doc(
+        "'none': start fresh; 'auto': continue from the newest complete checkpoint in the folder, falling back past "
+        "damaged ones (fresh start if there is none); or the path of one checkpoint (a global_stepN folder). A "
+        "different rank count converts it to DeepSpeed's universal format first.", "none")
+    verify_checksums: bool = _doc("Check every file's sha256 against COMPLETE.json before resuming (sizes always).",
+                                  True)
 
 
 @dataclass
@@ -276,6 +287,7 @@ class LoggingConfig:
         "short matmul at start.", None
     )
     progress_bar: bool = _doc("Show a progress bar on rank 0.", True)
+    log_samples: bool = _doc("Write the sample keys of every micro-batch to <output_dir>/samples/rank<r>.jsonl.", False)
 
 
 @dataclass
@@ -584,8 +596,12 @@ def validate(cfg: PerceptioConfig) -> None:
     for name, value in weights.items():
         if value < 0:
             raise err(f"objective.{name}", f"must be >= 0, got {value}.")
-    if cfg.checkpoint.save_every_steps < 0:
-        raise err("checkpoint.save_every_steps", "must be >= 0.")
+    if cfg.checkpoint.save_every_steps < 0 or cfg.checkpoint.save_every_minutes < 0:
+        raise err("checkpoint.save_every_steps", "save intervals must be >= 0.")
+    if cfg.checkpoint.keep_last < 1:
+        raise err("checkpoint.keep_last", "must be at least 1.")
+    if cfg.train.max_nonfinite_in_a_row < 1:
+        raise err("train.max_nonfinite_in_a_row", "must be at least 1.")
     if cfg.parallel.timeout_minutes <= 0:
         raise err("parallel.timeout_minutes", "must be positive.")
 

@@ -17,6 +17,20 @@ os.environ.setdefault("WANDB_MODE", "disabled")  # tests opt into offline wandb 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+_LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process runs join a one-rank process group and set RANK/MASTER_PORT; a later subprocess that
+    inherited them would think it was already launched by torchrun (and reuse a bound port)."""
+    saved = dict(os.environ)
+    yield
+    for name in _LAUNCHER_VARIABLES:
+        if name not in saved:
+            os.environ.pop(name, None)
+
+
 def make_shards(folder: Path, num_scenes: int, shard_size: int, *overrides: str) -> Path:
     """Render scenes and preprocess them into shards with the real job (a private local Ray instance)."""
     from perceptio_dist.data.scenes.cli import write_scenes
@@ -58,7 +72,7 @@ def run_ranks(nproc: int, args: list[str], timeout: float, cwd: Path = ROOT, mod
     """Run ``nproc`` local ranks with torchrun; a hang fails the test through ``timeout``."""
     target = ["-m", module] if script is None else [script]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**{k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     try:
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:

@@ -325,11 +325,39 @@ def test_corrupt_samples_are_dropped_and_counted(tiny_cfg, tiny_tokenizer, monke
     assert batch.keys == tuple(k for k in clean.keys if k != broken_key) and fresh.skipped == 1
 
 
-def test_loader_state_from_another_layout_is_refused(tiny_cfg, tiny_tokenizer):
+def test_loader_state_from_another_global_batch_is_refused(tiny_cfg, tiny_tokenizer):
     state = _loader(tiny_cfg, tiny_tokenizer, 0, 1).state_dict()
     other = _loader(tiny_cfg, tiny_tokenizer, 0, 1, train={"micro_batch_size": 3})
-    with pytest.raises(ValueError, match="micro_batch_size"):
+    with pytest.raises(ValueError, match="global batch=2"):
         other.load_state_dict(state)
+
+
+def test_elastic_resume_keeps_the_global_batch_sequence(tiny_cfg, tiny_tokenizer):
+    """Saved by 2 ranks x micro 1 x accum 2 after 3 steps; resumed by 1 rank x accum 4 and 4 ranks x accum 1."""
+    layouts = {2: {"micro_batch_size": 1, "grad_accum_steps": 2}, 1: {"micro_batch_size": 1, "grad_accum_steps": 4},
+               4: {"micro_batch_size": 1, "grad_accum_steps": 1}}
+
+    def step_keys(world, steps, state=None):
+        """Keys of each step's global batch, gathered from every rank of a layout."""
+        per_step = [[] for _ in range(steps)]
+        for rank in range(world):
+            loader = _loader(tiny_cfg, tiny_tokenizer, rank, world, train=layouts[world])
+            if state is not None:
+                loader.load_state_dict(state)
+            accum = layouts[world]["grad_accum_steps"]
+            it = iter(loader)
+            for i in range(steps * accum):
+                per_step[i // accum] += list(next(it).keys)
+        return [sorted(k) for k in per_step]
+
+    saver = _loader(tiny_cfg, tiny_tokenizer, 0, 2, train=layouts[2])
+    it = iter(saver)
+    for _ in range(3 * 2):
+        next(it)
+    state = saver.state_dict()
+    reference = step_keys(2, 5)
+    for world in (1, 4):
+        assert step_keys(world, 2, state) == reference[3:5]
 
 
 def test_teacher_output_and_ground_truth_target(tmp_path):

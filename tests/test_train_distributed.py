@@ -51,7 +51,7 @@ def test_console_script_trains_tiny_model_on_two_ranks_with_zero3(tmp_path, tiny
     for term in ("text", "marker"):
         assert metrics[-1][f"loss/{term}"] < 0.6 * metrics[0][f"loss/{term}"], term
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb should have written an offline run"
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "global_step30"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "global_step00000030"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["attn_implementation"] == "sdpa"
 

@@ -1,22 +1,23 @@
 """Streaming, task-mixing, exactly resumable loader over preprocessed shards.
 
-Slots. One optimizer step reads S = ranks x grad_accum micro-batches of B samples. Each is served by a
-*slot* s in [0, S): rank r's micro-batch m comes from slot m * ranks + r. A slot owns a deterministic,
-endless stream of samples, and micro-batch k of slot s is draws [kB, (k+1)B) of that stream: a pure
-function of (seed, S, B, k, s). So:
+Slots. One optimizer step reads a global batch of G = ranks x grad_accum x micro samples; sample j of
+the global batch comes from *slot* j, which owns a deterministic, endless stream, one draw per step.
+Rank r's micro-batch m of step k holds slots (m * ranks + r) * micro + b for b < micro, draw k of each.
+The samples of step k therefore depend only on (seed, G, k), not on how G is split:
 
 * resuming is exact: the state is the number of micro-batches a rank has consumed;
-* one rank with accumulation 2 and two ranks with accumulation 1 (same S) read the same samples;
+* one rank with accumulation 2 and two ranks with accumulation 1 read the same samples each step;
+* an elastic resume (another rank count or accumulation, same G) continues with the same samples;
 * DataLoader workers split a rank's micro-batches round-robin; each builds whole micro-batches.
 
-Streams. Draw n of slot s picks a task by the configured weights (seeded by seed, s and n's block),
+Streams. Draw k of slot s picks a task by the configured weights (seeded by seed, s and k's block),
 then takes that task's next sample for slot s. Per task and epoch e, shards are shuffled with
-(seed, task, e) and dealt to slots (shard k -> slot k mod S; with fewer shards than slots, a shard's
+(seed, task, e) and dealt to slots (shard i -> slot i mod G; with fewer shards than slots, a shard's
 samples are dealt to the slots sharing it), and each shard's samples are shuffled with
 (seed, task, e, shard). Every sample is read by exactly one slot per epoch of its task.
 
 A sample that fails to decode, or is too long, is dropped from its micro-batch (which gets smaller)
-and counted: the batch composition stays a function of (s, k), so resume stays exact. A micro-batch
+and counted: the batch composition stays a function of the index, so resume stays exact. A micro-batch
 whose samples all fail stops the run with an error (every rank must take part in every step).
 """
 
@@ -166,7 +167,7 @@ class _RankMicroBatches(IterableDataset):
 
 
 class ShardLoader:
-    """This rank's micro-batches, in order, from micro-batch ``start`` on; ``state_dict`` resumes exactly."""
+    """This rank's micro-batches, in order, from micro-batch ``position`` on; ``state_dict`` resumes exactly."""
 
     def __init__(self, folder: str | Path, task_weights: dict[str, float], seed: int, rank: int, world_size: int,
                  grad_accum: int, micro_batch_size: int, builder, num_workers: int = 0, pad_token_id: int = 0):
@@ -175,7 +176,7 @@ class ShardLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.grad_accum, self.micro_batch_size, self.num_workers = grad_accum, micro_batch_size, num_workers
         self.builder, self.pad_token_id = builder, pad_token_id
-        self.num_slots = world_size * grad_accum
+        self.num_slots = world_size * grad_accum * micro_batch_size  # the global batch
         shards: dict[str, list[ShardEntry]] = {}
         for s in self.manifest["shards"]:
             if s["num_samples"]:
@@ -186,8 +187,8 @@ class ShardLoader:
         for task in self.tasks:
             total = sum(s.num_samples for s in shards[task])
             if total < self.num_slots:
-                raise ValueError(f"task {task} has {total} samples in {self.folder}, fewer than the {self.num_slots} "
-                                 "loader slots (ranks x grad_accum): give it weight 0 or more data")
+                raise ValueError(f"task {task} has {total} samples in {self.folder}, fewer than the global batch of "
+                                 f"{self.num_slots}: give it weight 0 or more data")
         weights = np.array([task_weights[t] for t in self.tasks], dtype=np.float64)
         self.weights = weights / weights.sum()
         self.shards = shards
@@ -198,10 +199,11 @@ class ShardLoader:
 
     # ---------------------------------------------------------------- pure functions of the index
 
-    def slot_and_step(self, i: int) -> tuple[int, int]:
-        """Rank-local micro-batch i -> (slot, that slot's micro-batch number)."""
+    def slots_and_step(self, i: int) -> tuple[list[int], int]:
+        """Rank-local micro-batch i -> (the global-batch slots it holds, the step)."""
         step, micro = divmod(i, self.grad_accum)
-        return micro * self.world_size + self.rank, step
+        first = (micro * self.world_size + self.rank) * self.micro_batch_size
+        return list(range(first, first + self.micro_batch_size)), step
 
     def _stream(self, slot: int) -> SlotStream:
         if slot not in self._streams:
@@ -209,9 +211,8 @@ class ShardLoader:
         return self._streams[slot]
 
     def sample_refs(self, i: int) -> list[tuple[str, ShardEntry, int]]:
-        slot, k = self.slot_and_step(i)
-        stream = self._stream(slot)
-        return [stream.draw(k * self.micro_batch_size + j) for j in range(self.micro_batch_size)]
+        slots, step = self.slots_and_step(i)
+        return [self._stream(slot).draw(step) for slot in slots]
 
     def micro_batch(self, i: int) -> LoaderItem:
         samples, keys, skipped = [], [], []
@@ -245,11 +246,15 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         return {"position": self.position, "skipped": self.skipped, "seed": self.seed, "num_slots": self.num_slots,
-                "micro_batch_size": self.micro_batch_size, "manifest_created": self.manifest.get("created")}
+                "grad_accum": self.grad_accum, "manifest_created": self.manifest.get("created")}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "num_slots", "micro_batch_size"):
+        """Restore a position. Another split of the same global batch (rank count, accumulation, micro-batch)
+        continues at the next whole step; another global batch or seed would change the samples: refused."""
+        for key in ("seed", "num_slots"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has "
-                                 f"{getattr(self, key)}: the sample order would differ")
-        self.position, self.skipped = int(state["position"]), int(state.get("skipped", 0))
+                raise ValueError(f"loader state was saved with {'global batch' if key == 'num_slots' else key}="
+                                 f"{state[key]}, this loader has {getattr(self, key)}: the sample order would differ")
+        steps = -(-int(state["position"]) // int(state["grad_accum"]))  # steps begun, rounded up to whole steps
+        self.position = steps * self.grad_accum if state["grad_accum"] != self.grad_accum else int(state["position"])
+        self.skipped = int(state.get("skipped", 0))

@@ -105,6 +105,9 @@ class PerceptioObjective:
         else:
             mask = mask_logits.sum() * 0.0
         total = lm.total + cfg.token_weight * token + cfg.reconstruction_weight * reconstruction + cfg.mask_weight * mask
+        # Gradient must reach every output of the LM-head module on every rank, also when this batch has no
+        # code rows (ZeRO-3 re-gathers a module's parameters once per output that receives gradient).
+        total = total + 0.0 * lm.code_logits.sum()
         terms.update(token=token.detach(), reconstruction=reconstruction.detach(), mask=mask.detach())
         counts = {
             "text": int(layout.is_text.sum()), "marker": int(layout.is_marker.sum()),

@@ -110,7 +110,7 @@ class PerceptioModel(nn.Module):
 
 
 def build_perceptio(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> PerceptioModel:
     """The model for training or inference. ``tokenizer`` gains the spatial tokens (idempotent).
 
@@ -126,12 +126,19 @@ def build_perceptio(
     image_token_id = tokenizer.convert_tokens_to_ids(b.image_token)
     backbone = build_backbone(b, base_vocab, image_token_id, attn, dtype)
     resize_for_tokenizer(backbone, len(tokenizer))
-    seg_head = build_seg_head(cfg.seg_head, b.text.hidden_size).to(dtype)
+    # Each part draws its random initialisation from its own seed, so it does not depend on what was built
+    # before it (DeepSpeed's partitioned construction consumes random numbers by rank count): frozen parts
+    # without a checkpoint come out identical on any number of ranks.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        seg_head = build_seg_head(cfg.seg_head, b.text.hidden_size).to(dtype)
     if cfg.depth_vqvae.checkpoint:
         path = resolve_path(expand_path(cfg.depth_vqvae.checkpoint, "model.depth_vqvae.checkpoint"))
         vqvae = load_depth_vqvae(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid, str(path))
     else:
-        vqvae = DepthVQVAE(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 2)
+            vqvae = DepthVQVAE(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid)
     vqvae = vqvae.to(dtype)
     return PerceptioModel(
         backbone, seg_head, vqvae, token_ids, base_vocab, b.freeze_vision_tower, b.freeze_language_model

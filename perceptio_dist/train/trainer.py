@@ -2,6 +2,12 @@
 
 It never branches on the model variant; everything model-specific lives in the config and in
 the model's own code. One optimizer step = ``grad_accum_steps`` micro-batches per rank.
+
+Fault tolerance (train/checkpoint.py, train/signals.py): checkpoints every N steps and/or minutes,
+published only when complete; ``checkpoint.resume=auto`` continues from the newest intact one (on
+another rank count through DeepSpeed's universal format); SIGUSR1/SIGTERM make every rank finish the
+step, save together and exit with the requeue status; a non-finite loss skips the micro-batch on
+every rank, and too many in a row stop the run with a diagnostic checkpoint.
 """
 
 from __future__ import annotations
@@ -10,26 +16,36 @@ import json
 import logging
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import PerceptioConfig, dump_yaml, validate_runtime
+from ..config import ConfigError, PerceptioConfig, dump_yaml, expand_path, resolve_path, validate_runtime
 from ..data.training_data import build_loader
 from ..losses.objective import TERMS, PerceptioObjective
 from ..model.perceptio import build_perceptio, parameter_report
 from ..model.tokenizer import load_tokenizer
 from ..parallel.deepspeed_config import build_deepspeed_config
 from ..parallel.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, init_distributed
-from ..parallel.zero import partitioned_construction, register_external_parameters
+from ..parallel.zero import inject_optimizer_step, partitioned_construction, register_external_parameters
+from .checkpoint import CheckpointManager, Resumable, rng_state, set_rng_state
 from .flops import device_peak_tflops, flops_model_for
 from .metrics import MetricsLogger, peak_memory_mb
 from .module import PerceptioTrainingModule
 from .optim import build_optimizer
+from .signals import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, REQUEUE_MARKER, StopRequest
 
 log = logging.getLogger("perceptio_dist.train")
+# Model fields that may differ between a checkpoint and the run resuming it: where weights came from.
+RESUMABLE_MODEL_DIFFERENCES = {"pretrained_path", "tokenizer", "sam2_checkpoint", "checkpoint", "attn_implementation"}
+
+
+class TrainingStopped(SystemExit):
+    """Raised on every rank after a coordinated stop (signal or non-finite losses), carrying the exit status."""
 
 
 def configure_logging(rank: int) -> None:
@@ -51,6 +67,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _model_differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUMABLE_MODEL_DIFFERENCES:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _model_differences(a, b, f"{prefix}.{key}")
+        elif a != b:
+            diffs.append(f"{prefix}.{key}: checkpoint {a!r}, recipe {b!r}")
+    return diffs
+
+
 class Trainer:
     """``Trainer(cfg).train()``."""
 
@@ -62,19 +91,30 @@ class Trainer:
         validate_runtime(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.dist: DistInfo = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
         configure_logging(self.dist.rank)
+        self.stop = StopRequest()
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.run_dir = Path(cfg.logging.output_dir)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
         barrier()
+        self.checkpoints = CheckpointManager(Path(cfg.checkpoint.dir or self.run_dir / "checkpoints"), self.dist,
+                                             cfg.checkpoint.keep_last, cfg.checkpoint.verify_checksums)
+        self.resume_from = self._find_resume()
+        if self.resume_from is not None:
+            self._check_resumable_model(self.resume_from)
 
         self.tokenizer = load_tokenizer(cfg.model.backbone)
         self.ds_config = build_deepspeed_config(cfg, self.dist.world_size)
+        if self.resume_from is not None and self._saved_world_size(self.resume_from) != self.dist.world_size:
+            # Universal checkpoints carry no per-rank files: the loader state comes from rank 0's client state.
+            self.resume_from = self._to_universal(self.resume_from)
+            self.ds_config["checkpoint"] = {"load_universal": True}
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         zero3 = cfg.parallel.zero_stage == 3
         with partitioned_construction(self.ds_config, enabled=zero3 and cfg.parallel.zero_init):
-            self.model = build_perceptio(cfg.model, self.tokenizer, dtype)
+            self.model = build_perceptio(cfg.model, self.tokenizer, dtype, seed=cfg.train.seed)
         if cfg.train.activation_checkpointing:
             self.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.param_report = parameter_report(self.model)
@@ -88,13 +128,84 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
-        self.start_step = 0
         self.loader = build_loader(
             cfg, self.tokenizer, self.model.token_ids, self.model.seg_head.image_size,
             self.model.backbone.config.image_seq_length, self.dist.rank, self.dist.world_size,
         )
+        self.start_step, self.nonfinite_skipped = 0, 0
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
         self.batches = iter(self.loader)
         self._log_setup()
+
+    # -------------------------------------------------------------------------------- resume
+
+    def _find_resume(self) -> Resumable | None:
+        setting = self.cfg.checkpoint.resume
+        if setting == "none":
+            return None
+        if setting == "auto":
+            found = self.checkpoints.find_resumable()
+            if found is None:
+                log.info("no complete checkpoint in %s: starting fresh", self.checkpoints.folder)
+            return found
+        path = resolve_path(expand_path(setting, "checkpoint.resume"))
+        problem = self.checkpoints.verify(path) if path.exists() else "it does not exist"
+        if problem:
+            raise ConfigError(f"Config error at 'checkpoint.resume': cannot resume from {setting}: {problem}.")
+        self.checkpoints.folder = path.parent
+        return Resumable(path, int(json.loads((path / "COMPLETE.json").read_text())["step"]))
+
+    def _check_resumable_model(self, found: Resumable) -> None:
+        """Refuse, before building anything, a checkpoint of a model the recipe does not describe."""
+        import yaml
+
+        saved = yaml.safe_load((found.path / "config.yaml").read_text())["model"]
+        diffs = _model_differences(saved, self.cfg.to_dict()["model"])
+        if diffs:
+            raise ConfigError(f"Config error at 'checkpoint.resume': {found.path.name} holds a different model "
+                              f"({'; '.join(diffs[:5])}). Resume with the recipe it was trained with.")
+
+    @staticmethod
+    def _saved_world_size(found: Resumable) -> int:
+        return int(json.loads((found.path / "COMPLETE.json").read_text())["world_size"])
+
+    def _to_universal(self, found: Resumable) -> Resumable:
+        """DeepSpeed's ds_to_universal (rank 0, once per checkpoint), so another rank count can load it."""
+        out = found.path.parent / f"{found.path.name}_universal"
+        if self.dist.is_main and not (out / "DONE").exists():
+            log.info("rank count changed (%d -> %d): converting %s to the universal format",
+                     self._saved_world_size(found), self.dist.world_size, found.path.name)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(found.path),
+                   "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"ds_to_universal failed:\n{proc.stderr[-3000:]}")
+            (out / "DONE").write_text("")
+        barrier()
+        return Resumable(out, found.step)
+
+    def _resume(self, found: Resumable) -> None:
+        client, rank_state = self.checkpoints.load(self.engine, found)
+        self.start_step = int(client["step"])
+        self.nonfinite_skipped = int(client.get("nonfinite_skipped", 0))
+        if self.ds_config.get("checkpoint", {}).get("load_universal"):
+            injected = inject_optimizer_step(self.engine, self.start_step)
+            log.info("universal checkpoint: Adam step %d set in %d optimizer states (one tensor each)", self.start_step,
+                     injected)
+        # Same layout: this rank's own loader and RNG states. Elastic: rank 0's loader state, re-split.
+        self.loader.load_state_dict((rank_state or {}).get("loader") or client["loader"])
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+        log.info("resumed from %s at step %d (loader position %d)", found.path, self.start_step, self.loader.position)
+
+    # ---------------------------------------------------------------------------------- save
+
+    def _save(self, step: int, reason: str) -> Path:
+        client = {"step": step, "nonfinite_skipped": self.nonfinite_skipped, "config": self.cfg.to_dict(),
+                  "config_hash": self.cfg.hash(), "loader": self.loader.state_dict(), "versions": _versions()}
+        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
+        return self.checkpoints.save(self.engine, step, client, rank_state, reason, dump_yaml(self.cfg))
 
     def _log_setup(self) -> None:
         cfg = self.cfg
@@ -108,12 +219,33 @@ class Trainer:
         for name, count in self.param_report.items():
             log.info("parameters %-28s %15s", name, f"{count:,}")
 
-    def _save_checkpoint(self, step: int) -> None:
-        ckpt_dir = Path(self.cfg.checkpoint.dir or self.run_dir / "checkpoints")
-        self.engine.save_checkpoint(
-            str(ckpt_dir), tag=f"global_step{step}", client_state={"step": step, "config_hash": self.cfg.hash()}
-        )
-        log.info("saved checkpoint global_step%d in %s", step, ckpt_dir)
+    # ---------------------------------------------------------------------------------- loop
+
+    def _all_ranks_agree(self, flag: bool) -> bool:
+        """True when any rank raised ``flag``."""
+        return bool(all_reduce_sum(torch.tensor([float(flag)], device=self.dist.device)).item() > 0)
+
+    def _micro_batch(self, samples_sink, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          object]:
+        """Forward, agree on finiteness, backward and step; skipped micro-batches are retried with the next one."""
+        in_a_row = 0
+        while True:
+            batch = next(self.batches).to(self.dist.device)
+            if samples_sink is not None:
+                samples_sink.write(json.dumps({"step": step + 1, "micro": micro, "keys": list(batch.keys)}) + "\n")
+            loss, terms, counts = self.engine(**batch.as_dict())
+            if not self._all_ranks_agree(not bool(torch.isfinite(loss.detach()).all())):
+                self.engine.backward(loss)
+                self.engine.step()
+                return loss, terms, counts, batch
+            in_a_row += 1
+            self.nonfinite_skipped += 1
+            log.warning("non-finite loss at step %d: micro-batch skipped on every rank (%d in a row, %d in all)",
+                        step + 1, in_a_row, self.nonfinite_skipped)
+            if in_a_row >= self.cfg.train.max_nonfinite_in_a_row:
+                path = self._save(step, f"diagnostic: {in_a_row} non-finite losses in a row")
+                log.error("stopping: %d non-finite losses in a row; diagnostic checkpoint %s", in_a_row, path)
+                raise TrainingStopped(NONFINITE_EXIT_CODE)
 
     def train(self) -> dict:
         from tqdm import tqdm
@@ -123,68 +255,93 @@ class Trainer:
         peak, peak_source = device_peak_tflops(device, cfg.logging.peak_tflops_per_device)
         log.info("MFU peak per device: %.3f TFLOP/s (%s)", peak, peak_source)
         metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.to_dict(), enabled=self.dist.is_main)
+        samples_sink = None
+        if cfg.logging.log_samples:
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            # Line-buffered: a rank killed mid-run loses no line.
+            samples_sink = open(self.run_dir / "samples" / f"rank{self.dist.rank}.jsonl", "a", buffering=1)
         bar = tqdm(total=t.max_steps, initial=self.start_step, desc="train", unit="step",
                    disable=not (self.dist.is_main and cfg.logging.progress_bar), dynamic_ncols=True)
         history: list[dict] = []
-        wall_start = time.perf_counter()
+        wall_start = last_save = time.perf_counter()
         engine.train()
-        for step in range(self.start_step, t.max_steps):
-            start = time.perf_counter()
-            lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
-            loss_sum = torch.zeros(1, device=device)
-            weighted_terms = torch.zeros(len(TERMS), device=device)
-            term_counts = torch.zeros(len(TERMS), device=device)
-            work = torch.zeros(3, dtype=torch.float64, device=device)  # tokens, samples, model FLOPs
-            for _ in range(t.grad_accum_steps):
-                batch = next(self.batches).to(device)
-                loss, terms, counts = engine(**batch.as_dict())
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().float()
-                weighted_terms += terms * counts
-                term_counts += counts
-                lengths = batch.attention_mask.sum(1).tolist()
-                work += torch.tensor(
-                    [sum(lengths), batch.num_samples, flops.step_flops(lengths, batch.pixel_values.shape[0])],
-                    dtype=torch.float64, device=device,
-                )
-            mean_loss = all_reduce_mean(loss_sum / t.grad_accum_steps).item()
-            # Terms are logged as means over every scored item of the global batch (not means of rank means).
-            weighted_terms, term_counts = all_reduce_sum(torch.stack([weighted_terms, term_counts])).unbind(0)
-            term_means = (weighted_terms / term_counts.clamp_min(1)).tolist()
-            tokens, samples, step_flops = all_reduce_sum(work).tolist()
-            elapsed = time.perf_counter() - start
-            grad_norm = engine.get_global_grad_norm()
-            record = {
-                "loss": mean_loss,
-                **{f"loss/{name}": (value if n > 0 else None)
-                   for name, value, n in zip(TERMS, term_means, term_counts.tolist())},
-                "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": tokens / elapsed,
-                "samples_per_s": samples / elapsed,
-                "mfu": step_flops / elapsed / (peak * 1e12 * self.dist.world_size),
-                "step_time_s": elapsed,
-                "peak_memory_mb": peak_memory_mb(device),
-                "data/skipped_samples": self.loader.skipped,
-            }
-            history.append({"step": step + 1, **record})
-            if (step + 1) % cfg.logging.log_every_steps == 0 or step + 1 == t.max_steps:
-                metrics.log(step + 1, record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens / elapsed:.0f}")
-            every = cfg.checkpoint.save_every_steps
-            if every and (step + 1) % every == 0 and step + 1 != t.max_steps:
-                self._save_checkpoint(step + 1)
-        bar.close()
-        if cfg.checkpoint.save_final:
-            self._save_checkpoint(t.max_steps)
+        try:
+            for step in range(self.start_step, t.max_steps):
+                record = self._step(step, flops, peak, samples_sink)
+                history.append({"step": step + 1, **record})
+                if (step + 1) % cfg.logging.log_every_steps == 0 or step + 1 == t.max_steps:
+                    metrics.log(step + 1, record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if step + 1 == t.max_steps:
+                    break
+                if self._all_ranks_agree(self.stop.requested):
+                    self._save(step + 1, f"signal {self.stop.signal_name or 'on another rank'}")
+                    self._requeue_exit(step + 1)
+                every, minutes = cfg.checkpoint.save_every_steps, cfg.checkpoint.save_every_minutes
+                due = minutes > 0 and self._all_ranks_agree(time.perf_counter() - last_save >= 60 * minutes)
+                if (every and (step + 1) % every == 0) or due:
+                    self._save(step + 1, "periodic")
+                    last_save = time.perf_counter()
+        finally:
+            bar.close()
+            if samples_sink is not None:
+                samples_sink.close()
+        if cfg.checkpoint.save_final and t.max_steps > self.start_step:
+            self._save(t.max_steps, "final")
         summary = self._summary(history, time.perf_counter() - wall_start)
         metrics.close()
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             print(self._summary_text(summary, history), flush=True)
         return summary
+
+    def _step(self, step: int, flops, peak: float, samples_sink) -> dict:
+        t, device = self.cfg.train, self.dist.device
+        start = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
+        loss_sum = torch.zeros(1, device=device)
+        weighted_terms = torch.zeros(len(TERMS), device=device)
+        term_counts = torch.zeros(len(TERMS), device=device)
+        work = torch.zeros(3, dtype=torch.float64, device=device)  # tokens, samples, model FLOPs
+        for micro in range(t.grad_accum_steps):
+            loss, terms, counts, batch = self._micro_batch(samples_sink, step, micro)
+            loss_sum += loss.detach().float()
+            weighted_terms += terms * counts
+            term_counts += counts
+            lengths = batch.attention_mask.sum(1).tolist()
+            work += torch.tensor([sum(lengths), batch.num_samples, flops.step_flops(lengths, batch.pixel_values.shape[0])],
+                                 dtype=torch.float64, device=device)
+        mean_loss = all_reduce_mean(loss_sum / t.grad_accum_steps).item()
+        # Terms are logged as means over every scored item of the global batch (not means of rank means).
+        weighted_terms, term_counts = all_reduce_sum(torch.stack([weighted_terms, term_counts])).unbind(0)
+        term_means = (weighted_terms / term_counts.clamp_min(1)).tolist()
+        tokens, samples, step_flops = all_reduce_sum(work).tolist()
+        elapsed = time.perf_counter() - start
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": mean_loss,
+            **{f"loss/{name}": (value if n > 0 else None) for name, value, n in zip(TERMS, term_means,
+                                                                                     term_counts.tolist())},
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": tokens / elapsed,
+            "samples_per_s": samples / elapsed,
+            "mfu": step_flops / elapsed / (peak * 1e12 * self.dist.world_size),
+            "step_time_s": elapsed,
+            "peak_memory_mb": peak_memory_mb(device),
+            "data/skipped_samples": self.loader.skipped,
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
+
+    def _requeue_exit(self, step: int) -> None:
+        """After a signal-triggered save: mark the run for requeue and stop every rank."""
+        if self.dist.is_main:
+            (self.run_dir / REQUEUE_MARKER).write_text(json.dumps({"step": step, "signal": self.stop.signal_name}))
+        barrier()
+        log.warning("stopped by %s at step %d: checkpoint saved, exiting for requeue", self.stop.signal_name, step)
+        # Under torchrun a non-zero status reads as a crash; the perceptio-train launcher maps the marker instead.
+        raise TrainingStopped(0 if os.environ.get("TORCHELASTIC_RUN_ID") else REQUEUE_EXIT_CODE)
 
     def _summary_text(self, summary: dict, history: list[dict]) -> str:
         """The end-of-run summary a person reads: each term at the first and last step it was scored."""
@@ -199,10 +356,12 @@ class Trainer:
 
     def _summary(self, history: list[dict], wall: float) -> dict:
         if not history:
-            return {"steps": 0, "wall_time_s": wall, "first_loss": float("nan"), "last_loss": float("nan")}
+            return {"steps": 0, "wall_time_s": wall, "first_loss": float("nan"), "last_loss": float("nan"),
+                    "world_size": self.dist.world_size, "losses": []}
         k = max(1, len(history) // 5)
         return {
             "steps": len(history),
+            "first_step": history[0]["step"],
             "wall_time_s": wall,
             "first_loss": history[0]["loss"],
             "last_loss": history[-1]["loss"],
@@ -211,5 +370,13 @@ class Trainer:
             "attn_implementation": self.model.attn_implementation,
             "parameters": self.param_report,
             "world_size": self.dist.world_size,
+            "nonfinite_skipped": self.nonfinite_skipped,
             "losses": [h["loss"] for h in history],
         }
+
+
+def _versions() -> dict:
+    import deepspeed
+    import transformers
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}

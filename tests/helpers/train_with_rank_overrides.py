@@ -25,12 +25,27 @@ def main() -> None:
     parser.add_argument("--rank", nargs=2, action="append", default=[], metavar=("RANK", "OVERRIDE"),
                         help="an override applied on one rank only")
     parser.add_argument("--dump-partition", action="store_true")
+    parser.add_argument("--nan-at", default="", help="comma-separated forward calls (0-based) whose loss rank 1 "
+                        "turns into NaN, to test non-finite handling")
+    parser.add_argument("--dump-logits", action="store_true", help="after training, write rank 0's logits on a "
+                        "fixed micro-batch to logits.pt")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     rank = int(os.environ["RANK"])
     overrides = list(args.overrides) + [o for r, o in args.rank if int(r) == rank]
     cfg = load_config(args.recipe, overrides)
     trainer = Trainer(cfg)
+    if args.nan_at and rank == 1:
+        poison = {int(x) for x in args.nan_at.split(",")}
+        module = trainer.engine.module
+        original, calls = module.forward, [0]
+
+        def forward(*a, **kw):
+            loss, terms, counts = original(*a, **kw)
+            calls[0] += 1
+            return (loss * float("nan") if calls[0] - 1 in poison else loss), terms, counts
+
+        module.forward = forward
     out = Path(cfg.logging.output_dir)
     if args.dump_partition:
         report = [vars(p) for p in partition_report(trainer.engine.module)]
@@ -43,6 +58,26 @@ def main() -> None:
         (out / f"partition_rank{rank}.json").write_text(json.dumps(info))
     summary = trainer.train()
     (out / f"losses_rank{rank}.json").write_text(json.dumps(summary["losses"]))
+    if args.dump_logits:
+        dump_logits(trainer, out / "logits.pt")
+
+
+def dump_logits(trainer, path) -> None:
+    """Logits of the trained model (ZeRO-partitioned, every rank takes part) on rank 0's first micro-batch."""
+    import deepspeed
+    import torch
+
+    trainer.loader.rank = 0  # every rank builds the same batch
+    batch = trainer.loader.micro_batch(0).batch
+    model = trainer.engine.module.model.eval()
+    with torch.no_grad():
+        out = model(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.sam_images)
+        with deepspeed.zero.GatheredParameters([model.lm_head.weight]):
+            logits = out.hidden_states @ model.lm_head.weight.t()
+    if torch.distributed.get_rank() == 0:
+        torch.save({"logits": logits, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                    "pixel_values": batch.pixel_values, "sam_images": batch.sam_images,
+                    "mask_logits": out.mask_logits}, path)
 
 
 if __name__ == "__main__":

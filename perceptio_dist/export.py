@@ -1,0 +1,105 @@
+"""Export a training checkpoint (any ZeRO stage, any rank count) to a folder inference code loads without DeepSpeed.
+
+    perceptio-export --checkpoint runs/tiny_cpu/checkpoints/global_step00000040 --out runs/tiny_cpu/export
+
+The weights are consolidated with DeepSpeed's own zero_to_fp32 logic (trainable and frozen parameters,
+and buffers), then written as:
+
+    perceptio.yaml            the training config, its paths pointing into this folder
+    backbone/                 InternVL in transformers format (safetensors) + the tokenizer with spatial tokens
+    seg_head.safetensors      [SEG] MLP, SAM2 image encoder, prompt encoder, mask decoder
+    depth_vqvae.safetensors   the depth tokenizer, with tokenizer.json beside it
+
+``load_exported(folder)`` rebuilds the PerceptioModel from these files alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import ConfigError, PerceptioConfig, config_from_dict, dump_yaml
+
+log = logging.getLogger(__name__)
+MODEL_PREFIX = "model."  # the training module wraps the model as .model
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a DeepSpeed checkpoint folder (global_stepN), keyed as in PerceptioModel."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    return {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+
+
+def _config_of(checkpoint: Path) -> PerceptioConfig:
+    path = checkpoint / "config.yaml"
+    if not path.exists():
+        raise ConfigError(f"Config error at '--checkpoint': {checkpoint} has no config.yaml (not a perceptio_dist "
+                          "checkpoint, or saved before exports were possible).")
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    from .model.perceptio import build_perceptio
+    from .model.tokenizer import load_tokenizer
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not (checkpoint / "COMPLETE.json").exists():
+        raise ConfigError(f"Config error at '--checkpoint': {checkpoint} is not a complete checkpoint "
+                          "(no COMPLETE.json).")
+    cfg = _config_of(checkpoint)
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    model = build_perceptio(cfg.model, tokenizer, torch.float32, seed=cfg.train.seed)
+    state = consolidated_state_dict(checkpoint)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.lm_head.") or not model.backbone.config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(out / "backbone", safe_serialization=True)
+    tokenizer.save_pretrained(out / "backbone")
+    save_file({k: v.contiguous() for k, v in model.seg_head.state_dict().items()}, str(out / "seg_head.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.depth_vqvae.state_dict().items()},
+              str(out / "depth_vqvae.safetensors"))
+    vq = cfg.model.depth_vqvae
+    (out / "tokenizer.json").write_text(json.dumps({
+        "depth_vqvae": dataclasses.asdict(vq) | {"checkpoint": None}, "num_codes": cfg.model.tokens.num_depth_codes,
+        "grid": cfg.model.tokens.depth_grid, "exported_from": str(checkpoint)}, indent=1))
+    exported = dataclasses.replace(
+        cfg.model,
+        backbone=dataclasses.replace(cfg.model.backbone, pretrained_path="backbone", tokenizer="pretrained",
+                                     text=dataclasses.replace(cfg.model.backbone.text,
+                                                              vocab_size=model.base_vocab_size)),
+        seg_head=dataclasses.replace(cfg.model.seg_head, sam2_checkpoint=None),
+        depth_vqvae=dataclasses.replace(vq, checkpoint="depth_vqvae.safetensors"),
+    )
+    (out / "perceptio.yaml").write_text(dump_yaml(dataclasses.replace(cfg, model=exported)))
+    log.info("exported %s to %s", checkpoint, out)
+    return out
+
+
+def load_exported(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """(PerceptioModel in eval mode, tokenizer) from an exported folder."""
+    from safetensors.torch import load_file
+
+    from .model.perceptio import build_perceptio
+    from .model.tokenizer import load_tokenizer
+
+    folder = Path(folder).resolve()
+    data = yaml.safe_load((folder / "perceptio.yaml").read_text())
+    backbone = data["model"]["backbone"]
+    backbone["pretrained_path"] = str(folder / backbone["pretrained_path"])
+    data["model"]["depth_vqvae"]["checkpoint"] = str(folder / data["model"]["depth_vqvae"]["checkpoint"])
+    cfg = config_from_dict(data)
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    model = build_perceptio(cfg.model, tokenizer, dtype)
+    model.seg_head.load_state_dict(load_file(str(folder / "seg_head.safetensors")))
+    return model.eval(), tokenizer

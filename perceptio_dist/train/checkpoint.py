@@ -1,0 +1,166 @@
+"""Checkpoints that are complete or invisible, and resume that falls back past damaged ones.
+
+Layout under ``checkpoint.dir``:
+
+    global_step00000012/            DeepSpeed's sharded per-rank files (model and optimizer partitions)
+        rank00000_state.pt          per rank: loader state, RNG states (torch.save of plain data and tensors)
+        COMPLETE.json               written last by rank 0: step, reason, every file's size and sha256
+    latest                          the newest published tag
+    *.tmp/                          a save in progress (or killed mid-way): never resumed from
+
+A save goes to ``<tag>.tmp``; after every rank has finished (barrier), rank 0 lists the files with
+sizes and checksums into COMPLETE.json, renames the folder to ``<tag>`` and only then points
+``latest`` at it; older checkpoints beyond ``keep_last`` are removed. Resume takes the newest
+checkpoint whose files all match COMPLETE.json and logs every one it skips and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..parallel.distributed import DistInfo, barrier
+
+log = logging.getLogger("perceptio_dist.checkpoint")
+MARKER = "COMPLETE.json"
+TAG = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def rng_state() -> dict:
+    state = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [state[0], list(state[1]), state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+@dataclass
+class Resumable:
+    path: Path
+    step: int
+
+
+class CheckpointManager:
+    def __init__(self, folder: Path, dist: DistInfo, keep_last: int = 3, verify_checksums: bool = True):
+        self.folder, self.dist, self.keep_last, self.verify_checksums = Path(folder), dist, keep_last, verify_checksums
+
+    # --------------------------------------------------------------------------------- save
+
+    def save(self, engine, step: int, client_state: dict, rank_state: dict, reason: str, config_yaml: str = "") -> Path:
+        tag = tag_for(step)
+        tmp = self.folder / f"{tag}.tmp"
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier at the same step
+            tmp.mkdir(parents=True, exist_ok=True)
+        barrier()
+        engine.save_checkpoint(str(self.folder), tag=tmp.name, client_state=client_state, save_latest=False)
+        torch.save(rank_state, tmp / f"rank{self.dist.rank:05d}_state.pt")
+        barrier()  # every rank's files are on disk
+        final = self.folder / tag
+        if self.dist.is_main:
+            if config_yaml:  # the resolved config, readable without DeepSpeed (export, inspection)
+                (tmp / "config.yaml").write_text(config_yaml)
+            files = {}
+            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                rel = str(path.relative_to(tmp))
+                files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path) if self.verify_checksums else None}
+            marker = {"step": step, "reason": reason, "world_size": self.dist.world_size, "time": time.time(),
+                      "files": files}
+            (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            latest = self.folder / "latest.tmp"
+            latest.write_text(tag)
+            os.replace(latest, self.folder / "latest")
+            self._prune()
+        barrier()
+        log.info("checkpoint %s saved (%s)", final, reason)
+        return final
+
+    def _prune(self) -> None:
+        complete = [p for p, _ in self.published()]
+        for old in complete[self.keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
+
+    # --------------------------------------------------------------------------------- load
+
+    def published(self) -> list[tuple[Path, int]]:
+        """Published checkpoints, newest first (not yet verified)."""
+        found = []
+        for p in self.folder.glob("global_step*"):
+            match = TAG.match(p.name)
+            if match and p.is_dir():
+                found.append((p, int(match.group(1))))
+        return sorted(found, key=lambda x: -x[1])
+
+    def verify(self, path: Path) -> Optional[str]:
+        """None if every file matches the marker, else what is wrong."""
+        marker = path / MARKER
+        if not marker.exists():
+            return "no COMPLETE.json (the save did not finish)"
+        try:
+            files = json.loads(marker.read_text())["files"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            return f"unreadable COMPLETE.json ({exc})"
+        for rel, info in files.items():
+            f = path / rel
+            if not f.exists():
+                return f"{rel} is missing"
+            if f.stat().st_size != info["size"]:
+                return f"{rel} has {f.stat().st_size} bytes, {info['size']} were written"
+            if self.verify_checksums and info.get("sha256") and _sha256(f) != info["sha256"]:
+                return f"{rel} does not match its checksum"
+        return None
+
+    def find_resumable(self) -> Optional[Resumable]:
+        for path, step in self.published():
+            problem = self.verify(path)
+            if problem is None:
+                return Resumable(path, step)
+            log.warning("checkpoint %s is damaged (%s): falling back to the previous one", path.name, problem)
+        return None
+
+    def load(self, engine, found: Resumable, rank_file_rank: Optional[int] = None) -> tuple[dict, Optional[dict]]:
+        """Load into ``engine``; returns (client state, this rank's saved state or None after an elastic resume)."""
+        _, client = engine.load_checkpoint(str(self.folder), tag=found.path.name, load_module_strict=True)
+        rank = self.dist.rank if rank_file_rank is None else rank_file_rank
+        rank_file = found.path / f"rank{rank:05d}_state.pt"
+        same_layout = (found.path / MARKER).exists() and (
+            json.loads((found.path / MARKER).read_text())["world_size"] == self.dist.world_size)
+        rank_state = torch.load(rank_file, weights_only=True) if rank_file.exists() and same_layout else None
+        return client or {}, rank_state
