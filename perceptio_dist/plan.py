@@ -1,0 +1,308 @@
+"""Before launch: what fits where. Per-GPU memory and step time of a recipe on a cluster, by layout.
+
+    perceptio-plan --recipe perceptio_8b --nodes 2 --gpus-per-node 8 --gpu-memory-gb 80
+
+Layouts: ZeRO-2, ZeRO-3 and pipeline stages x ZeRO-1 (PP x ZeRO-1; the stages hold the first stage's
+vision tower, projector and embeddings, the decoder layers balanced by parameters, and on the last
+stage the final norm, LM head, SAM2 and the VQ-VAE).
+
+Model states, bf16 mixed precision with AdamW, in bytes per parameter (P = all parameters, P_t the
+trainable ones, N the data-parallel ranks holding a partition), written to agree with DeepSpeed's own
+estimators (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`), which
+count every parameter as trainable; frozen parameters (SAM2's image encoder, the VQ-VAE) here keep only
+their bf16 copy:
+
+* ZeRO-2:  params 2 P (replicated); grads (2 bf16 + 4 fp32) P_t / N; optimizer 12 P_t / N (fp32 master, m, v)
+* ZeRO-3:  params 2 P / N; grads 4 P_t / N; optimizer 12 P_t / N; plus 4 x the largest layer (its bf16
+           parameters and gradients gathered in full)
+* PP x ZeRO-1 (per stage s with P_s, P_s,t): params 2 P_s; grads 2 P_s,t (bf16, full) + 4 P_s,t / dp;
+           optimizer 12 P_s,t / dp
+
+Activations per sample of T tokens and V vision tokens (bf16, flash attention so no T^2 term): a
+decoder layer keeps 6d + 2kv + 4I values per token for its backward (norm inputs, q/k/v, attention
+output, SwiGLU gate, up, activation and product); with activation checkpointing only its d-wide input
+is kept and one layer's full set exists during its recompute. The vision tower is counted the same way
+(8 d_v + 3 I_v per patch token), the fused loss adds one chunk of fp32 logits and their gradient, and
+SAM2's frozen encoder leaves only its 256 x 64 x 64 image embedding. A pipeline stage s of S holds
+S - s micro-batches in flight under 1F1B. These are estimates to rank layouts and choose a
+micro-batch, not promises: CUDA context, allocator fragmentation and communication buckets take what
+`--reserve-gb` leaves aside.
+
+Step time = model FLOPs of the global batch (the PaLM-style count of train/flops.py) / (GPUs x peak x MFU);
+the communication volume per GPU and its time at the given bandwidths are shown beside it (overlapped
+with compute when the time is smaller).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+GB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0
+    inter_node_gbps: float = 50.0   # GB/s per GPU across nodes (400 Gb/s InfiniBand per GPU)
+    intra_node_gbps: float = 300.0  # GB/s per GPU inside a node (NVLink, achieved all-gather bandwidth)
+    peak_tflops: float = 989.0      # dense bf16 per GPU (H100 SXM)
+    mfu: float = 0.40
+    reserve_gb: float = 6.0         # CUDA context, allocator slack, communication buckets
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def bandwidth(self) -> float:
+        return (self.inter_node_gbps if self.nodes > 1 else self.intra_node_gbps) * 1e9
+
+
+@dataclass(frozen=True)
+class Block:
+    """A run of modules placed together in a pipeline: its parameters and per-sample activation bytes."""
+
+    name: str
+    params: int
+    trainable: int
+    activation_bytes: float  # per sample, kept between forward and backward
+    recompute_bytes: float = 0.0  # per sample, the extra peak while this block is recomputed
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    total: int
+    trainable: int
+    largest_layer: int
+    blocks: tuple[Block, ...]
+    fixed_activation_bytes: float  # per sample, independent of placement (loss chunk, SAM2 embedding)
+    flops_per_sample: float
+
+
+@dataclass
+class LayoutPlan:
+    layout: str
+    params_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    activations_per_sample_gb: float
+    max_micro_batch: int
+    step_seconds: float | None
+    comm_gb_per_step: float
+    comm_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model_states_gb(self) -> float:
+        return self.params_gb + self.grads_gb + self.optimizer_gb
+
+
+def _count(module) -> tuple[int, int]:
+    total = trainable = 0
+    for p in module.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
+
+
+def model_sizes(cfg) -> ModelSizes:
+    """Sizes of a recipe's model from a meta-device build (no weights, no memory)."""
+    from .model.perceptio import build_perceptio_meta
+    from .train.flops import flops_model_for
+
+    model_cfg = cfg.model
+    if model_cfg.backbone.text.vocab_size is None:  # the vocabulary comes from the tokenizer (tiny recipes)
+        from .model.tokenizer import load_tokenizer
+
+        text = dataclasses.replace(model_cfg.backbone.text, vocab_size=len(load_tokenizer(model_cfg.backbone)))
+        model_cfg = dataclasses.replace(model_cfg, backbone=dataclasses.replace(model_cfg.backbone, text=text))
+    model = build_perceptio_meta(model_cfg)
+    bb = model.backbone
+    inner = bb.model
+    text = bb.config.text_config
+    vision = bb.config.vision_config
+    lm = inner.language_model
+    checkpointing = cfg.train.activation_checkpointing
+    seq = cfg.data.max_seq_len
+    tiles = cfg.model.backbone.max_tiles + (1 if cfg.model.backbone.max_tiles > 1 else 0)
+    patches = (vision.image_size[0] // vision.patch_size[0]) ** 2 + 1
+    vision_tokens = tiles * patches
+
+    d, inter = text.hidden_size, text.intermediate_size
+    kv = text.num_key_value_heads * (d // text.num_attention_heads)
+    layer_full = 2.0 * seq * (6 * d + 2 * kv + 4 * inter)
+    layer_kept = 2.0 * seq * d if checkpointing else layer_full
+    dv, iv = vision.hidden_size, vision.intermediate_size
+    vit_full = 2.0 * vision_tokens * (8 * dv + 3 * iv)
+    vit_kept = 2.0 * vision_tokens * dv if checkpointing else vit_full
+
+    # The modules on the meta model are used only for their parameter counts (whatever the names).
+    vision_p = _count(inner.vision_tower)
+    projector_p = _count(inner.multi_modal_projector)
+    embed_p = _count(lm.embed_tokens)
+    blocks = [Block("vision_tower", *vision_p, vit_kept * vision.num_hidden_layers,
+                    vit_full if checkpointing else 0.0),
+              Block("projector+embeddings", projector_p[0] + embed_p[0], projector_p[1] + embed_p[1],
+                    2.0 * seq * d)]
+    largest = embed_p[0]  # DeepSpeed's "largest layer": the biggest module gathered at once
+    for i, layer in enumerate(lm.layers):
+        p = _count(layer)
+        largest = max(largest, p[0])
+        blocks.append(Block(f"decoder.{i}", *p, layer_kept, layer_full if checkpointing else 0.0))
+    head_total, head_trainable = _count(lm.norm)
+    if bb.lm_head.weight is not lm.embed_tokens.weight:
+        n = int(bb.lm_head.weight.numel())
+        head_total += n
+        head_trainable += n if bb.lm_head.weight.requires_grad else 0
+        largest = max(largest, n)
+    seg_p, vq_p = _count(model.seg_head), _count(model.depth_vqvae)
+    vq_p = (vq_p[0] + model.depth_vqvae.quantizer.codebook.numel(), vq_p[1])  # the EMA codebook is a buffer
+    blocks.append(Block("norm+lm_head+sam2+vqvae", head_total + seg_p[0] + vq_p[0],
+                        head_trainable + seg_p[1] + vq_p[1], 2.0 * seq * d))
+    vocab = bb.lm_head.weight.shape[0]
+    loss_chunk = 2 * 4.0 * min(cfg.objective.chunk_size, seq) * vocab  # fp32 logits and their gradient
+    sam2_embedding = 2.0 * 256 * 64 * 64 * 3  # bf16 image embedding and two high-resolution feature maps
+    total = sum(b.params for b in blocks)
+    trainable = sum(b.trainable for b in blocks)
+    flops = flops_model_for(model).step_flops([seq], tiles)
+    return ModelSizes(total, trainable, largest, tuple(blocks), loss_chunk + sam2_embedding, flops)
+
+
+def split_stages(blocks: tuple[Block, ...], stages: int) -> list[list[Block]]:
+    """Contiguous stages balanced by parameters: the vision tower, projector and embeddings on the first,
+    the head (norm, LM head, SAM2, VQ-VAE) on the last, at least one decoder layer on every stage."""
+    layers = len(blocks) - 3
+    if not 2 <= stages <= layers:
+        raise ValueError(f"{stages} pipeline stages for {layers} decoder layers")
+    prefix = [0]
+    for block in blocks:
+        prefix.append(prefix[-1] + block.params)
+    cuts, lo = [], 3  # a cut at i starts a stage with blocks[i]
+    for k in range(1, stages):
+        hi = len(blocks) - 2 - (stages - 1 - k)
+        target = prefix[-1] * k / stages
+        cut = min(range(lo, hi + 1), key=lambda i: abs(prefix[i] - target))
+        cuts.append(cut)
+        lo = cut + 1
+    bounds = [0, *cuts, len(blocks)]
+    return [list(blocks[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _largest_micro_batch(free_bytes: float, per_sample: float) -> int:
+    if free_bytes <= 0 or per_sample <= 0:
+        return 0
+    return int(free_bytes // per_sample)
+
+
+def plan(sizes: ModelSizes, cluster: Cluster, global_batch: int, pp_stages: list[int]) -> list[LayoutPlan]:
+    n = cluster.gpus
+    usable = cluster.gpu_memory_gb * GB - cluster.reserve_gb * GB
+    frozen = sizes.total - sizes.trainable
+    all_activations = sum(b.activation_bytes for b in sizes.blocks) + sizes.fixed_activation_bytes
+    recompute_peak = max(b.recompute_bytes for b in sizes.blocks)
+    compute = sizes.flops_per_sample * global_batch / (n * cluster.peak_tflops * 1e12 * cluster.mfu)
+    ring = (n - 1) / n if n > 1 else 0.0
+    plans = []
+
+    def finish(name, params, grads, optim, per_sample, extra, comm_bytes, notes):
+        free = usable - params - grads - optim - extra
+        mb = _largest_micro_batch(free, per_sample)
+        comm_s = comm_bytes / cluster.bandwidth
+        plans.append(LayoutPlan(name, params / GB, grads / GB, optim / GB, per_sample / GB, mb,
+                                max(compute, comm_s) if mb else None, comm_bytes / GB, comm_s, notes))
+
+    accum = max(1, math.ceil(global_batch / n))
+    # ZeRO-2: one all-gather of bf16 parameters per step, a reduce-scatter of bf16 gradients per micro-step.
+    finish("zero2", 2.0 * sizes.total, 6.0 * sizes.trainable / n, 12.0 * sizes.trainable / n,
+           all_activations, recompute_peak, ring * (2.0 * sizes.total + accum * 2.0 * sizes.trainable), [])
+    # ZeRO-3: parameters gathered in forward and again in backward, gradients reduce-scattered, per micro-step.
+    finish("zero3", 2.0 * sizes.total / n + 2.0 * sizes.largest_layer,
+           4.0 * sizes.trainable / n + 2.0 * sizes.largest_layer, 12.0 * sizes.trainable / n,
+           all_activations, recompute_peak, ring * accum * (4.0 * sizes.total + 2.0 * sizes.trainable), [])
+    for stages in pp_stages:
+        if n % stages or stages > len(sizes.blocks) - 3:
+            continue
+        dp = n // stages
+        split = split_stages(sizes.blocks, stages)
+        worst = None
+        for s, stage in enumerate(split):
+            p = sum(b.params for b in stage)
+            t = sum(b.trainable for b in stage)
+            in_flight = stages - s
+            per_sample = in_flight * sum(b.activation_bytes for b in stage)
+            if s == stages - 1:
+                per_sample += sizes.fixed_activation_bytes
+            recompute = max((b.recompute_bytes for b in stage), default=0.0)
+            states = 2.0 * p + 2.0 * t + 4.0 * t / dp + 12.0 * t / dp
+            candidate = (states + per_sample + recompute, s, p, t, per_sample, recompute)
+            worst = candidate if worst is None or candidate[0] > worst[0] else worst
+        _, s, p, t, per_sample, recompute = worst
+        dp_ring = (dp - 1) / dp if dp > 1 else 0.0
+        # Bubble: (S - 1) / (m + S - 1) of the time with m micro-batches per replica.
+        micro = max(1, math.ceil(global_batch / dp))
+        bubble = (stages - 1) / (micro + stages - 1)
+        layers = [len([b for b in st if b.name.startswith("decoder.")]) for st in split]
+        finish(f"pp{stages}xzero1", 2.0 * p, 2.0 * t + 4.0 * t / dp, 12.0 * t / dp, per_sample, recompute,
+               dp_ring * 2.0 * 2.0 * t,
+               [f"decoder layers per stage {layers}; heaviest stage {s}; bubble {bubble:.0%} at {micro} micro-batches"])
+        plans[-1].step_seconds = (plans[-1].step_seconds / (1 - bubble)) if plans[-1].step_seconds else None
+    return plans
+
+
+def format_table(plans: list[LayoutPlan], cluster: Cluster, sizes: ModelSizes) -> str:
+    head = (f"{cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs x {cluster.gpu_memory_gb:g} GB, "
+            f"{sizes.total / 1e9:.2f}B parameters ({sizes.trainable / 1e9:.2f}B trainable), "
+            f"MFU {cluster.mfu:.0%} of {cluster.peak_tflops:g} TFLOP/s")
+    rows = ["| layout | params GB | grads GB | optimizer GB | model states GB | activations GB/sample "
+            "| largest micro-batch | step s | comm GB/step | comm s | notes |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for p in plans:
+        step = f"{p.step_seconds:.1f}" if p.step_seconds else "does not fit"
+        rows.append(f"| {p.layout} | {p.params_gb:.1f} | {p.grads_gb:.1f} | {p.optimizer_gb:.1f} | "
+                    f"{p.model_states_gb:.1f} | {p.activations_per_sample_gb:.2f} | {p.max_micro_batch} | {step} | "
+                    f"{p.comm_gb_per_step:.0f} | {p.comm_seconds:.2f} | {'; '.join(p.notes)} |")
+    return head + "\n\n" + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .cli import _load_or_exit
+
+    parser = argparse.ArgumentParser(prog="perceptio-plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="perceptio_8b")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    defaults = Cluster()
+    parser.add_argument("--nodes", type=int, default=defaults.nodes)
+    parser.add_argument("--gpus-per-node", type=int, default=defaults.gpus_per_node)
+    parser.add_argument("--gpu-memory-gb", type=float, default=defaults.gpu_memory_gb)
+    parser.add_argument("--inter-node-gbps", type=float, default=defaults.inter_node_gbps,
+                        help="GB/s per GPU between nodes")
+    parser.add_argument("--intra-node-gbps", type=float, default=defaults.intra_node_gbps,
+                        help="GB/s per GPU inside a node")
+    parser.add_argument("--peak-tflops", type=float, default=defaults.peak_tflops)
+    parser.add_argument("--mfu", type=float, default=defaults.mfu)
+    parser.add_argument("--reserve-gb", type=float, default=defaults.reserve_gb)
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="samples per optimizer step (default: the recipe's, else 2 per GPU)")
+    parser.add_argument("--pp-stages", type=int, nargs="*", default=[2, 4, 8])
+    args = parser.parse_args(argv)
+    for name in ("nodes", "gpus_per_node", "gpu_memory_gb", "peak_tflops", "mfu"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    cfg = _load_or_exit(args.recipe, args.overrides)
+    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.inter_node_gbps, args.intra_node_gbps,
+                      args.peak_tflops, args.mfu, args.reserve_gb)
+    global_batch = args.global_batch or cfg.train.global_batch_size or 2 * cluster.gpus
+    sizes = model_sizes(cfg)
+    print(format_table(plan(sizes, cluster, global_batch, args.pp_stages), cluster, sizes))
+    print(f"\nglobal batch {global_batch} samples of {cfg.data.max_seq_len} tokens; "
+          f"activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")
+
+
+if __name__ == "__main__":
+    main()
