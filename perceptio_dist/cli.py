@@ -83,7 +83,10 @@ def launch_ranks(cmd: list[str], run_dir: Path) -> int:
     from .train.signals import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 
     (run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
-    proc = subprocess.Popen(cmd)
+    # SLURM signals every process of a job step, torchrun's agent included, whose default action on
+    # SIGUSR1 is to die and take the ranks down unsaved. The agent is started with SIGUSR1 ignored (an
+    # ignored disposition survives exec); the ranks install their own handler (train/signals.py).
+    proc = subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
 
     def forward(signum, _frame):
         # To the ranks (torchrun's direct children): not to torchrun's agent, whose default action on SIGUSR1

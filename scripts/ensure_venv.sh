@@ -22,7 +22,7 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; 
   "$PYTHON" -m venv "$VENV"
   pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
   "${pip[@]}" install -c "$ROOT/constraints.txt" pip setuptools wheel
-  "${pip[@]}" install -c "$ROOT/constraints.txt" -e "$ROOT[$EXTRAS]"
+  "${pip[@]}" install -c "$ROOT/constraints.txt" -e "${ROOT}[${EXTRAS}]"
   SAM2_BUILD_CUDA=0 "${pip[@]}" install -c "$ROOT/constraints.txt" --no-deps --no-build-isolation sam2
   "$VENV/bin/python" - <<'PY'
 import importlib, sys

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Evaluate a checkpoint or an exported model, distributed over this job's GPUs.
+#
+#   PERCEPTIO_MODEL=runs/perceptio-8b-1234/export sbatch slurm/eval.sh
+#   PERCEPTIO_MODEL=... PERCEPTIO_EVAL_ARGS="--benchmarks hardblink refcoco" sbatch --nodes=2 slurm/eval.sh
+#
+# Launch layout as in train_8b.sh: one task per node, each running torchrun for its local ranks with a
+# c10d rendezvous on the first node; results are gathered on rank 0.
+#
+# The evaluation entry point (`perceptio-eval`, the evaluation issue) is not in this version of the
+# package yet: the script stops with a clear message until it is.
+#SBATCH --job-name=perceptio-eval
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:8
+#SBATCH --cpus-per-task=96
+#SBATCH --mem=0
+#SBATCH --time=04:00:00
+#SBATCH --output=logs/%x-%j.out
+set -uo pipefail
+
+PERCEPTIO_ROOT=${PERCEPTIO_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}   # the repository checkout
+PERCEPTIO_VENV=${PERCEPTIO_VENV:-$PERCEPTIO_ROOT/.venv}         # its virtual environment
+PERCEPTIO_MODEL=${PERCEPTIO_MODEL:?set PERCEPTIO_MODEL to an exported folder or a checkpoint}
+PERCEPTIO_EVAL_OUT=${PERCEPTIO_EVAL_OUT:-$PERCEPTIO_ROOT/runs/eval-${SLURM_JOB_ID:-local}}
+PERCEPTIO_EVAL_ARGS=${PERCEPTIO_EVAL_ARGS:-}                     # further perceptio-eval arguments
+PERCEPTIO_PROCS_PER_NODE=${PERCEPTIO_PROCS_PER_NODE:-8}         # ranks per node
+PERCEPTIO_RDZV_PORT=${PERCEPTIO_RDZV_PORT:-29501}               # c10d rendezvous port on the first node
+
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export TOKENIZERS_PARALLELISM=false
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+
+eval_module=perceptio_dist.eval.run
+if ! "$PERCEPTIO_VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$eval_module') is None)" 2>/dev/null; then
+    echo "[eval.sh] $eval_module is not in this version of perceptio_dist (the evaluation issue adds it)" >&2
+    exit 2
+fi
+
+head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
+read -r -a extra_args <<< "$PERCEPTIO_EVAL_ARGS"
+mkdir -p "$PERCEPTIO_EVAL_OUT"
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 --chdir="$PERCEPTIO_ROOT" \
+    "$PERCEPTIO_VENV/bin/python" -m torch.distributed.run \
+    --nnodes="${SLURM_NNODES:-1}" --nproc-per-node="$PERCEPTIO_PROCS_PER_NODE" \
+    --rdzv-backend=c10d --rdzv-endpoint="$head_node:$PERCEPTIO_RDZV_PORT" --rdzv-id="${SLURM_JOB_ID:-local}" \
+    -m "$eval_module" --model "$PERCEPTIO_MODEL" --out "$PERCEPTIO_EVAL_OUT" "${extra_args[@]}"

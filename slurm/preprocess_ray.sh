@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Preprocess raw datasets into webdataset shards with a Ray cluster made of this job's nodes.
+#
+#   PERCEPTIO_PREPROCESS_CONFIG=preprocess_8b sbatch slurm/preprocess_ray.sh
+#   PERCEPTIO_PREPROCESS_CONFIG=preprocess_tiny PERCEPTIO_OVERRIDES="sources.0.path=/data/scenes output_dir=/data/shards" \
+#     sbatch --gres=none --nodes=1 --cpus-per-task=2 --mem=8G slurm/preprocess_ray.sh     # a CPU node
+#
+# The first node runs the Ray head (GCS, dashboard, job server) and a share of the work; every other
+# node joins as a worker through `srun`. The script waits until all nodes have joined, submits the job
+# with `ray job submit` exactly as on a standing Ray cluster, and stops Ray on every node when the job
+# ends (or the allocation is cancelled). The cluster is private to the job: the dashboard and job API
+# listen on the head node only and require a token generated for this job (Ray token authentication).
+#SBATCH --job-name=perceptio-preprocess
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:8
+#SBATCH --cpus-per-task=96
+#SBATCH --mem=0
+#SBATCH --time=12:00:00
+#SBATCH --output=logs/%x-%j.out
+set -uo pipefail
+
+# --- configuration (environment) -------------------------------------------------------------------
+PERCEPTIO_ROOT=${PERCEPTIO_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}             # the repository checkout
+PERCEPTIO_VENV=${PERCEPTIO_VENV:-$PERCEPTIO_ROOT/.venv}                   # its virtual environment
+PERCEPTIO_PREPROCESS_CONFIG=${PERCEPTIO_PREPROCESS_CONFIG:-preprocess_8b} # recipe name or YAML path
+PERCEPTIO_OVERRIDES=${PERCEPTIO_OVERRIDES:-}                              # dotted overrides, space separated
+PERCEPTIO_RAY_PORT=${PERCEPTIO_RAY_PORT:-6379}                            # GCS port on the head node
+PERCEPTIO_RAY_DASHBOARD_PORT=${PERCEPTIO_RAY_DASHBOARD_PORT:-8265}        # job API port on the head node
+PERCEPTIO_RAY_TMP=${PERCEPTIO_RAY_TMP:-/tmp/ray_${SLURM_JOB_ID:-local}}   # Ray's session folder (node-local, short:
+                                                                          # its socket paths must stay < 108 bytes)
+PERCEPTIO_GPUS_PER_NODE=${PERCEPTIO_GPUS_PER_NODE:-8}                     # GPUs Ray may give the teacher
+PERCEPTIO_WAIT_SECONDS=${PERCEPTIO_WAIT_SECONDS:-300}                     # how long nodes may take to join
+
+ray_bin="$PERCEPTIO_VENV/bin/ray"
+if [ ! -x "$ray_bin" ]; then
+    echo "[preprocess_ray.sh] no ray in $PERCEPTIO_VENV: run ./run_demo.sh once or set PERCEPTIO_VENV" >&2
+    exit 2
+fi
+export PATH="$PERCEPTIO_VENV/bin:$PATH"
+export RAY_USAGE_STATS_ENABLED=0
+
+mapfile -t nodes < <(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}")
+head_node=${nodes[0]}
+# The head's address as the other nodes reach it (a single-node run stays on loopback).
+if [ "${#nodes[@]}" -eq 1 ]; then
+    head_ip=127.0.0.1
+else
+    head_ip=$(srun --nodes=1 --ntasks=1 --overlap -w "$head_node" hostname --ip-address | awk '{print $1}')
+fi
+cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
+gpus=$PERCEPTIO_GPUS_PER_NODE
+if ! command -v nvidia-smi >/dev/null 2>&1; then gpus=0; fi
+
+# A token only this job knows, on the shared filesystem so that every node and the client read it.
+token_dir="$PERCEPTIO_ROOT/runs/ray_tokens"
+mkdir -p "$token_dir" && chmod 0700 "$token_dir"
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH="$token_dir/${SLURM_JOB_ID:-local}.token"
+(umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$RAY_AUTH_TOKEN_PATH")
+
+ray_pids=()
+# shellcheck disable=SC2317,SC2329  # called from the trap
+shutdown() {
+    echo "[preprocess_ray.sh] stopping Ray on ${#nodes[@]} node(s)"
+    srun --nodes="${#nodes[@]}" --ntasks-per-node=1 --overlap "$ray_bin" stop --force >/dev/null 2>&1
+    for pid in "${ray_pids[@]}"; do kill "$pid" 2>/dev/null; done
+    wait 2>/dev/null
+    rm -f "$RAY_AUTH_TOKEN_PATH"
+}
+trap shutdown EXIT
+
+echo "[preprocess_ray.sh] Ray head on $head_node ($head_ip), ${#nodes[@]} node(s), $cpus CPUs and $gpus GPUs each"
+srun --nodes=1 --ntasks=1 --overlap -w "$head_node" \
+    "$ray_bin" start --head --block --node-ip-address="$head_ip" --port="$PERCEPTIO_RAY_PORT" \
+    --dashboard-host="$head_ip" --dashboard-port="$PERCEPTIO_RAY_DASHBOARD_PORT" --include-dashboard=true \
+    --num-cpus="$cpus" --num-gpus="$gpus" --temp-dir="$PERCEPTIO_RAY_TMP" --disable-usage-stats &
+ray_pids+=($!)
+
+# Wait for the head before starting workers (they need its GCS).
+deadline=$((SECONDS + PERCEPTIO_WAIT_SECONDS))
+until "$ray_bin" status --address="$head_ip:$PERCEPTIO_RAY_PORT" >/dev/null 2>&1; do
+    if ! kill -0 "${ray_pids[0]}" 2>/dev/null || [ "$SECONDS" -gt "$deadline" ]; then
+        echo "[preprocess_ray.sh] the Ray head did not start (its output is above)" >&2
+        exit 1
+    fi
+    sleep 2
+done
+
+if [ "${#nodes[@]}" -gt 1 ]; then
+    srun --nodes=$((${#nodes[@]} - 1)) --ntasks-per-node=1 --overlap --exclude="$head_node" \
+        "$ray_bin" start --block --address="$head_ip:$PERCEPTIO_RAY_PORT" \
+        --num-cpus="$cpus" --num-gpus="$gpus" --temp-dir="$PERCEPTIO_RAY_TMP" --disable-usage-stats &
+    ray_pids+=($!)
+fi
+
+# Wait until every node has joined.
+until [ "$("$PERCEPTIO_VENV/bin/python" -c "
+import ray, sys
+ray.init(address='$head_ip:$PERCEPTIO_RAY_PORT', logging_level='ERROR', log_to_driver=False)
+print(sum(1 for n in ray.nodes() if n['Alive']))
+" 2>/dev/null)" = "${#nodes[@]}" ]; do
+    if [ "$SECONDS" -gt "$deadline" ]; then
+        echo "[preprocess_ray.sh] not all ${#nodes[@]} nodes joined within ${PERCEPTIO_WAIT_SECONDS}s" >&2
+        exit 1
+    fi
+    sleep 3
+done
+echo "[preprocess_ray.sh] all ${#nodes[@]} node(s) joined; submitting the preprocessing job"
+
+read -r -a extra_overrides <<< "$PERCEPTIO_OVERRIDES"
+cd "$PERCEPTIO_ROOT" || exit 2
+# The job server answers "No available agent" until the head's dashboard agent has registered, a few
+# seconds after the node joined: retry that refusal only (the job itself is idempotent anyway).
+mkdir -p "$PERCEPTIO_RAY_TMP"
+submit_log="$PERCEPTIO_RAY_TMP/submit.log"
+for attempt in 1 2 3 4 5 6 7 8 9 10; do
+    "$ray_bin" job submit --address "http://$head_ip:$PERCEPTIO_RAY_DASHBOARD_PORT" --working-dir "$PERCEPTIO_ROOT" \
+        -- python -m ray_jobs.preprocess --config "$PERCEPTIO_PREPROCESS_CONFIG" "${extra_overrides[@]}" \
+        < /dev/null 2>&1 | tee "$submit_log"
+    status=${PIPESTATUS[0]}
+    if [ "$status" -eq 0 ] || ! grep -q "No available agent" "$submit_log"; then break; fi
+    echo "[preprocess_ray.sh] the job server is not ready yet (attempt $attempt); retrying in 5 s"
+    sleep 5
+done
+echo "[preprocess_ray.sh] preprocessing job ended with status $status"
+exit "$status"
