@@ -346,7 +346,8 @@ class Trainer:
     def _summary_text(self, summary: dict, history: list[dict]) -> str:
         """The end-of-run summary a person reads: each term at the first and last step it was scored."""
         lines = [f"\n== {summary['steps']} steps on {summary['world_size']} rank(s) in {summary['wall_time_s']:.1f}s "
-                 f"({history[-1]['tokens_per_s']:.0f} tokens/s at the end) ==" if history else "== no steps =="]
+                 f"({history[-1]['tokens_per_s']:.0f} tokens/s at the end) ==" if history else
+                 f"== nothing to do: the run already reached train.max_steps={self.cfg.train.max_steps} =="]
         for key in ["loss"] + [f"loss/{name}" for name in TERMS]:
             values = [h[key] for h in history if h.get(key) is not None]
             if values:
