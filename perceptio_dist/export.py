@@ -46,8 +46,6 @@ def _config_of(checkpoint: Path) -> PerceptioConfig:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    from safetensors.torch import save_file
-
     from .model.perceptio import build_perceptio
     from .model.tokenizer import load_tokenizer
 
@@ -63,6 +61,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     missing = [k for k in missing if not k.startswith("backbone.lm_head.") or not model.backbone.config.tie_word_embeddings]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    write_exported(model, tokenizer, cfg, out, str(checkpoint))
+    log.info("exported %s to %s", checkpoint, out)
+    return out
+
+
+def write_exported(model, tokenizer, cfg: PerceptioConfig, out: Path, source: str) -> None:
+    """The export folder of a PerceptioModel in memory (weights as they are now)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.backbone.save_pretrained(out / "backbone", safe_serialization=True)
     tokenizer.save_pretrained(out / "backbone")
@@ -72,7 +80,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     vq = cfg.model.depth_vqvae
     (out / "tokenizer.json").write_text(json.dumps({
         "depth_vqvae": dataclasses.asdict(vq) | {"checkpoint": None}, "num_codes": cfg.model.tokens.num_depth_codes,
-        "grid": cfg.model.tokens.depth_grid, "exported_from": str(checkpoint)}, indent=1))
+        "grid": cfg.model.tokens.depth_grid, "exported_from": source}, indent=1))
     exported = dataclasses.replace(
         cfg.model,
         backbone=dataclasses.replace(cfg.model.backbone, pretrained_path="backbone", tokenizer="pretrained",
@@ -82,8 +90,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
         depth_vqvae=dataclasses.replace(vq, checkpoint="depth_vqvae.safetensors"),
     )
     (out / "perceptio.yaml").write_text(dump_yaml(dataclasses.replace(cfg, model=exported)))
-    log.info("exported %s to %s", checkpoint, out)
-    return out
+
+
+def exported_config(folder: str | Path) -> PerceptioConfig:
+    """The training config of an exported folder, its model paths pointing into the folder."""
+    folder = Path(folder).resolve()
+    data = yaml.safe_load((folder / "perceptio.yaml").read_text())
+    backbone = data["model"]["backbone"]
+    backbone["pretrained_path"] = str(folder / backbone["pretrained_path"])
+    data["model"]["depth_vqvae"]["checkpoint"] = str(folder / data["model"]["depth_vqvae"]["checkpoint"])
+    return config_from_dict(data)
 
 
 def load_exported(folder: str | Path, dtype: torch.dtype = torch.float32):
@@ -94,11 +110,7 @@ def load_exported(folder: str | Path, dtype: torch.dtype = torch.float32):
     from .model.tokenizer import load_tokenizer
 
     folder = Path(folder).resolve()
-    data = yaml.safe_load((folder / "perceptio.yaml").read_text())
-    backbone = data["model"]["backbone"]
-    backbone["pretrained_path"] = str(folder / backbone["pretrained_path"])
-    data["model"]["depth_vqvae"]["checkpoint"] = str(folder / data["model"]["depth_vqvae"]["checkpoint"])
-    cfg = config_from_dict(data)
+    cfg = exported_config(folder)
     tokenizer = load_tokenizer(cfg.model.backbone)
     model = build_perceptio(cfg.model, tokenizer, dtype)
     model.seg_head.load_state_dict(load_file(str(folder / "seg_head.safetensors")))

@@ -2,13 +2,12 @@
 # Evaluate a checkpoint or an exported model, distributed over this job's GPUs.
 #
 #   PERCEPTIO_MODEL=runs/perceptio-8b-1234/export sbatch slurm/eval.sh
-#   PERCEPTIO_MODEL=... PERCEPTIO_EVAL_ARGS="--benchmarks hardblink refcoco" sbatch --nodes=2 slurm/eval.sh
+#   PERCEPTIO_MODEL=... PERCEPTIO_EVAL_ARGS="--hardblink /data/hardblink" sbatch --nodes=2 slurm/eval.sh
 #
 # Launch layout as in train_8b.sh: one task per node, each running torchrun for its local ranks with a
 # c10d rendezvous on the first node; results are gathered on rank 0.
-#
-# The evaluation entry point (`perceptio-eval`, the evaluation issue) is not in this version of the
-# package yet: the script stops with a clear message until it is.
+# PERCEPTIO_EVAL_ARGS names the benchmarks, e.g.
+#   "--hardblink /data/hardblink --refcoco /data/refer --refcoco-dataset refcoco+ --mmbench /data/mmbench_dev.tsv"
 #SBATCH --job-name=perceptio-eval
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -21,7 +20,7 @@ set -uo pipefail
 
 PERCEPTIO_ROOT=${PERCEPTIO_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}   # the repository checkout
 PERCEPTIO_VENV=${PERCEPTIO_VENV:-$PERCEPTIO_ROOT/.venv}         # its virtual environment
-PERCEPTIO_MODEL=${PERCEPTIO_MODEL:?set PERCEPTIO_MODEL to an exported folder or a checkpoint}
+PERCEPTIO_MODEL=${PERCEPTIO_MODEL:?set PERCEPTIO_MODEL to an exported folder or a training checkpoint (global_stepN)}
 PERCEPTIO_EVAL_OUT=${PERCEPTIO_EVAL_OUT:-$PERCEPTIO_ROOT/runs/eval-${SLURM_JOB_ID:-local}}
 PERCEPTIO_EVAL_ARGS=${PERCEPTIO_EVAL_ARGS:-}                     # further perceptio-eval arguments
 PERCEPTIO_PROCS_PER_NODE=${PERCEPTIO_PROCS_PER_NODE:-8}         # ranks per node
@@ -33,7 +32,7 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 
 eval_module=perceptio_dist.eval.run
 if ! "$PERCEPTIO_VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$eval_module') is None)" 2>/dev/null; then
-    echo "[eval.sh] $eval_module is not in this version of perceptio_dist (the evaluation issue adds it)" >&2
+    echo "[eval.sh] $eval_module is not importable from $PERCEPTIO_VENV: run ./run_tests.sh once or set PERCEPTIO_VENV" >&2
     exit 2
 fi
 

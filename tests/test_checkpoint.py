@@ -192,6 +192,24 @@ def test_export_reloads_with_the_training_models_logits(reference_run, tmp_path)
     assert "[SEG]" in tokenizer.get_vocab() and (out / "backbone" / "model.safetensors").exists()
 
 
+def test_eval_of_a_checkpoint_equals_eval_of_its_export(reference_run, tmp_path):
+    """perceptio-eval takes a training checkpoint directly (exporting it on the way)."""
+    from perceptio_dist.data.scenes.cli import write_scenes
+    from perceptio_dist.export import export_checkpoint
+
+    write_scenes(tmp_path / "scenes", 1, seed=70_000, progress=False)
+    checkpoint = reference_run / "checkpoints" / tag_for(STEPS)
+    export_checkpoint(checkpoint, tmp_path / "export")
+    reports = []
+    for name, model in (("from_checkpoint", checkpoint), ("from_export", tmp_path / "export")):
+        proc = subprocess.run([sys.executable, "-m", "perceptio_dist.eval.run", "--model", str(model), "--out",
+                               str(tmp_path / name), "--synthetic-scenes", str(tmp_path / "scenes"), "--limit", "1",
+                               "--max-new-tokens", "24"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports.append((tmp_path / name / "predictions.jsonl").read_text())
+    assert reports[0] == reports[1] and reports[0]
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(reference_run, tiny_shards, tmp_path):
     import shutil
 

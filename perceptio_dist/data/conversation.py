@@ -65,3 +65,10 @@ def encode_conversation(
         input_ids += prompt + target + newline
         labels += [IGNORE_INDEX] * len(prompt) + target + [IGNORE_INDEX] * len(newline)
     return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, image: ImageTokens, num_tiles: int, question: str) -> torch.Tensor:
+    """The first user turn and the assistant header: what generation continues (the layout above)."""
+    image_span = image.start + image.context * (image.per_tile * num_tiles) + image.end
+    text = f"<|im_start|>user\n{image_span}\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

@@ -1,0 +1,94 @@
+"""Evaluation items from the benchmark files: HardBLINK, held-out synthetic scenes, RefCOCO/+/g (refer
+layout) and MMBench-style multiple-choice TSVs. Images are decoded (and markers drawn) exactly as the
+preprocessing job does for training, so the model sees evaluation images the way it saw training ones."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from ..data.preprocess_config import SourceConfig
+from ..data.preprocess_stages import decode_row
+from ..data.records import Record
+
+
+@dataclass
+class EvalItem:
+    group: str  # metric group: hardblink_3, synthetic_depth_4, synthetic_refer, refcoco_testA, mmbench, ...
+    key: str
+    image: np.ndarray  # H x W x 3 uint8, markers drawn
+    question: str
+    answer: str  # the reference answer ("(B)", a letter, or the referring expression's target description)
+    task: str  # relative_depth | referring_seg | multiple_choice
+    num_choices: int = 0
+    mask: np.ndarray | None = None  # H x W bool (referring segmentation)
+
+
+def _item_from_record(record: Record, group: str) -> EvalItem:
+    row = decode_row({"record": json.dumps(record.to_dict())})
+    if row["error"]:
+        raise ValueError(f"{record.key}: {row['error']}")
+    image = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+    mask = np.asarray(Image.open(io.BytesIO(row["mask"]))) > 127 if row["mask"] else None
+    question, answer = record.turns[0]
+    points = record.meta.get("num_points") or (len(record.points) if record.points else 0)
+    task = "relative_depth" if record.task == "relative_depth" else "referring_seg"
+    return EvalItem(group, record.key, image, question, answer, task, int(points), mask)
+
+
+def hardblink_items(path: str | Path) -> Iterator[EvalItem]:
+    from ..data.sources.hardblink import iter_hardblink
+
+    for record in iter_hardblink(SourceConfig(type="hardblink", path=str(path))):
+        yield _item_from_record(record, f"hardblink_{record.meta['num_points']}")
+
+
+def synthetic_items(scenes: str | Path) -> Iterator[EvalItem]:
+    """Relative depth (3/4/5 points) and referring segmentation from rendered scenes (held-out seeds)."""
+    from ..data.sources.synthetic import iter_synthetic
+
+    spec = SourceConfig(type="synthetic", path=str(scenes), tasks=["relative_depth", "referring_seg"])
+    for record in iter_synthetic(spec):
+        if record.task == "relative_depth":
+            yield _item_from_record(record, f"synthetic_depth_{len(record.points)}")
+        else:
+            yield _item_from_record(record, "synthetic_refer")
+
+
+def refcoco_items(path: str | Path, dataset: str, split_by: str, splits: Iterable[str],
+                  images: str | None = None) -> Iterator[EvalItem]:
+    from ..data.sources.refcoco import iter_refcoco
+
+    for split in splits:
+        spec = SourceConfig(type="refcoco", path=str(path), dataset=dataset, split_by=split_by, splits=[split],
+                            images=images)
+        for record in iter_refcoco(spec):
+            yield _item_from_record(record, f"{dataset}_{split}")
+
+
+def mmbench_items(tsv: str | Path) -> Iterator[EvalItem]:
+    """MMBench-style TSV: index, question, hint (optional), A, B, C, D (E...), answer, image (base64)."""
+    csv.field_size_limit(sys.maxsize)
+    with open(tsv, newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            options = [(letter, row[letter]) for letter in string.ascii_uppercase
+                       if row.get(letter) not in (None, "", "nan")]
+            if not options:
+                raise ValueError(f"{tsv}: row {row.get('index')} has no options A, B, ...")
+            hint = row.get("hint") or ""
+            lines = ([hint] if hint and hint != "nan" else []) + [row["question"]]
+            lines += [f"{letter}. {text}" for letter, text in options]
+            lines.append("Answer with the option's letter from the given choices directly.")
+            image = np.asarray(Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB"))
+            yield EvalItem("mmbench", f"mmbench_{row['index']}", image, "\n".join(lines), row["answer"].strip(),
+                           "multiple_choice", len(options))

@@ -1,0 +1,222 @@
+"""Evaluation: letter parsing, IoUs by hand, the constrained spatial decoding on a real (tiny, random)
+exported model, benchmark readers (real HardBLINK files, refer layout, MMBench TSV), and perceptio-eval
+end to end on 1 and 2 ranks with identical results."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from perceptio_dist.config import load_config
+from perceptio_dist.eval.generate import GenerationSettings, SpatialConstraint, SpatialPolicy, generate
+from perceptio_dist.eval.scoring import MaskScores, parse_choice_letter
+
+from .conftest import NO_TOKENIZER, ROOT
+from .fixtures import make_refcoco
+
+HARDBLINK = ROOT.parent / "shared" / "data" / "hardblink"
+
+
+@pytest.mark.parametrize("text, n, expected", [
+    ("(B)", 3, "B"), ("B", 3, "B"), ("b.", 4, "B"), ("Point C is the closest to the camera.", 3, "C"),
+    ("The answer is (D)", 5, "D"), ("answer: a", 3, "A"), ("I think E", 5, "E"), ("(E)", 4, None),
+    ("A point is closest", 3, "A"), ("closest", 3, None), ("", 3, None), ("( c )", 3, "C"),
+])
+def test_choice_letters_parse_from_free_text(text, n, expected):
+    assert parse_choice_letter(text, n) == expected
+
+
+def test_ciou_and_giou_by_hand():
+    scores = MaskScores()
+    target = np.zeros((4, 4), bool)
+    target[:2, :2] = True  # 4 pixels
+    predicted = np.zeros((4, 4), bool)
+    predicted[:2, :1] = True  # 2 pixels inside
+    assert scores.add(predicted, target) == pytest.approx(2 / 4)
+    other = np.zeros((4, 4), bool)
+    other[3, 3] = True
+    assert scores.add(None, other) == 0.0  # no mask predicted: intersection 0, union 1
+    assert scores.ciou == pytest.approx((2 + 0) / (4 + 1))
+    assert scores.giou == pytest.approx((0.5 + 0.0) / 2)
+    with pytest.raises(ValueError, match="does not match"):
+        scores.add(np.zeros((2, 2), bool), target)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny random Perceptio written as an export folder (the inference format) and loaded back."""
+    from perceptio_dist.export import load_exported, write_exported
+    from perceptio_dist.model.perceptio import build_perceptio
+    from perceptio_dist.model.tokenizer import load_tokenizer
+
+    cfg = load_config("tiny_cpu", [NO_TOKENIZER])
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    model = build_perceptio(cfg.model, tokenizer).eval()
+    folder = tmp_path_factory.mktemp("export") / "model"
+    write_exported(model, tokenizer, cfg, folder, "a random test model")
+    loaded, loaded_tokenizer = load_exported(folder)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    return folder, loaded, loaded_tokenizer
+
+
+def _inputs(model, tokenizer, folder, images, question="Which point is the closest to the camera?"):
+    from perceptio_dist.data.conversation import encode_prompt
+    from perceptio_dist.data.images import resize_normalised, to_tensor
+    from perceptio_dist.data.training_data import build_sample_builder
+    from perceptio_dist.export import exported_config
+
+    builder = build_sample_builder(exported_config(folder), tokenizer, model.token_ids, model.seg_head.image_size,
+                                   model.backbone.config.image_seq_length)
+    tiles = [builder.tiles(im) for im in images]
+    prompts = [encode_prompt(tokenizer, builder.image_tokens, t.shape[0], question + " " * i)
+               for i, t in enumerate(tiles)]
+    sam = [resize_normalised(to_tensor(im), builder.geo.sam_size) for im in images]
+    return prompts, tiles, sam, [im.shape[:2] for im in images]
+
+
+def test_constraint_state_machine_by_hand():
+    from perceptio_dist.model.spatial_tokens import SpatialTokenIds
+
+    ids = SpatialTokenIds(seg=10, depth_start=11, depth_end=12, code_start=13, num_codes=4, num_depth_tokens=3)
+    c = SpatialConstraint(ids, 0, SpatialPolicy(seg="force", depth="force"))
+    allowed = lambda g: set(torch.nonzero(c.allowed(g, 20)).flatten().tolist())  # noqa: E731
+    assert allowed([]) == {10}
+    assert allowed([10]) == {11}
+    assert allowed([10, 11]) == {13, 14, 15, 16}
+    assert allowed([10, 11, 13, 13, 16]) == {12}
+    free_text = allowed([10, 11, 13, 13, 16, 12])
+    assert not free_text & {10, 11, 12, 13, 14, 15, 16} and {0, 9, 17} <= free_text
+    forbid = SpatialConstraint(ids, 0, SpatialPolicy(seg="forbid", depth="forbid"))
+    assert not set(torch.nonzero(forbid.allowed([], 20)).flatten().tolist()) & {10, 11, 12, 13, 14, 15, 16}
+
+
+@pytest.mark.parametrize("policy", [SpatialPolicy("forbid", "force"), SpatialPolicy("force", "force"),
+                                    SpatialPolicy("forbid", "forbid"), SpatialPolicy("free", "free")])
+def test_generation_obeys_the_spatial_constraint(exported, policy):
+    folder, model, tokenizer = exported
+    ids = model.token_ids
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (60 + 20 * i, 80, 3), dtype=np.uint8) for i in range(2)]
+    prompts, tiles, sam, sizes = _inputs(model, tokenizer, folder, images)
+    for sample in (False, True):
+        settings = GenerationSettings(max_new_tokens=30, do_sample=sample, seed=1)
+        for pred, size in zip(generate(model, tokenizer, prompts, tiles, sam, sizes, policy, settings), sizes):
+            g = pred.token_ids
+            spatial = [t for t in g if t in (ids.seg, ids.depth_start, ids.depth_end) or ids.is_code(t)]
+            if policy.depth == "force":
+                start = g.index(ids.depth_start)
+                assert g[start + 1:start + 1 + ids.num_depth_tokens] == [ids.code_to_token(c) for c in pred.depth_codes]
+                assert g[start + 1 + ids.num_depth_tokens] == ids.depth_end
+                assert pred.depth is not None and pred.depth.shape == (model.depth_vqvae.input_size,) * 2
+            if policy.seg == "force":
+                assert g[0] == ids.seg and pred.mask is not None and pred.mask.shape == size
+            if policy == SpatialPolicy("forbid", "forbid"):
+                assert spatial == [] and pred.depth is None and pred.mask is None
+            # Codes only ever inside one complete block; at most one [SEG].
+            assert g.count(ids.seg) <= 1 and g.count(ids.depth_start) <= 1
+            codes_at = [i for i, t in enumerate(g) if ids.is_code(t)]
+            if codes_at:
+                start = g.index(ids.depth_start)
+                assert codes_at == list(range(start + 1, start + 1 + ids.num_depth_tokens))
+
+
+def test_mask_comes_from_the_seg_hidden_state_as_in_training(exported):
+    """The generated [SEG]'s mask equals the training forward's mask for the same sequence."""
+    import torch.nn.functional as F
+
+    folder, model, tokenizer = exported
+    image = np.random.default_rng(3).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    prompts, tiles, sam, sizes = _inputs(model, tokenizer, folder, [image], "Please segment the red cube.")
+    pred = generate(model, tokenizer, prompts, tiles, sam, sizes, SpatialPolicy("force", "free"),
+                    GenerationSettings(max_new_tokens=8))[0]
+    sequence = torch.cat([prompts[0], torch.tensor(pred.token_ids)])[None]
+    with torch.no_grad():
+        out = model(sequence, torch.ones_like(sequence), tiles[0], sam[0][None])
+    expected = torch.sigmoid(F.interpolate(out.mask_logits[:1], size=sizes[0], mode="bilinear")[0, 0]) > 0.5
+    assert out.num_seg == 1 and np.array_equal(pred.mask, expected.numpy())
+
+
+@pytest.mark.skipif(not HARDBLINK.exists(), reason="../shared/data/hardblink is absent (real benchmark files)")
+def test_hardblink_items_from_the_real_files():
+    from perceptio_dist.eval.benchmarks import hardblink_items
+
+    items = list(hardblink_items(HARDBLINK))
+    groups = {g: [i for i in items if i.group == g] for g in ("hardblink_3", "hardblink_4", "hardblink_5")}
+    assert all(len(v) == 124 for v in groups.values())
+    for n, group in zip((3, 4, 5), groups.values()):
+        assert all(i.num_choices == n and parse_choice_letter(i.answer, n) for i in group)
+        assert group[0].image.shape == (336, 336, 3)
+
+
+def test_refcoco_and_mmbench_readers(tmp_path):
+    from perceptio_dist.eval.benchmarks import mmbench_items, refcoco_items
+
+    make_refcoco(tmp_path / "refer")
+    items = list(refcoco_items(tmp_path / "refer", "refcoco", "unc", ["val"]))
+    assert [i.group for i in items] and all(i.group == "refcoco_val" and i.mask is not None and i.mask.any()
+                                            and i.mask.shape == i.image.shape[:2] for i in items)
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    tsv = tmp_path / "mmbench.tsv"
+    tsv.write_text("index\tquestion\thint\tA\tB\tC\tD\tanswer\timage\n"
+                   f"7\tWhat colour?\tLook closely.\tred\tblack\t\t\tB\t{image}\n")
+    (item,) = list(mmbench_items(tsv))
+    assert item.num_choices == 2 and item.answer == "B" and "A. red\nB. black" in item.question
+    assert item.question.startswith("Look closely.") and item.image.shape == (8, 8, 3)
+
+
+def _eval(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    # One thread per process in both runs: float reductions, hence mask borders, depend on the thread count.
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")},
+           "OMP_NUM_THREADS": "1"}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return subprocess.run([*launcher, "-m", "perceptio_dist.eval.run", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_perceptio_eval_on_one_and_two_ranks_gives_the_same_report(exported, tmp_path):
+    from perceptio_dist.data.scenes.cli import write_scenes
+
+    folder, _, _ = exported
+    write_scenes(tmp_path / "scenes", 2, seed=50_000, progress=False)
+    common = ["--model", str(folder), "--synthetic-scenes", str(tmp_path / "scenes"), "--limit", "2",
+              "--max-new-tokens", "24", "--batch-size", "3"]
+    if HARDBLINK.exists():
+        common += ["--hardblink", str(HARDBLINK)]
+    one = _eval([*common, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _eval([*common, "--out", str(tmp_path / "two")], nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for name in ("metrics.json", "predictions.jsonl"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
+    metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert "synthetic_refer" in metrics and "ciou" in metrics["synthetic_refer"]
+    if HARDBLINK.exists():
+        assert metrics["hardblink_mean"]["splits"] == 3
+    report = (tmp_path / "one" / "report.md").read_text()
+    for group in metrics:
+        if not group.endswith("_mean"):
+            assert f"examples_{group}.png" in report and (tmp_path / "one" / f"examples_{group}.png").stat().st_size
+    rows = [json.loads(line) for line in (tmp_path / "one" / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["depth_codes"] is not None and len(r["depth_codes"]) == 16 for r in rows)  # tiny recipe: 4 x 4
+
+
+def test_perceptio_eval_rejects_bad_input_clearly(tmp_path):
+    missing = _eval(["--model", str(tmp_path), "--out", str(tmp_path / "o"), "--hardblink", str(tmp_path)])
+    assert missing.returncode == 2 and "not an exported model folder" in missing.stderr and "COMPLETE.json" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    none = _eval(["--model", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert none.returncode == 2 and "name at least one benchmark" in none.stderr
