@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +19,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 _LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def without_launcher_variables(env: dict) -> dict:
+    """A copy of ``env`` for a subprocess that must start its own process group."""
+    return {k: v for k, v in env.items() if k not in _LAUNCHER_VARIABLES}
+
+
+@contextlib.contextmanager
+def launcher_variables_restored():
+    """For in-process training inside module/session fixtures (the autouse fixture below covers tests)."""
+    saved = {k: os.environ.get(k) for k in _LAUNCHER_VARIABLES}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from perceptio_dist.eval.depth_metrics import (
 from perceptio_dist.eval.rgbd import DEFAULT_RGBD_DIR, Frame, load_middlebury, load_nyu, load_sun, load_tum
 from perceptio_dist.model.depth_vqvae import DepthVQVAE, EMAVectorQuantizer, load_depth_vqvae
 
-from .conftest import ROOT, run_ranks
+from .conftest import ROOT, launcher_variables_restored, run_ranks
 
 TINY = ["tokens.num_depth_codes=16", "tokens.depth_grid=4", "depth_vqvae.input_size=16", "depth_vqvae.code_dim=8",
         "depth_vqvae.base_channels=4", "depth_vqvae.max_channels=8", "batch_size=8", "warmup_steps=2",
@@ -124,8 +124,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("vqvae")
     write_scenes(root / "scenes", 8, width=96, height=72, progress=False)
     out = root / "tok"
-    first = train_tokenizer("vqvae_tiny", [f"output_dir={out}", f"data.scenes={root / 'scenes'}", "steps=12",
-                                           "save_every=6", *TINY])
+    with launcher_variables_restored():  # in-process training joins a 1-rank group and sets RANK, MASTER_PORT
+        first = train_tokenizer("vqvae_tiny", [f"output_dir={out}", f"data.scenes={root / 'scenes'}", "steps=12",
+                                               "save_every=6", *TINY])
     return root, out, first
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import NO_TOKENIZER, ROOT, read_metrics
+from .conftest import NO_TOKENIZER, ROOT, read_metrics, without_launcher_variables
 from .test_preprocess_job import _submit, ray_head  # noqa: F401  (a fixture)
 
 SCRIPTS = sorted([*ROOT.glob("slurm/*.sh"), *ROOT.glob("tools/*.sh"), *ROOT.glob("scripts/*.sh"),
@@ -51,7 +51,7 @@ def slurm(tmp_path_factory):
     start = subprocess.run([str(ROOT / "tools" / "local_slurm.sh"), "start", str(state)], env=env,
                            capture_output=True, text=True, timeout=600)
     assert start.returncode == 0, start.stderr[-3000:]
-    client_env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
+    client_env = {**without_launcher_variables(dict(os.environ)), "SLURM_CONF": str(state / "slurm.conf")}
     try:
         yield client_env
     finally:

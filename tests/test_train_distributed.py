@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import NO_TOKENIZER, ROOT, read_metrics, run_ranks
+from .conftest import NO_TOKENIZER, ROOT, read_metrics, run_ranks, without_launcher_variables
 
 HELPER = str(ROOT / "tests/helpers/train_with_rank_overrides.py")
 TERMS = ("text", "marker", "token", "count", "reconstruction", "mask")
@@ -29,7 +30,7 @@ def test_console_script_trains_tiny_model_on_two_ranks_with_zero3(tmp_path, tiny
         [exe, "--nproc-per-node", "2", "--recipe", "tiny_cpu", "train.max_steps=30", f"data.shards={tiny_shards}",
          NO_TOKENIZER,
          f"logging.output_dir={run_dir}", "logging.wandb=offline"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=without_launcher_variables(dict(os.environ)),
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "attention implementation: sdpa" in proc.stderr

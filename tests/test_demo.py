@@ -1,0 +1,49 @@
+"""The main job's quick mode end to end: every stage leaves its outputs, and a second run reuses them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+STAGES = ("scenes", "tokenizer", "shards", "train", "ablation", "evaluate", "report")
+
+
+def test_quick_demo_runs_every_stage_then_reuses_them(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "perceptio_dist.demo", "--quick", "--out", str(out)]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    assert len(list((out / "scenes").glob("scene_*/meta.json"))) == 12
+    assert len(list((out / "heldout_scenes").glob("scene_*/meta.json"))) == 3
+    assert (out / "depth_vqvae" / "tokenizer.safetensors").exists()
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["num_samples"] > 0
+    assert "succeeded" in (out / "logs" / "preprocess.log").read_text()  # through `ray job submit`
+    for name in ("depth_model", "ablation"):
+        run = out / name
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 7))
+        tags = sorted(p.name for p in (run / "checkpoints").glob("global_step*") if p.is_dir())
+        assert tags == ["global_step00000003", "global_step00000006"]  # midway and final
+        assert (run / "export" / "perceptio.yaml").exists()
+        metrics = json.loads((run / "eval" / "metrics.json").read_text())
+        assert "synthetic_refer" in metrics and any(k.startswith("synthetic_depth_") for k in metrics)
+    ablation_config = (out / "ablation" / "config.yaml").read_text()
+    assert "depth_tokens: false" in ablation_config
+    predictions = [json.loads(line) for line in (out / "ablation" / "eval" / "predictions.jsonl").read_text()
+                   .splitlines()]
+    assert all(p["depth_codes"] is None for p in predictions)  # the ablation never writes a depth block
+    report = (out / "report.md").read_text()
+    assert "| with depth tokens | without (ablation) |" in report and (out / "loss_curves.png").stat().st_size
+    for line in report.splitlines():
+        if line.startswith("![") and "(" in line:
+            assert (out / line[line.index("(") + 1:-1]).exists(), line
+
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    for stage in STAGES:
+        assert f"{stage}: done in an earlier run" in second.stdout, stage
