@@ -159,6 +159,22 @@ def test_hardblink_items_from_the_real_files():
         assert group[0].image.shape == (336, 336, 3)
 
 
+@pytest.mark.skipif(not HARDBLINK.exists(), reason="../shared/data/hardblink is absent (real benchmark files)")
+def test_hardblink_scoring_of_fixed_predictions_against_the_real_answers():
+    from perceptio_dist.eval.benchmarks import hardblink_items
+    from perceptio_dist.eval.generate import Prediction
+    from perceptio_dist.eval.run import score
+
+    items = list(hardblink_items(HARDBLINK))
+    for text, expected in (("(A)", (41, 28, 23)), ("Point A is the closest.", (41, 28, 23))):
+        metrics, rows = score(items, [Prediction(text, [], None, None, None) for _ in items])
+        counts = tuple(round(metrics[f"hardblink_{n}"]["accuracy"] * 124) for n in (3, 4, 5))
+        assert counts == expected
+        assert metrics["hardblink_mean"]["accuracy"] == pytest.approx(sum(expected) / 3 / 124)
+    metrics, _ = score(items, [Prediction(i.answer, [], None, None, None) for i in items])  # the answers themselves
+    assert all(metrics[f"hardblink_{n}"]["accuracy"] == 1.0 for n in (3, 4, 5))
+
+
 def test_refcoco_and_mmbench_readers(tmp_path):
     from perceptio_dist.eval.benchmarks import mmbench_items, refcoco_items
 

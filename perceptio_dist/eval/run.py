@@ -29,6 +29,7 @@ from .scoring import MaskScores, accuracy, parse_choice_letter
 
 log = logging.getLogger("perceptio_dist.eval")
 EXIT_USAGE = 2
+DEFAULT_HARDBLINK = Path(__file__).resolve().parents[3] / "shared" / "data" / "hardblink"
 
 
 def _policy(task: str, depth_tokens: bool, depth_policy: str) -> SpatialPolicy:
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True,
                         help="an exported folder (perceptio-export) or a training checkpoint folder (global_stepN)")
     parser.add_argument("--out", required=True, help="report folder")
+    parser.add_argument("--benchmark", nargs="+", default=[], choices=["hardblink"],
+                        help="benchmarks by name, with their default data (hardblink: ../shared/data/hardblink)")
     parser.add_argument("--hardblink", help="HardBLINK folder (questions/, answers/, images/)")
     parser.add_argument("--synthetic-scenes", help="a folder of rendered scenes with seeds not used in training")
     parser.add_argument("--refcoco", help="refer data root (refcoco/, refcoco+/, refcocog/, images/)")
@@ -200,8 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if "hardblink" in args.benchmark and not args.hardblink:
+        args.hardblink = str(DEFAULT_HARDBLINK)
     if not any([args.hardblink, args.synthetic_scenes, args.refcoco, args.mmbench]):
-        parser.error("name at least one benchmark: --hardblink, --synthetic-scenes, --refcoco or --mmbench")
+        parser.error("name at least one benchmark: --benchmark hardblink, --hardblink, --synthetic-scenes, "
+                     "--refcoco or --mmbench")
     is_checkpoint = (Path(args.model) / "COMPLETE.json").exists()
     if not is_checkpoint and not (Path(args.model) / "perceptio.yaml").exists():
         print(f"perceptio-eval: {args.model} is not an exported model folder (no perceptio.yaml) nor a complete "
