@@ -16,7 +16,6 @@ checkpoint whose files all match COMPLETE.json and logs every one it skips and w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..data.shards import file_sha256
 from ..parallel.distributed import DistInfo, barrier
 
 log = logging.getLogger("perceptio_dist.checkpoint")
@@ -40,14 +40,6 @@ TAG = re.compile(r"^global_step(\d+)$")
 
 def tag_for(step: int) -> str:
     return f"global_step{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def rng_state() -> dict:
@@ -97,7 +89,7 @@ class CheckpointManager:
             files = {}
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 rel = str(path.relative_to(tmp))
-                files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path) if self.verify_checksums else None}
+                files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path) if self.verify_checksums else None}
             marker = {"step": step, "reason": reason, "world_size": self.dist.world_size, "time": time.time(),
                       "files": files}
             (tmp / MARKER).write_text(json.dumps(marker, indent=1))
@@ -143,7 +135,7 @@ class CheckpointManager:
                 return f"{rel} is missing"
             if f.stat().st_size != info["size"]:
                 return f"{rel} has {f.stat().st_size} bytes, {info['size']} were written"
-            if self.verify_checksums and info.get("sha256") and _sha256(f) != info["sha256"]:
+            if self.verify_checksums and info.get("sha256") and file_sha256(f) != info["sha256"]:
                 return f"{rel} does not match its checksum"
         return None
 
