@@ -243,8 +243,21 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    zero_stage: Literal[2, 3] = _doc("DeepSpeed ZeRO stage: 3 shards parameters too (default for 8B), 2 shards "
-                                     "gradients and optimizer states.", 3)
+    mode: Literal["zero", "pipeline"] = _doc(
+        "'zero': data parallel with ZeRO-2/3 on the whole model. 'pipeline': DeepSpeed PipelineModule, the model cut "
+        "into parallel.pp_stages stages, ZeRO-1 (or 0) across the data-parallel replicas of each stage.", "zero")
+    zero_stage: Literal[0, 1, 2, 3] = _doc(
+        "DeepSpeed ZeRO stage: 3 shards parameters too (default for 8B), 2 shards gradients and optimizer states "
+        "(mode zero); 1 shards optimizer states, 0 nothing (mode pipeline: DeepSpeed refuses 2 and 3 there).", 3)
+    pp_stages: int = _doc("Pipeline stages (mode pipeline); ranks / pp_stages data-parallel replicas. Stage s holds "
+                          "ranks s x replicas ... (s + 1) x replicas - 1.", 1)
+    pp_partition: Literal["parameters", "uniform"] = _doc(
+        "How decoder layers are dealt to stages when pp_layers_per_stage is null: balanced by trainable parameters "
+        "(embedding + vision tower count for the first stage; LM head, SAM2 decoder for the last) or the same number "
+        "of layers each.", "parameters")
+    pp_layers_per_stage: Optional[list[int]] = _doc(
+        "Decoder layers per stage, e.g. [14, 18]; sums to model.backbone.text.num_layers. The first stage also holds "
+        "the vision tower, projector and embeddings; the last the final norm, LM head, SAM2 and the VQ-VAE.", None)
     deepspeed_config: Optional[str] = _doc(
         "DeepSpeed JSON with ZeRO tuning (bucket sizes, prefetch, overlap). Batch sizes, precision, clipping and "
         "stage come from this config; a JSON value that contradicts them is an error. Relative paths are resolved "
@@ -604,6 +617,42 @@ def validate(cfg: PerceptioConfig) -> None:
         raise err("train.max_nonfinite_in_a_row", "must be at least 1.")
     if cfg.parallel.timeout_minutes <= 0:
         raise err("parallel.timeout_minutes", "must be positive.")
+    _validate_parallel(cfg, err)
+
+
+def _validate_parallel(cfg: PerceptioConfig, err) -> None:
+    par, num_layers = cfg.parallel, cfg.model.backbone.text.num_layers
+    if par.mode == "zero":
+        if par.zero_stage not in (2, 3):
+            raise err("parallel.zero_stage", f"mode 'zero' runs ZeRO-2 or ZeRO-3, got {par.zero_stage} (stages 0 and 1 "
+                      "are for parallel.mode=pipeline).")
+        if par.pp_stages != 1 or par.pp_layers_per_stage is not None:
+            raise err("parallel.pp_stages", "pipeline stages need parallel.mode=pipeline.")
+        return
+    if par.zero_stage not in (0, 1):
+        raise err("parallel.zero_stage", f"DeepSpeed pipelines run with ZeRO-1 or 0, got {par.zero_stage}: set "
+                  "parallel.zero_stage=1.")
+    if par.pp_stages < 2:
+        raise err("parallel.pp_stages", f"mode 'pipeline' needs at least 2 stages, got {par.pp_stages}.")
+    if par.pp_stages > num_layers + 1:
+        raise err("parallel.pp_stages", f"{par.pp_stages} stages but only {num_layers} decoder layers: every stage "
+                  "between the first and the last needs at least one.")
+    counts = par.pp_layers_per_stage
+    if counts is not None:
+        if len(counts) != par.pp_stages or sum(counts) != num_layers or any(c < 0 for c in counts):
+            raise err("parallel.pp_layers_per_stage", f"{counts} must have parallel.pp_stages={par.pp_stages} "
+                      f"non-negative entries summing to model.backbone.text.num_layers={num_layers}.")
+        if any(c == 0 for c in counts[1:-1]):
+            raise err("parallel.pp_layers_per_stage", f"{counts}: a middle stage with no decoder layer has nothing "
+                      "to run.")
+
+
+def data_parallel_size(cfg: PerceptioConfig, world_size: int) -> int:
+    """Replicas of the model: every rank in mode zero, ranks / pp_stages in mode pipeline."""
+    if world_size % cfg.parallel.pp_stages:
+        raise ConfigError(f"Config error at 'parallel.pp_stages': {world_size} ranks cannot be split into "
+                          f"{cfg.parallel.pp_stages} pipeline stages of equal size.")
+    return world_size // cfg.parallel.pp_stages
 
 
 def expand_path(value: str, path: str) -> str:
@@ -621,13 +670,14 @@ def expand_path(value: str, path: str) -> str:
 def validate_runtime(cfg: PerceptioConfig, world_size: int) -> None:
     """Checks that need the file system or the number of ranks. Called once at training start."""
     t = cfg.train
-    derived = t.micro_batch_size * t.grad_accum_steps * world_size
+    replicas = data_parallel_size(cfg, world_size)
+    derived = t.micro_batch_size * t.grad_accum_steps * replicas
     if t.global_batch_size is not None and t.global_batch_size != derived:
         raise ConfigError(
             f"Config error at 'train.global_batch_size': {t.global_batch_size} != micro_batch_size x "
-            f"grad_accum_steps x ranks = {t.micro_batch_size} x {t.grad_accum_steps} x {world_size} = {derived}. "
-            f"Change one of them (e.g. train.grad_accum_steps="
-            f"{max(1, t.global_batch_size // (t.micro_batch_size * world_size))}) or set train.global_batch_size=null."
+            f"grad_accum_steps x data-parallel replicas = {t.micro_batch_size} x {t.grad_accum_steps} x {replicas} = "
+            f"{derived}. Change one of them (e.g. train.grad_accum_steps="
+            f"{max(1, t.global_batch_size // (t.micro_batch_size * replicas))}) or set train.global_batch_size=null."
         )
     if cfg.data.shards is None:
         raise ConfigError(

@@ -1,4 +1,4 @@
-"""Export a training checkpoint (any ZeRO stage, any rank count) to a folder inference code loads without DeepSpeed.
+"""Export a training checkpoint (any ZeRO stage or pipeline layout, any rank count) to a folder inference code loads without DeepSpeed.
 
     perceptio-export --checkpoint runs/tiny_cpu/checkpoints/global_step00000040 --out runs/tiny_cpu/export
 
@@ -29,8 +29,17 @@ log = logging.getLogger(__name__)
 MODEL_PREFIX = "model."  # the training module wraps the model as .model
 
 
-def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a DeepSpeed checkpoint folder (global_stepN), keyed as in PerceptioModel."""
+def consolidated_state_dict(checkpoint: Path, cfg: PerceptioConfig) -> dict[str, torch.Tensor]:
+    """Full weights of a DeepSpeed checkpoint folder (global_stepN), keyed as in PerceptioModel.
+
+    ZeRO-2/3 runs: the fp32 master weights (DeepSpeed's zero_to_fp32). Pipeline runs: the stages' layer
+    files (parallel/pipeline.py), in the precision the model trained in.
+    """
+    from .parallel.pipeline import is_pipeline_checkpoint, pipeline_state_dict
+
+    if is_pipeline_checkpoint(checkpoint):
+        b = cfg.model.backbone
+        return pipeline_state_dict(checkpoint, b.text.num_layers, b.tie_word_embeddings)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
@@ -56,7 +65,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     cfg = _config_of(checkpoint)
     tokenizer = load_tokenizer(cfg.model.backbone)
     model = build_perceptio(cfg.model, tokenizer, torch.float32, seed=cfg.train.seed)
-    state = consolidated_state_dict(checkpoint)
+    state = consolidated_state_dict(checkpoint, cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("backbone.lm_head.") or not model.backbone.config.tie_word_embeddings]
     if missing or unexpected:

@@ -91,19 +91,27 @@ class PerceptioModel(nn.Module):
     def segment(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, sam_images: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
-        """Mask logits of every [SEG] (the hidden state at the [SEG] input position prompts SAM2)."""
-        is_seg = (input_ids == self.token_ids.seg) & attention_mask.bool()
-        rows, cols = is_seg.nonzero(as_tuple=True)
-        num_seg = int(rows.numel())
-        if num_seg == 0:
-            # Dummy prompt: same modules, same order, result multiplied by zero by the objective.
-            rows = torch.zeros(1, dtype=torch.long, device=hidden.device)
-            seg_hidden = hidden[0, :1] * 0
-        else:
-            seg_hidden = hidden[rows, cols]
-        images, image_index = torch.unique(rows, return_inverse=True)
-        features = self.seg_head.encode_images(sam_images[images].to(seg_hidden.dtype))
-        return self.seg_head(seg_hidden, features.select(image_index)), num_seg
+        return segment_seg_tokens(self.seg_head, self.token_ids.seg, hidden, input_ids, attention_mask, sam_images)
+
+
+def segment_seg_tokens(seg_head: SegHead, seg_id: int, hidden: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor, sam_images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mask logits of every [SEG] (the hidden state at the [SEG] input position prompts SAM2), and their number.
+
+    A function of the parts, so the last pipeline stage runs exactly this without the whole model.
+    """
+    is_seg = (input_ids == seg_id) & attention_mask.bool()
+    rows, cols = is_seg.nonzero(as_tuple=True)
+    num_seg = int(rows.numel())
+    if num_seg == 0:
+        # Dummy prompt: same modules, same order, result multiplied by zero by the objective.
+        rows = torch.zeros(1, dtype=torch.long, device=hidden.device)
+        seg_hidden = hidden[0, :1] * 0
+    else:
+        seg_hidden = hidden[rows, cols]
+    images, image_index = torch.unique(rows, return_inverse=True)
+    features = seg_head.encode_images(sam_images[images].to(seg_hidden.dtype))
+    return seg_head(seg_hidden, features.select(image_index)), num_seg
 
 
 # ------------------------------------------------------------------------ building

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..config import ConfigError, PerceptioConfig, expand_path, resolve_path
+from ..config import ConfigError, PerceptioConfig, data_parallel_size, expand_path, resolve_path
 
 AUTO = "auto"
 
@@ -53,7 +53,8 @@ def build_deepspeed_config(cfg: PerceptioConfig, world_size: int) -> dict:
     t = cfg.train
     _merge(template, "train_micro_batch_size_per_gpu", t.micro_batch_size, source)
     _merge(template, "gradient_accumulation_steps", t.grad_accum_steps, source)
-    _merge(template, "train_batch_size", t.micro_batch_size * t.grad_accum_steps * world_size, source)
+    replicas = data_parallel_size(cfg, world_size)
+    _merge(template, "train_batch_size", t.micro_batch_size * t.grad_accum_steps * replicas, source)
     _merge(template, "gradient_clipping", t.grad_clip, source)
     bf16 = dict(template.get("bf16", {}))
     _merge(bf16, "enabled", t.precision == "bf16", f"{source} (bf16)")
@@ -68,6 +69,19 @@ def build_deepspeed_config(cfg: PerceptioConfig, world_size: int) -> dict:
         if zero.get(key) == AUTO:
             zero[key] = value
     template["zero_optimization"] = zero
+    if cfg.parallel.mode == "pipeline":
+        # No tensor parallelism here, so nothing to partition across a slice group.
+        pipe = dict(template.get("pipeline", {}))
+        pipe.setdefault("pipe_partitioned", False)
+        pipe.setdefault("grad_partitioned", False)
+        if pipe.get("activation_checkpoint_interval", 0):
+            raise ConfigError(f"Config error at 'parallel.deepspeed_config': {source} sets "
+                              "pipeline.activation_checkpoint_interval; use train.activation_checkpointing=true "
+                              "(every decoder and vision layer recomputes itself, on every stage).")
+        template["pipeline"] = pipe
+    elif "pipeline" in template:
+        raise ConfigError(f"Config error at 'parallel.deepspeed_config': {source} has a 'pipeline' section but "
+                          "parallel.mode is 'zero'.")
     template.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW is fine with ZeRO
     template.setdefault("steps_per_print", 2**31 - 1)  # we log ourselves
     template.setdefault("wall_clock_breakdown", False)

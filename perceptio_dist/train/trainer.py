@@ -35,6 +35,8 @@ from ..parallel.zero import inject_optimizer_step, partitioned_construction, reg
 from .checkpoint import CheckpointManager, Resumable, rng_state, set_rng_state
 from .flops import device_peak_tflops, flops_model_for
 from .metrics import MetricsLogger, peak_memory_mb
+from ..losses.lm_head_module import LMHeadTermsModule
+from ..parallel.pipeline import build_pipeline_module, pipeline_batches, stage_of
 from .module import PerceptioTrainingModule
 from .optim import build_optimizer
 from .signals import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, REQUEUE_MARKER, StopRequest
@@ -112,27 +114,39 @@ class Trainer:
             self.resume_from = self._to_universal(self.resume_from)
             self.ds_config["checkpoint"] = {"load_universal": True}
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.pipeline = cfg.parallel.mode == "pipeline"
         zero3 = cfg.parallel.zero_stage == 3
         with partitioned_construction(self.ds_config, enabled=zero3 and cfg.parallel.zero_init):
-            self.model = build_perceptio(cfg.model, self.tokenizer, dtype, seed=cfg.train.seed)
-        if cfg.train.activation_checkpointing:
-            self.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.param_report = parameter_report(self.model)
+            model = build_perceptio(cfg.model, self.tokenizer, dtype, seed=cfg.train.seed)
+        if cfg.train.activation_checkpointing:  # each decoder/vision layer recomputes itself (also in pipelines)
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # What the loop needs to know about the model, kept so a pipeline stage can drop the parts it does not run.
+        self.param_report = parameter_report(model)
+        self.flops = flops_model_for(model)
+        self.attn_implementation = model.attn_implementation
+        token_ids, sam_size, tile_tokens = model.token_ids, model.seg_head.image_size, model.backbone.config.image_seq_length
 
-        objective = PerceptioObjective(cfg.objective, self.model.token_ids)
-        module = PerceptioTrainingModule(self.model, objective, cfg.objective.implementation,
-                                         cfg.objective.chunk_size, self.dist.device)
-        if zero3:
-            register_external_parameters(module.external_parameters())
+        objective = PerceptioObjective(cfg.objective, token_ids)
+        lm_head_terms = LMHeadTermsModule(cfg.objective.implementation, cfg.objective.chunk_size, self.dist.device)
+        self.lm_head_implementation = lm_head_terms.implementation
+        self.stage_loss = None
+        if self.pipeline:
+            module, self.stage_loss = build_pipeline_module(cfg, model, objective, lm_head_terms, self.dist.world_size)
+            self.stage, data_rank, data_ranks = stage_of(cfg, self.dist.rank, self.dist.world_size)
+        else:
+            module = PerceptioTrainingModule(model, objective, lm_head_terms)
+            if zero3:
+                register_external_parameters(module.external_parameters())
+            self.stage, data_rank, data_ranks = 0, self.dist.rank, self.dist.world_size
+        del model  # a pipeline stage keeps only its own layers
         optimizer, scheduler = build_optimizer(module, cfg.train)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
-        self.loader = build_loader(
-            cfg, self.tokenizer, self.model.token_ids, self.model.seg_head.image_size,
-            self.model.backbone.config.image_seq_length, self.dist.rank, self.dist.world_size,
-        )
-        self.start_step, self.nonfinite_skipped = 0, 0
+        # Data-parallel replicas read different samples; the stages of one replica read the same ones.
+        self.loader = build_loader(cfg, self.tokenizer, token_ids, sam_size, tile_tokens, data_rank, data_ranks)
+        self.last_stage = self.stage == cfg.parallel.pp_stages - 1
+        self.start_step, self.nonfinite_skipped, self.nonfinite_in_a_row = 0, 0, 0
         if self.resume_from is not None:
             self._resume(self.resume_from)
         self.batches = iter(self.loader)
@@ -165,6 +179,27 @@ class Trainer:
         if diffs:
             raise ConfigError(f"Config error at 'checkpoint.resume': {found.path.name} holds a different model "
                               f"({'; '.join(diffs[:5])}). Resume with the recipe it was trained with.")
+        self._check_resumable_layout(found)
+
+    def _check_resumable_layout(self, found: Resumable) -> None:
+        """A pipeline checkpoint (per-stage layer files, per-rank optimizer partitions) resumes only as it was saved."""
+        import yaml
+
+        saved = yaml.safe_load((found.path / "config.yaml").read_text()).get("parallel", {})
+        current = self.cfg.to_dict()["parallel"]
+        if saved.get("mode", "zero") != "pipeline" and current["mode"] != "pipeline":
+            return  # ZeRO checkpoints resume on any rank count (universal format)
+        defaults = {"mode": "zero", "pp_stages": 1, "pp_partition": "parameters", "pp_layers_per_stage": None}
+        diffs = [f"parallel.{k}: checkpoint {saved.get(k, defaults.get(k))!r}, now {current[k]!r}"
+                 for k in ("mode", "pp_stages", "pp_partition", "pp_layers_per_stage", "zero_stage")
+                 if saved.get(k, defaults.get(k)) != current[k]]
+        if self._saved_world_size(found) != self.dist.world_size:
+            diffs.append(f"ranks: checkpoint {self._saved_world_size(found)}, now {self.dist.world_size}")
+        if diffs:
+            raise ConfigError(f"Config error at 'checkpoint.resume': {found.path.name} was saved with another parallel "
+                              f"layout ({'; '.join(diffs)}). Pipeline checkpoints resume only with the layout and rank "
+                              "count they were saved with; resume with those settings (or export the checkpoint "
+                              "with perceptio-export, which works for any layout).")
 
     @staticmethod
     def _saved_world_size(found: Resumable) -> int:
@@ -209,8 +244,8 @@ class Trainer:
 
     def _log_setup(self) -> None:
         cfg = self.cfg
-        log.info("attention implementation: %s", self.model.attn_implementation)
-        log.info("LM-head loss implementation: %s", self.engine.module.lm_head_terms.implementation)
+        log.info("attention implementation: %s", self.attn_implementation)
+        log.info("LM-head loss implementation: %s", self.lm_head_implementation)
         log.info(
             "ranks: %d (%s), ZeRO stage %d, precision %s, micro-batch %d x accum %d -> global batch %d",
             self.dist.world_size, self.dist.device.type, cfg.parallel.zero_stage, cfg.train.precision,
@@ -247,11 +282,39 @@ class Trainer:
                 log.error("stopping: %d non-finite losses in a row; diagnostic checkpoint %s", in_a_row, path)
                 raise TrainingStopped(NONFINITE_EXIT_CODE)
 
+    def _pipeline_batch(self, samples_sink, step: int) -> tuple[float, list]:
+        """One pipeline step (DeepSpeed's schedule: every micro-batch's forward and backward, then the update).
+
+        The first and the last stage of a replica both read the micro-batches. A non-finite loss cannot be
+        skipped inside the schedule (the update is already applied when the loss is known): it is counted,
+        and after train.max_nonfinite_in_a_row such steps in a row the run stops with a diagnostic checkpoint.
+        """
+        read = []
+
+        def on_batch(batch):
+            if samples_sink is not None:
+                samples_sink.write(json.dumps({"step": step + 1, "micro": len(read), "keys": list(batch.keys)}) + "\n")
+            read.append(batch)
+
+        loss = float(self.engine.train_batch(pipeline_batches(self.batches, on_batch)))  # same value on every rank
+        if np.isfinite(loss):
+            self.nonfinite_in_a_row = 0
+            return loss, read
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_skipped += 1
+        log.warning("non-finite loss at step %d (pipeline: the update was applied; %d in a row, %d in all)",
+                    step + 1, self.nonfinite_in_a_row, self.nonfinite_skipped)
+        if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_in_a_row:
+            path = self._save(step + 1, f"diagnostic: {self.nonfinite_in_a_row} non-finite losses in a row")
+            log.error("stopping: %d non-finite losses in a row; diagnostic checkpoint %s", self.nonfinite_in_a_row, path)
+            raise TrainingStopped(NONFINITE_EXIT_CODE)
+        return loss, read
+
     def train(self) -> dict:
         from tqdm import tqdm
 
         cfg, t, engine, device = self.cfg, self.cfg.train, self.engine, self.dist.device
-        flops = flops_model_for(self.model)
+        flops = self.flops
         peak, peak_source = device_peak_tflops(device, cfg.logging.peak_tflops_per_device)
         log.info("MFU peak per device: %.3f TFLOP/s (%s)", peak, peak_source)
         metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.to_dict(), enabled=self.dist.is_main)
@@ -304,15 +367,29 @@ class Trainer:
         weighted_terms = torch.zeros(len(TERMS), device=device)
         term_counts = torch.zeros(len(TERMS), device=device)
         work = torch.zeros(3, dtype=torch.float64, device=device)  # tokens, samples, model FLOPs
-        for micro in range(t.grad_accum_steps):
-            loss, terms, counts, batch = self._micro_batch(samples_sink, step, micro)
-            loss_sum += loss.detach().float()
-            weighted_terms += terms * counts
-            term_counts += counts
+
+        def count_work(batch) -> torch.Tensor:
             lengths = batch.attention_mask.sum(1).tolist()
-            work += torch.tensor([sum(lengths), batch.num_samples, flops.step_flops(lengths, batch.pixel_values.shape[0])],
-                                 dtype=torch.float64, device=device)
-        mean_loss = all_reduce_mean(loss_sum / t.grad_accum_steps).item()
+            return torch.tensor([sum(lengths), batch.num_samples, flops.step_flops(lengths, batch.pixel_values.shape[0])],
+                                dtype=torch.float64, device=device)
+
+        if self.pipeline:
+            mean_loss, batches = self._pipeline_batch(samples_sink, step)
+            # Only the last stage of each replica counts, so the sums below cover each sample once.
+            for terms, counts in self.stage_loss.take_records():
+                weighted_terms += terms * counts
+                term_counts += counts
+            if self.last_stage:
+                for batch in batches:
+                    work += count_work(batch)
+        else:
+            for micro in range(t.grad_accum_steps):
+                loss, terms, counts, batch = self._micro_batch(samples_sink, step, micro)
+                loss_sum += loss.detach().float()
+                weighted_terms += terms * counts
+                term_counts += counts
+                work += count_work(batch)
+            mean_loss = all_reduce_mean(loss_sum / t.grad_accum_steps).item()
         # Terms are logged as means over every scored item of the global batch (not means of rank means).
         weighted_terms, term_counts = all_reduce_sum(torch.stack([weighted_terms, term_counts])).unbind(0)
         term_means = (weighted_terms / term_counts.clamp_min(1)).tolist()
@@ -368,7 +445,7 @@ class Trainer:
             "last_loss": history[-1]["loss"],
             "mean_loss_first_fifth": float(np.mean([h["loss"] for h in history[:k]])),
             "mean_loss_last_fifth": float(np.mean([h["loss"] for h in history[-k:]])),
-            "attn_implementation": self.model.attn_implementation,
+            "attn_implementation": self.attn_implementation,
             "parameters": self.param_report,
             "world_size": self.dist.world_size,
             "nonfinite_skipped": self.nonfinite_skipped,
