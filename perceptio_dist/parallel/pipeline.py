@@ -48,12 +48,20 @@ FIRST_STAGE_LAYERS = 2  # token embedding + vision merge always share the first 
 # ----------------------------------------------------------------------------------------------- layers
 
 
+class ModelSource:
+    """What the LayerSpecs hold instead of the model: emptied once the stage is built, so the layers of other
+    stages are freed (DeepSpeed keeps the specs, and their arguments, for the module's lifetime)."""
+
+    def __init__(self, model: PerceptioModel):
+        self.model: PerceptioModel | None = model
+
+
 class TokenEmbeddingPipe(nn.Module):
     MODEL_KEYS = {"embed_tokens.": "backbone.model.language_model.embed_tokens."}
 
-    def __init__(self, model: PerceptioModel):
+    def __init__(self, source: ModelSource):
         super().__init__()
-        self.embed_tokens = model.backbone.model.language_model.embed_tokens
+        self.embed_tokens = source.model.backbone.model.language_model.embed_tokens
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         input_ids, attention_mask, pixel_values = inputs
@@ -69,9 +77,9 @@ class VisionMergePipe(nn.Module):
     get_image_features = InternVLModel.get_image_features
     pixel_shuffle = InternVLModel.pixel_shuffle
 
-    def __init__(self, model: PerceptioModel):
+    def __init__(self, source: ModelSource):
         super().__init__()
-        inner = model.backbone.model
+        inner = source.model.backbone.model
         self.vision_tower = inner.vision_tower
         self.multi_modal_projector = inner.multi_modal_projector
         self.config = inner.config
@@ -97,9 +105,9 @@ class DecoderLayerPipe(nn.Module):
     """One LLM decoder layer; position ids, rotary embeddings and the causal mask are rebuilt per layer, as the
     language model builds them once (right-padded batches: positions 0..T-1)."""
 
-    def __init__(self, model: PerceptioModel, index: int):
+    def __init__(self, source: ModelSource, index: int):
         super().__init__()
-        lm = model.backbone.model.language_model
+        lm = source.model.backbone.model.language_model
         self.layer = lm.layers[index]
         self.rotary_emb = lm.rotary_emb  # no persistent state; shared by the layers of a stage
         self.config = lm.config
@@ -120,9 +128,10 @@ class DecoderLayerPipe(nn.Module):
 class HeadPipe(nn.Module):
     """Final norm in ``forward``; the objective in ``loss`` (called by DeepSpeed's loss_fn with the labels)."""
 
-    def __init__(self, model: PerceptioModel, objective: PerceptioObjective, lm_head_terms: LMHeadTermsModule,
+    def __init__(self, source: ModelSource, objective: PerceptioObjective, lm_head_terms: LMHeadTermsModule,
                  tied: bool):
         super().__init__()
+        model = source.model
         self.norm = model.backbone.model.language_model.norm
         self.lm_head = None if tied else model.backbone.lm_head
         self.seg_head = model.seg_head
@@ -207,7 +216,7 @@ def stage_bounds(cfg: PerceptioConfig, layer_params: list[int]) -> list[int]:
         else:
             parts = ds_utils.partition_balanced(weights=units, num_parts=stages)
         # Unit bounds -> decoder layers per stage (the first unit and the last are not decoder layers).
-        counts = [min(parts[s + 1], n + 1) - max(parts[s], 1) for s in range(stages)]
+        counts = [int(min(parts[s + 1], n + 1) - max(parts[s], 1)) for s in range(stages)]
         counts = [max(0, c) for c in counts]
         if sum(counts) != n or any(c == 0 for c in counts[1:-1]):
             raise ConfigError(f"Config error at 'parallel.pp_stages': cannot balance {n} decoder layers over {stages} "
@@ -227,13 +236,14 @@ def build_pipeline_module(cfg: PerceptioConfig, model: PerceptioModel, objective
     par = cfg.parallel
     tied = model.backbone.lm_head.weight is model.backbone.model.language_model.embed_tokens.weight
     n = cfg.model.backbone.text.num_layers
-    embed = (TiedLayerSpec(TIED_KEY, TokenEmbeddingPipe, model, tied_weight_attr=["embed_tokens.weight"]) if tied
-             else LayerSpec(TokenEmbeddingPipe, model))
-    specs = [embed, LayerSpec(VisionMergePipe, model)] + [LayerSpec(DecoderLayerPipe, model, i) for i in range(n)]
+    source = ModelSource(model)
+    embed = (TiedLayerSpec(TIED_KEY, TokenEmbeddingPipe, source, tied_weight_attr=["embed_tokens.weight"]) if tied
+             else LayerSpec(TokenEmbeddingPipe, source))
+    specs = [embed, LayerSpec(VisionMergePipe, source)] + [LayerSpec(DecoderLayerPipe, source, i) for i in range(n)]
     if tied:
-        specs.append(TiedLayerSpec(TIED_KEY, TokenEmbeddingPipe, model, forward_fn=_pass_through,
+        specs.append(TiedLayerSpec(TIED_KEY, TokenEmbeddingPipe, source, forward_fn=_pass_through,
                                    tied_weight_attr=["embed_tokens.weight"]))
-    specs.append(LayerSpec(HeadPipe, model, objective, lm_head_terms, tied))
+    specs.append(LayerSpec(HeadPipe, source, objective, lm_head_terms, tied))
 
     def trainable(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -251,6 +261,7 @@ def build_pipeline_module(cfg: PerceptioConfig, model: PerceptioModel, objective
     topology = PipeDataParallelTopology(num_pp=par.pp_stages, num_dp=world_size // par.pp_stages)
     pipe = _pipeline_module_class()(bounds, layers=specs, topology=topology, loss_fn=loss,
                                      partition_method="explicit", dynamic_shape=True)
+    source.model = None
     heads = [f for f in pipe.forward_funcs if isinstance(f, HeadPipe)]
     if heads:
         loss.head = heads[0]

@@ -36,7 +36,7 @@ from .checkpoint import CheckpointManager, Resumable, rng_state, set_rng_state
 from .flops import device_peak_tflops, flops_model_for
 from .metrics import MetricsLogger, peak_memory_mb
 from ..losses.lm_head_module import LMHeadTermsModule
-from ..parallel.pipeline import build_pipeline_module, pipeline_batches, stage_of
+from ..parallel.pipeline import build_pipeline_module, layer_kinds, pipeline_batches, stage_of
 from .module import PerceptioTrainingModule
 from .optim import build_optimizer
 from .signals import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, REQUEUE_MARKER, StopRequest
@@ -146,6 +146,7 @@ class Trainer:
         # Data-parallel replicas read different samples; the stages of one replica read the same ones.
         self.loader = build_loader(cfg, self.tokenizer, token_ids, sam_size, tile_tokens, data_rank, data_ranks)
         self.last_stage = self.stage == cfg.parallel.pp_stages - 1
+        self.stage_layout = self._stage_layout(module, data_rank) if self.pipeline else None
         self.start_step, self.nonfinite_skipped, self.nonfinite_in_a_row = 0, 0, 0
         if self.resume_from is not None:
             self._resume(self.resume_from)
@@ -242,17 +243,35 @@ class Trainer:
         rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
         return self.checkpoints.save(self.engine, step, client, rank_state, reason, dump_yaml(self.cfg))
 
+    def _stage_layout(self, module, data_rank: int) -> list[dict]:
+        """Per stage: its layers (pipeline layer indices and kinds) and parameter count, agreed by every rank."""
+        stages = self.cfg.parallel.pp_stages
+        counts = torch.zeros(stages, dtype=torch.float64, device=self.dist.device)
+        if data_rank == 0:
+            counts[self.stage] = float(sum(p.numel() for p in module.parameters()))
+        counts = all_reduce_sum(counts).tolist()
+        kinds = layer_kinds(self.cfg.model.backbone.text.num_layers, bool(module.tied_modules))
+        return [{"stage": s, "layers": [int(module.parts[s]), int(module.parts[s + 1]) - 1],
+                 "kinds": kinds[module.parts[s]:module.parts[s + 1]], "parameters": int(counts[s])}
+                for s in range(stages)]
+
     def _log_setup(self) -> None:
         cfg = self.cfg
         log.info("attention implementation: %s", self.attn_implementation)
         log.info("LM-head loss implementation: %s", self.lm_head_implementation)
+        layout = (f"pipeline of {cfg.parallel.pp_stages} stages x {self.dist.world_size // cfg.parallel.pp_stages} "
+                  f"replicas, " if self.pipeline else "")
         log.info(
-            "ranks: %d (%s), ZeRO stage %d, precision %s, micro-batch %d x accum %d -> global batch %d",
-            self.dist.world_size, self.dist.device.type, cfg.parallel.zero_stage, cfg.train.precision,
+            "ranks: %d (%s), %sZeRO stage %d, precision %s, micro-batch %d x accum %d -> global batch %d",
+            self.dist.world_size, self.dist.device.type, layout, cfg.parallel.zero_stage, cfg.train.precision,
             cfg.train.micro_batch_size, cfg.train.grad_accum_steps, self.ds_config["train_batch_size"],
         )
         for name, count in self.param_report.items():
             log.info("parameters %-28s %15s", name, f"{count:,}")
+        for stage in self.stage_layout or []:
+            kinds = stage["kinds"]
+            log.info("pipeline stage %d: layers %d-%d (%s ... %s), %s parameters", stage["stage"], *stage["layers"],
+                     kinds[0], kinds[-1], f"{stage['parameters']:,}")
 
     # ---------------------------------------------------------------------------------- loop
 
@@ -448,6 +467,7 @@ class Trainer:
             "attn_implementation": self.attn_implementation,
             "parameters": self.param_report,
             "world_size": self.dist.world_size,
+            "pipeline_stages": self.stage_layout,
             "nonfinite_skipped": self.nonfinite_skipped,
             "losses": [h["loss"] for h in history],
         }
