@@ -3,8 +3,9 @@
     perceptio-plan --recipe perceptio_8b --nodes 2 --gpus-per-node 8 --gpu-memory-gb 80
 
 Layouts: ZeRO-2, ZeRO-3 and pipeline stages x ZeRO-1 (PP x ZeRO-1; the stages hold the first stage's
-vision tower, projector and embeddings, the decoder layers balanced by parameters, and on the last
-stage the final norm, LM head, SAM2 and the VQ-VAE).
+vision tower, projector and embeddings, the decoder layers balanced by trainable parameters as the
+trainer splits them (parallel/pipeline.py), and on the last stage the final norm, LM head, SAM2 and the
+VQ-VAE).
 
 Model states, bf16 mixed precision with AdamW, in bytes per parameter (P = all parameters, P_t the
 trainable ones, N the data-parallel ranks holding a partition), written to agree with DeepSpeed's own
@@ -39,6 +40,8 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
+
+from .config import ConfigError
 
 GB = 1024 ** 3
 
@@ -174,23 +177,17 @@ def model_sizes(cfg) -> ModelSizes:
     return ModelSizes(total, trainable, largest, tuple(blocks), loss_chunk + sam2_embedding, flops)
 
 
-def split_stages(blocks: tuple[Block, ...], stages: int) -> list[list[Block]]:
-    """Contiguous stages balanced by parameters: the vision tower, projector and embeddings on the first,
-    the head (norm, LM head, SAM2, VQ-VAE) on the last, at least one decoder layer on every stage."""
+def split_stages(blocks: tuple[Block, ...], stages: int, partition: str = "parameters",
+                 layers_per_stage: list[int] | None = None) -> list[list[Block]]:
+    """The trainer's split (parallel/pipeline.split_layers): the vision tower, projector and embeddings on the
+    first stage, the head (norm, LM head, SAM2, VQ-VAE) on the last, decoder layers balanced by trainable
+    parameters (or as given), at least one on every middle stage."""
+    from .parallel.pipeline import split_layers
+
     layers = len(blocks) - 3
-    if not 2 <= stages <= layers:
+    if not 2 <= stages <= layers + 1:
         raise ValueError(f"{stages} pipeline stages for {layers} decoder layers")
-    prefix = [0]
-    for block in blocks:
-        prefix.append(prefix[-1] + block.params)
-    cuts, lo = [], 3  # a cut at i starts a stage with blocks[i]
-    for k in range(1, stages):
-        hi = len(blocks) - 2 - (stages - 1 - k)
-        target = prefix[-1] * k / stages
-        cut = min(range(lo, hi + 1), key=lambda i: abs(prefix[i] - target))
-        cuts.append(cut)
-        lo = cut + 1
-    bounds = [0, *cuts, len(blocks)]
+    bounds = split_layers([int(b.trainable) for b in blocks], layers, stages, partition, layers_per_stage)
     return [list(blocks[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -200,7 +197,10 @@ def _largest_micro_batch(free_bytes: float, per_sample: float) -> int:
     return int(free_bytes // per_sample)
 
 
-def plan(sizes: ModelSizes, cluster: Cluster, global_batch: int, pp_stages: list[int]) -> list[LayoutPlan]:
+def plan(sizes: ModelSizes, cluster: Cluster, global_batch: int, pp_stages: list[int], partition: str = "parameters",
+         layers_per_stage: list[int] | None = None) -> list[LayoutPlan]:
+    """Plans for ZeRO-2, ZeRO-3 and each pipeline depth; ``layers_per_stage`` (the recipe's) applies to the depth of
+    its length, other depths are split by ``partition``."""
     n = cluster.gpus
     usable = cluster.gpu_memory_gb * GB - cluster.reserve_gb * GB
     frozen = sizes.total - sizes.trainable
@@ -229,7 +229,11 @@ def plan(sizes: ModelSizes, cluster: Cluster, global_batch: int, pp_stages: list
         if n % stages or stages > len(sizes.blocks) - 3:
             continue
         dp = n // stages
-        split = split_stages(sizes.blocks, stages)
+        explicit = layers_per_stage if layers_per_stage and len(layers_per_stage) == stages else None
+        try:
+            split = split_stages(sizes.blocks, stages, partition, explicit)
+        except ConfigError:
+            continue  # too few layers to balance at this depth
         worst = None
         for s, stage in enumerate(split):
             p = sum(b.params for b in stage)
@@ -299,7 +303,10 @@ def main(argv: list[str] | None = None) -> None:
                       args.peak_tflops, args.mfu, args.reserve_gb)
     global_batch = args.global_batch or cfg.train.global_batch_size or 2 * cluster.gpus
     sizes = model_sizes(cfg)
-    print(format_table(plan(sizes, cluster, global_batch, args.pp_stages), cluster, sizes))
+    par = cfg.parallel
+    stages = sorted(set(args.pp_stages) | ({par.pp_stages} if par.mode == "pipeline" else set()))
+    print(format_table(plan(sizes, cluster, global_batch, stages, par.pp_partition, par.pp_layers_per_stage),
+                       cluster, sizes))
     print(f"\nglobal batch {global_batch} samples of {cfg.data.max_seq_len} tokens; "
           f"activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")
 

@@ -52,7 +52,7 @@ def test_yaml_file_recipe(tmp_path):
         ("model.backbone.visoin.hidden_size=3", ["unknown key 'model.backbone.visoin'", "vision"]),
         ("train.max_steps=abc", ["'train.max_steps'", "expected an integer", "'abc'"]),
         ("train.activation_checkpointing=3", ["'train.activation_checkpointing'", "true or false"]),
-        ("parallel.zero_stage=4", ["'parallel.zero_stage'", "one of 2, 3"]),
+        ("parallel.zero_stage=4", ["'parallel.zero_stage'", "one of 0, 1, 2, 3"]),
         ("train.precision=fp16", ["'train.precision'", "'bf16'"]),
         ("model.depth_vqvae.input_size=30", ["'model.depth_vqvae.input_size'", "power of two"]),
         ("train.warmup_steps=100", ["'train.warmup_steps'"]),

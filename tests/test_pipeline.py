@@ -211,3 +211,26 @@ def test_stage_bounds_by_hand():
     # tied: the last stage also holds the tied embedding (8 layers)
     assert len(layer_kinds(4, tied=True)) == 8
     assert stage_bounds(explicit, [10, 10, 5, 5, 5, 5, 0, 20]) == [0, 3, 8]
+
+
+def test_the_8b_pipeline_recipe_is_the_8b_recipe_cut_into_stages():
+    zero, pipe = load_config("perceptio_8b").to_dict(), load_config("perceptio_8b_pipeline").to_dict()
+    assert pipe["model"] == zero["model"] and pipe["data"] == zero["data"] and pipe["objective"] == zero["objective"]
+    assert pipe["parallel"]["mode"] == "pipeline" and pipe["parallel"]["zero_stage"] == 1
+    assert {k for k in pipe["train"] if pipe["train"][k] != zero["train"][k]} == {"grad_accum_steps"}
+
+
+def test_planner_uses_the_trainers_split_for_the_recipe():
+    from perceptio_dist.parallel.pipeline import split_layers
+    from perceptio_dist.plan import model_sizes, split_stages
+
+    sizes = model_sizes(load_config("perceptio_8b_pipeline"))
+    split = split_stages(sizes.blocks, 2)
+    bounds = split_layers([b.trainable for b in sizes.blocks], 32, 2)
+    assert [len(stage) for stage in split] == [bounds[1] - bounds[0], bounds[2] - bounds[1]]
+    exe = [sys.executable, "-m", "perceptio_dist.plan"]
+    proc = subprocess.run([*exe, "--recipe", "perceptio_8b_pipeline", "--nodes", "2",
+                           "parallel.pp_layers_per_stage=[14,18]"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| pp2xzero1 |" in proc.stdout and "decoder layers per stage [14, 18]" in proc.stdout

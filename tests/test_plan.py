@@ -77,11 +77,15 @@ def test_stage_split_is_contiguous_balanced_and_keeps_the_ends(sizes_8b):
         assert [b for stage in split for b in stage] == list(sizes_8b.blocks)
         assert split[0][0].name == "vision_tower" and split[-1][-1].name.startswith("norm+lm_head")
         assert all(any(b.name.startswith("decoder.") for b in stage) for stage in split)
-        loads = [sum(b.params for b in stage) for stage in split]
-        layer = max(b.params for b in sizes_8b.blocks if b.name.startswith("decoder."))
-        assert max(loads) - min(loads) <= 2 * layer + max(sizes_8b.blocks[0].params, sizes_8b.blocks[-1].params), loads
+        # Balanced by trainable parameters (what the optimizer states and gradients scale with).
+        loads = [sum(b.trainable for b in stage) for stage in split]
+        layer = max(b.trainable for b in sizes_8b.blocks if b.name.startswith("decoder."))
+        ends = max(sizes_8b.blocks[0].trainable + sizes_8b.blocks[1].trainable, sizes_8b.blocks[-1].trainable)
+        assert max(loads) - min(loads) <= 2 * layer + ends, loads
     with pytest.raises(ValueError, match="pipeline stages"):
         split_stages(sizes_8b.blocks, 1000)
+    explicit = split_stages(sizes_8b.blocks, 2, layers_per_stage=[10, 22])
+    assert [len([b for b in stage if b.name.startswith("decoder.")]) for stage in explicit] == [10, 22]
 
 
 def test_parameter_counts_match_a_real_built_model():

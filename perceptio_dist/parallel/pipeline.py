@@ -200,24 +200,33 @@ def layer_kinds(num_layers: int, tied: bool) -> list[str]:
 
 
 def stage_bounds(cfg: PerceptioConfig, layer_params: list[int]) -> list[int]:
-    """Layer index where each stage starts, plus the end: embed+vision on the first stage, the head on the last."""
+    """Layer index where each stage starts, plus the end, for the run's parallel settings."""
+    par = cfg.parallel
+    return split_layers(layer_params, cfg.model.backbone.text.num_layers, par.pp_stages, par.pp_partition,
+                        par.pp_layers_per_stage)
+
+
+def split_layers(layer_params: list[int], num_layers: int, stages: int, partition: str = "parameters",
+                 layers_per_stage: list[int] | None = None) -> list[int]:
+    """Stage bounds over the layer sequence [embed, vision, decoder 0..L-1, (tied embed,) head]: embed and vision
+    always on the first stage, the head on the last, decoder layers as given or balanced by trainable parameters
+    (DeepSpeed's partition_balanced over the units [embed+vision], each decoder layer, [head]) or uniformly.
+    Shared with the planner (plan.py), so it plans the split the trainer runs."""
     from deepspeed.runtime import utils as ds_utils
 
-    par, n = cfg.parallel, cfg.model.backbone.text.num_layers
-    stages, tail = par.pp_stages, len(layer_params) - FIRST_STAGE_LAYERS - n  # head (and tied embedding)
-    if par.pp_layers_per_stage is not None:
-        counts = list(par.pp_layers_per_stage)
+    n = num_layers
+    tail = len(layer_params) - FIRST_STAGE_LAYERS - n  # head (and tied embedding)
+    if layers_per_stage is not None:
+        counts = list(layers_per_stage)
     else:
-        # Units: [embed+vision], each decoder layer, [tail]; balanced by parameters or by count.
-        units = [sum(layer_params[:FIRST_STAGE_LAYERS])] + layer_params[FIRST_STAGE_LAYERS:FIRST_STAGE_LAYERS + n]
+        units = [sum(layer_params[:FIRST_STAGE_LAYERS])] + list(layer_params[FIRST_STAGE_LAYERS:FIRST_STAGE_LAYERS + n])
         units.append(sum(layer_params[FIRST_STAGE_LAYERS + n:]))
-        if par.pp_partition == "uniform":
+        if partition == "uniform":
             parts = ds_utils.partition_uniform(num_items=len(units), num_parts=stages)
         else:
             parts = ds_utils.partition_balanced(weights=units, num_parts=stages)
         # Unit bounds -> decoder layers per stage (the first unit and the last are not decoder layers).
-        counts = [int(min(parts[s + 1], n + 1) - max(parts[s], 1)) for s in range(stages)]
-        counts = [max(0, c) for c in counts]
+        counts = [max(0, int(min(parts[s + 1], n + 1) - max(parts[s], 1))) for s in range(stages)]
         if sum(counts) != n or any(c == 0 for c in counts[1:-1]):
             raise ConfigError(f"Config error at 'parallel.pp_stages': cannot balance {n} decoder layers over {stages} "
                               "stages by parameters; set parallel.pp_layers_per_stage explicitly.")
