@@ -51,8 +51,8 @@ def main() -> None:
         report = [vars(p) for p in partition_report(trainer.engine.module)]
         info = {
             "parameters": report,
-            "embedding_rows": trainer.model.backbone.get_input_embeddings().num_embeddings,
-            "lm_head_rows": trainer.model.lm_head.weight.ds_shape[0],
+            "embedding_rows": trainer.engine.module.model.backbone.get_input_embeddings().num_embeddings,
+            "lm_head_rows": trainer.engine.module.model.lm_head.weight.ds_shape[0],
             "tokenizer_size": len(trainer.tokenizer),
         }
         (out / f"partition_rank{rank}.json").write_text(json.dumps(info))
