@@ -98,7 +98,8 @@ def test_two_stages_train_like_zero3(zero3_run, two_stage_run, tiny_cfg):
 
 def test_four_ranks_as_two_stages_times_two_replicas_train_like_zero3(zero3_run, tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
-    run = train(run_dir, 4, tiny_shards, *PIPELINE)  # stages balanced by parameters (the default)
+    # Stages balanced by parameters (the default); activation checkpointing on (recomputation changes no value).
+    run = train(run_dir, 4, tiny_shards, *PIPELINE, "train.activation_checkpointing=true")
     assert_same_training(run, metrics(zero3_run))
     assert step_keys(run_dir, [0, 1]) == step_keys(zero3_run, [0, 1])  # ranks 0 and 1: stage 0's two replicas
     stages = json.loads((run_dir / "summary.json").read_text())["pipeline_stages"]
@@ -112,6 +113,12 @@ def test_tied_embeddings_are_shared_between_first_and_last_stage(tiny_shards, tm
     assert_same_training(run, reference)
     stages = json.loads((tmp_path / "pipe" / "summary.json").read_text())["pipeline_stages"]
     assert stages[-1]["kinds"][-2:] == ["tied_embed", "head"]
+    from perceptio_dist.export import export_checkpoint, load_exported
+
+    model, _ = load_exported(export_checkpoint(tmp_path / "pipe" / "checkpoints" / tag_for(3), tmp_path / "export"))
+    reference, _ = load_exported(export_checkpoint(tmp_path / "zero3" / "checkpoints" / tag_for(3), tmp_path / "ref"))
+    assert model.lm_head.weight is model.backbone.model.language_model.embed_tokens.weight
+    torch.testing.assert_close(model.lm_head.weight, reference.lm_head.weight, rtol=1e-4, atol=2e-5)
 
 
 def test_pipeline_resume_is_exact(two_stage_run, tiny_shards, tmp_path):

@@ -139,7 +139,9 @@ class HeadPipe(nn.Module):
         self.lm_head_terms = lm_head_terms
         self.objective = objective
         self.seg_id = model.token_ids.seg
-        self.tied_embedding: nn.Embedding | None = None  # bound after the PipelineModule is built (tied only)
+        # Tied only: the stage's copy of the embedding, bound after the PipelineModule is built. Kept in a tuple so
+        # it is not registered as a submodule here too (it belongs to the PipelineModule's tied_modules).
+        self.tied_embedding: tuple[nn.Embedding, ...] = ()
 
     def train(self, mode: bool = True) -> "HeadPipe":
         # As PerceptioModel.train: the frozen VQ-VAE and SAM2 parts stay in eval mode.
@@ -151,7 +153,7 @@ class HeadPipe(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self.lm_head.weight if self.lm_head is not None else self.tied_embedding.weight
+        return self.lm_head.weight if self.lm_head is not None else self.tied_embedding[0].weight
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden, _ = inputs
@@ -275,7 +277,7 @@ def build_pipeline_module(cfg: PerceptioConfig, model: PerceptioModel, objective
     if heads:
         loss.head = heads[0]
         if tied:
-            heads[0].tied_embedding = pipe.tied_modules[TIED_KEY].embed_tokens
+            heads[0].tied_embedding = (pipe.tied_modules[TIED_KEY].embed_tokens,)
     return pipe, loss
 
 

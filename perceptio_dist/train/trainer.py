@@ -26,17 +26,17 @@ import torch
 
 from ..config import ConfigError, PerceptioConfig, dump_yaml, expand_path, resolve_path, validate_runtime
 from ..data.training_data import build_loader
+from ..losses.lm_head_module import LMHeadTermsModule
 from ..losses.objective import TERMS, PerceptioObjective
 from ..model.perceptio import build_perceptio, parameter_report
 from ..model.tokenizer import load_tokenizer
 from ..parallel.deepspeed_config import build_deepspeed_config
 from ..parallel.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, init_distributed
+from ..parallel.pipeline import build_pipeline_module, layer_kinds, pipeline_batches, stage_of
 from ..parallel.zero import inject_optimizer_step, partitioned_construction, register_external_parameters
 from .checkpoint import CheckpointManager, Resumable, rng_state, set_rng_state
 from .flops import device_peak_tflops, flops_model_for
 from .metrics import MetricsLogger, peak_memory_mb
-from ..losses.lm_head_module import LMHeadTermsModule
-from ..parallel.pipeline import build_pipeline_module, layer_kinds, pipeline_batches, stage_of
 from .module import PerceptioTrainingModule
 from .optim import build_optimizer
 from .signals import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, REQUEUE_MARKER, StopRequest
