@@ -56,6 +56,12 @@ def train_main(argv: list[str] | None = None) -> None:
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     cfg = _load_or_exit(args.recipe, overrides)
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
+        from .config import validate_runtime
+
+        try:  # a rank-count mistake (batch arithmetic, pipeline stages) stops here, not in every rank
+            validate_runtime(cfg, args.nproc_per_node * args.nnodes)
+        except ConfigError as exc:
+            _config_error_exit(exc)
         if args.rdzv_endpoint:
             rendezvous = [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
                           f"--rdzv-id={args.rdzv_id}"]

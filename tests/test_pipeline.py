@@ -241,3 +241,12 @@ def test_planner_uses_the_trainers_split_for_the_recipe():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| pp2xzero1 |" in proc.stdout and "decoder layers per stage [14, 18]" in proc.stdout
+
+
+def test_launcher_refuses_a_rank_count_the_stages_do_not_divide(tiny_shards, tmp_path):
+    exe = shutil.which("perceptio-train", path=str(Path(sys.executable).parent))
+    proc = subprocess.run([exe, "--nproc-per-node", "3", *common(tmp_path / "run", tiny_shards), *PIPELINE],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "3 ranks cannot be split into 2 pipeline stages" in proc.stderr
+    assert not (tmp_path / "run").exists()  # stopped before torchrun started any rank
