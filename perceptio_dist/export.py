@@ -38,8 +38,7 @@ def consolidated_state_dict(checkpoint: Path, cfg: PerceptioConfig) -> dict[str,
     from .parallel.pipeline import is_pipeline_checkpoint, pipeline_state_dict
 
     if is_pipeline_checkpoint(checkpoint):
-        b = cfg.model.backbone
-        return pipeline_state_dict(checkpoint, b.text.num_layers, b.tie_word_embeddings)
+        return pipeline_state_dict(checkpoint, cfg.model.backbone.text.num_layers)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)

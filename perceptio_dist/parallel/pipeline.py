@@ -332,12 +332,15 @@ def _layer_module_keys(kind: str, tied: bool) -> dict[str, str]:
     return keys
 
 
-def pipeline_state_dict(checkpoint, num_layers: int, tied: bool) -> dict[str, torch.Tensor]:
+def pipeline_state_dict(checkpoint, num_layers: int) -> dict[str, torch.Tensor]:
     """Full weights of a pipeline checkpoint (its layer_NN-model_states.pt files), keyed as in PerceptioModel.
 
     The layer files hold the module weights the stages computed with (fp32 runs: exactly the master weights).
+    With tied embeddings the head is one index further (after the last stage's tied embedding, which DeepSpeed
+    does not save twice).
     """
     checkpoint = Path(checkpoint)
+    tied = any(checkpoint.glob(f"layer_{FIRST_STAGE_LAYERS + num_layers + 1:02d}-*model_states.pt"))
     state: dict[str, torch.Tensor] = {}
     for index, kind in enumerate(layer_kinds(num_layers, tied)):
         files = sorted(checkpoint.glob(f"layer_{index:02d}-*model_states.pt"))
