@@ -24,15 +24,15 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .parallel.distributed import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-HARDBLINK = ROOT.parent / "shared" / "data" / "hardblink"
 BIN = Path(sys.executable).parent
 
 
@@ -72,12 +72,6 @@ def _done(marker: Path) -> bool:
 
 def _mark(marker: Path, info: dict) -> None:
     marker.write_text(json.dumps(info, indent=1))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Demo:
@@ -122,7 +116,7 @@ class Demo:
         token.chmod(0o600)
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        dashboard = _free_port()
+        dashboard = free_port()
         config = self.out / "preprocess.yaml"
         recipe = (ROOT / "perceptio_dist" / "recipes" / "preprocess" / "preprocess_tiny.yaml").read_text()
         config.write_text(recipe.replace("runs/tiny_data/scenes", str(self.out / "scenes"))
@@ -130,7 +124,7 @@ class Demo:
                           .replace("shard_size: 32", f"shard_size: {self.size.shard_size}")
                           .replace("runs/tiny_data/depth_vqvae/tokenizer.safetensors",
                                    str(self.out / "depth_vqvae" / "tokenizer.safetensors")))
-        _run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+        _run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
               "--include-dashboard=true", "--disable-usage-stats"], self.logs / "ray_start.log", env)
         try:
@@ -171,6 +165,7 @@ class Demo:
         return self._train("ablation", ["data.depth_tokens=false"])
 
     def evaluate(self) -> dict:
+        from .eval.benchmarks import DEFAULT_HARDBLINK
         from .export import export_checkpoint
 
         results = {}
@@ -181,8 +176,8 @@ class Demo:
             cmd = [sys.executable, "-m", "perceptio_dist.eval.run", "--model", str(export), "--out",
                    str(self.out / name / "eval"), "--synthetic-scenes", str(self.out / "heldout_scenes"),
                    "--max-new-tokens", "40", "--batch-size", "8"]
-            if HARDBLINK.exists():
-                cmd += ["--hardblink", str(HARDBLINK)]
+            if DEFAULT_HARDBLINK.exists():
+                cmd += ["--benchmark", "hardblink"]
             if self.size.eval_limit:
                 cmd += ["--limit", str(self.size.eval_limit)]
             _run(cmd, self.logs / f"eval_{name}.log")

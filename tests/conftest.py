@@ -44,11 +44,8 @@ def launcher_variables_restored():
 def _restore_environment():
     """In-process runs join a one-rank process group and set RANK/MASTER_PORT; a later subprocess that
     inherited them would think it was already launched by torchrun (and reuse a bound port)."""
-    saved = dict(os.environ)
-    yield
-    for name in _LAUNCHER_VARIABLES:
-        if name not in saved:
-            os.environ.pop(name, None)
+    with launcher_variables_restored():
+        yield
 
 
 def make_shards(folder: Path, num_scenes: int, shard_size: int, *overrides: str) -> Path:
@@ -92,7 +89,7 @@ def run_ranks(nproc: int, args: list[str], timeout: float, cwd: Path = ROOT, mod
     """Run ``nproc`` local ranks with torchrun; a hang fails the test through ``timeout``."""
     target = ["-m", module] if script is None else [script]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *args]
-    env = {**{k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**without_launcher_variables(dict(os.environ)), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     try:
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:

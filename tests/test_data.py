@@ -22,12 +22,13 @@ from perceptio_dist.data.scenes.tasks import closest_point_markers, referring_ex
 from perceptio_dist.data.shards import ShardSample, npy_load, read_manifest, read_shard
 from perceptio_dist.data.sources import iter_source
 from perceptio_dist.data.training_data import build_loader
+from perceptio_dist.eval.benchmarks import DEFAULT_HARDBLINK
 from perceptio_dist.losses.objective import IGNORE_INDEX, find_depth_blocks
 from perceptio_dist.model.spatial_tokens import add_spatial_tokens
 
 from .fixtures import make_coco, make_image_folder, make_llava, make_refcoco
 
-HARDBLINK = Path(__file__).resolve().parents[2] / "shared" / "data" / "hardblink"
+HARDBLINK = DEFAULT_HARDBLINK
 
 
 @pytest.fixture

@@ -18,13 +18,14 @@ import torch
 from PIL import Image
 
 from perceptio_dist.config import load_config
+from perceptio_dist.eval.benchmarks import DEFAULT_HARDBLINK
 from perceptio_dist.eval.generate import GenerationSettings, SpatialConstraint, SpatialPolicy, generate
 from perceptio_dist.eval.scoring import MaskScores, parse_choice_letter
 
 from .conftest import NO_TOKENIZER, ROOT
 from .fixtures import make_refcoco
 
-HARDBLINK = ROOT.parent / "shared" / "data" / "hardblink"
+HARDBLINK = DEFAULT_HARDBLINK
 
 
 @pytest.mark.parametrize("text, n, expected", [

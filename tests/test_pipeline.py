@@ -22,7 +22,7 @@ import torch
 from perceptio_dist.config import ConfigError, data_parallel_size, load_config
 from perceptio_dist.train.checkpoint import tag_for
 
-from .conftest import NO_TOKENIZER, ROOT, run_ranks
+from .conftest import NO_TOKENIZER, ROOT, read_metrics, run_ranks
 
 STEPS = 6
 PIPELINE = ["parallel.mode=pipeline", "parallel.zero_stage=1", "parallel.deepspeed_config=ds_configs/pipeline.json",
@@ -37,11 +37,7 @@ def common(run_dir: Path, shards: Path, steps: int = STEPS) -> list[str]:
 
 def train(run_dir: Path, nproc: int, shards: Path, *overrides: str, steps: int = STEPS) -> list[dict]:
     run_ranks(nproc, [*common(run_dir, shards, steps), *overrides], timeout=600)
-    return metrics(run_dir)
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir)
 
 
 def step_keys(run_dir: Path, ranks: list[int]) -> dict[int, list[str]]:
@@ -86,7 +82,7 @@ def test_two_stages_train_like_zero3(zero3_run, two_stage_run, tiny_cfg):
     from perceptio_dist.model.perceptio import build_perceptio
     from perceptio_dist.model.tokenizer import load_tokenizer
 
-    assert_same_training(metrics(two_stage_run), metrics(zero3_run))
+    assert_same_training(read_metrics(two_stage_run), read_metrics(zero3_run))
     assert step_keys(two_stage_run, [0]) == step_keys(zero3_run, [0, 1])
     summary = json.loads((two_stage_run / "summary.json").read_text())
     stages = summary["pipeline_stages"]
@@ -100,7 +96,7 @@ def test_four_ranks_as_two_stages_times_two_replicas_train_like_zero3(zero3_run,
     run_dir = tmp_path / "run"
     # Stages balanced by parameters (the default); activation checkpointing on (recomputation changes no value).
     run = train(run_dir, 4, tiny_shards, *PIPELINE, "train.activation_checkpointing=true")
-    assert_same_training(run, metrics(zero3_run))
+    assert_same_training(run, read_metrics(zero3_run))
     assert step_keys(run_dir, [0, 1]) == step_keys(zero3_run, [0, 1])  # ranks 0 and 1: stage 0's two replicas
     stages = json.loads((run_dir / "summary.json").read_text())["pipeline_stages"]
     assert stages[0]["kinds"][:2] == ["embed", "vision"] and stages[-1]["kinds"][-1] == "head"
@@ -127,9 +123,9 @@ def test_pipeline_resume_is_exact(two_stage_run, tiny_shards, tmp_path):
     assert sorted(p.name for p in checkpoint.glob("layer_*")) == [f"layer_0{i}-model_states.pt" for i in range(5)]
     train(run_dir, 2, tiny_shards, *PIPELINE, "train.grad_accum_steps=2", "parallel.pp_layers_per_stage=[1,1]",
           f"checkpoint.resume={checkpoint}")
-    resumed = metrics(run_dir)
+    resumed = read_metrics(run_dir)
     assert [m["step"] for m in resumed] == [4, 5, 6]
-    assert [m["loss"] for m in resumed] == [m["loss"] for m in metrics(two_stage_run)[3:]]  # bit-identical
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in read_metrics(two_stage_run)[3:]]  # bit-identical
 
 
 def test_pipeline_checkpoint_exports_the_same_model_as_zero3(zero3_run, two_stage_run, tmp_path):

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -19,17 +18,12 @@ from PIL import Image
 
 from perceptio_dist.data.scenes.cli import write_scenes
 from perceptio_dist.data.shards import npy_load, read_manifest, read_shard
+from perceptio_dist.parallel.distributed import free_port
 
 from .conftest import ROOT
 from .fixtures import make_coco, make_image_folder, make_llava, make_refcoco, save_tiny_depth_anything
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -41,9 +35,9 @@ def ray_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
            # the job's `python` must be this venv's, also when pytest was not started from an activated venv
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    dashboard = _free_port()
+    dashboard = free_port()
     start = subprocess.run(
-        [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+        [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
          "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180,

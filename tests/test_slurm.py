@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,18 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from perceptio_dist.parallel.distributed import free_port
+
 from .conftest import NO_TOKENIZER, ROOT, read_metrics, without_launcher_variables
 from .test_preprocess_job import _submit, ray_head  # noqa: F401  (a fixture)
 
 SCRIPTS = sorted([*ROOT.glob("slurm/*.sh"), *ROOT.glob("tools/*.sh"), *ROOT.glob("scripts/*.sh"),
                   ROOT / "run_demo.sh", ROOT / "run_tests.sh", ROOT / ".ci" / "run"])
 VENV = Path(sys.executable).parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _can_install_packages() -> bool:
@@ -44,9 +39,9 @@ def slurm(tmp_path_factory):
     if not shutil.which("slurmctld") and not _can_install_packages():
         pytest.skip("slurm-wlm is not installed and this user cannot install Debian packages")
     state = tmp_path_factory.mktemp("slurm")
-    port = _free_port()
+    port = free_port()
     while port > 65000:
-        port = _free_port()
+        port = free_port()
     env = {**os.environ, "LOCAL_SLURM_PORT": str(port)}
     start = subprocess.run([str(ROOT / "tools" / "local_slurm.sh"), "start", str(state)], env=env,
                            capture_output=True, text=True, timeout=600)
@@ -90,7 +85,7 @@ def _wait_for_state(env: dict, job: str, states: set[str], timeout: float, on_pe
 def _train_job_env(run_dir: Path, shards: Path, steps: int) -> dict:
     return {
         "PERCEPTIO_RECIPE": "tiny_cpu", "PERCEPTIO_PROCS_PER_NODE": "2", "PERCEPTIO_VENV": str(VENV),
-        "PERCEPTIO_ROOT": str(ROOT), "PERCEPTIO_RUN_DIR": str(run_dir), "PERCEPTIO_RDZV_PORT": str(_free_port()),
+        "PERCEPTIO_ROOT": str(ROOT), "PERCEPTIO_RUN_DIR": str(run_dir), "PERCEPTIO_RDZV_PORT": str(free_port()),
         "PERCEPTIO_OVERRIDES": f"train.max_steps={steps} data.shards={shards} {NO_TOKENIZER} "
                                "logging.wandb=disabled logging.progress_bar=false checkpoint.save_final=true",
     }
@@ -180,7 +175,7 @@ def test_preprocess_ray_script_makes_the_same_shards_as_a_direct_ray_job_submit(
         "PERCEPTIO_PREPROCESS_CONFIG": str(_preprocess_config(tmp_path / "slurm.yaml", tmp_path / "scenes",
                                                               tmp_path / "slurm_shards")),
         "PERCEPTIO_VENV": str(VENV), "PERCEPTIO_ROOT": str(ROOT),
-        "PERCEPTIO_RAY_PORT": str(_free_port()), "PERCEPTIO_RAY_DASHBOARD_PORT": str(_free_port()),
+        "PERCEPTIO_RAY_PORT": str(free_port()), "PERCEPTIO_RAY_DASHBOARD_PORT": str(free_port()),
         # Ray's socket paths must stay under 108 bytes: a short folder, not the test's tmp_path.
         "PERCEPTIO_RAY_TMP": tempfile.mkdtemp(prefix="ray", dir="/tmp"),
     })

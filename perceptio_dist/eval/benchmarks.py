@@ -21,6 +21,9 @@ from ..data.preprocess_config import SourceConfig
 from ..data.preprocess_stages import decode_row
 from ..data.records import Record
 
+# The real HardBLINK files next to the repository (../shared/data/hardblink), read only, never copied.
+DEFAULT_HARDBLINK = Path(__file__).resolve().parents[3] / "shared" / "data" / "hardblink"
+
 
 @dataclass
 class EvalItem:

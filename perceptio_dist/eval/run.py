@@ -23,13 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .benchmarks import EvalItem, hardblink_items, mmbench_items, refcoco_items, synthetic_items
+from .benchmarks import DEFAULT_HARDBLINK, EvalItem, hardblink_items, mmbench_items, refcoco_items, synthetic_items
 from .generate import GenerationSettings, Prediction, SpatialPolicy, generate
 from .scoring import MaskScores, accuracy, parse_choice_letter
 
 log = logging.getLogger("perceptio_dist.eval")
 EXIT_USAGE = 2
-DEFAULT_HARDBLINK = Path(__file__).resolve().parents[3] / "shared" / "data" / "hardblink"
 
 
 def _policy(task: str, depth_tokens: bool, depth_policy: str) -> SpatialPolicy:

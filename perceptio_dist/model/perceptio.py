@@ -55,12 +55,9 @@ class PerceptioModel(nn.Module):
             lm.layers.requires_grad_(False)
             lm.norm.requires_grad_(False)
 
-    # Frozen parts stay in eval mode whatever mode the model is put in (no EMA updates, no dropout).
     def train(self, mode: bool = True) -> "PerceptioModel":
         super().train(mode)
-        self.depth_vqvae.eval()
-        for module in self.seg_head.frozen_modules():
-            module.eval()
+        keep_frozen_parts_in_eval(self.seg_head, self.depth_vqvae)
         return self
 
     @property
@@ -92,6 +89,13 @@ class PerceptioModel(nn.Module):
         self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, sam_images: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
         return segment_seg_tokens(self.seg_head, self.token_ids.seg, hidden, input_ids, attention_mask, sam_images)
+
+
+def keep_frozen_parts_in_eval(seg_head: SegHead, depth_vqvae: DepthVQVAE) -> None:
+    """Frozen parts stay in eval mode whatever mode their owner is put in (no EMA updates, no dropout)."""
+    depth_vqvae.eval()
+    for module in seg_head.frozen_modules():
+        module.eval()
 
 
 def segment_seg_tokens(seg_head: SegHead, seg_id: int, hidden: torch.Tensor, input_ids: torch.Tensor,

@@ -38,7 +38,7 @@ from transformers.models.internvl.modeling_internvl import InternVLModel
 from ..config import ConfigError, PerceptioConfig
 from ..losses.lm_head_module import LMHeadTermsModule
 from ..losses.objective import PerceptioObjective
-from ..model.perceptio import PerceptioModel, segment_seg_tokens
+from ..model.perceptio import PerceptioModel, keep_frozen_parts_in_eval, segment_seg_tokens
 from ..train.module import objective_outputs
 
 TIED_KEY = "embed"
@@ -144,11 +144,8 @@ class HeadPipe(nn.Module):
         self.tied_embedding: tuple[nn.Embedding, ...] = ()
 
     def train(self, mode: bool = True) -> "HeadPipe":
-        # As PerceptioModel.train: the frozen VQ-VAE and SAM2 parts stay in eval mode.
         super().train(mode)
-        self.depth_vqvae.eval()
-        for module in self.seg_head.frozen_modules():
-            module.eval()
+        keep_frozen_parts_in_eval(self.seg_head, self.depth_vqvae)
         return self
 
     @property
