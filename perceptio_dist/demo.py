@@ -66,10 +66,6 @@ def _run(cmd: list[str], log: Path, env: dict | None = None) -> None:
                  f"--- last lines of {log} ---\n{tail}")
 
 
-def _done(marker: Path) -> bool:
-    return marker.exists()
-
-
 def _mark(marker: Path, info: dict) -> None:
     marker.write_text(json.dumps(info, indent=1))
 
@@ -83,7 +79,7 @@ class Demo:
 
     def stage(self, name: str, fn) -> None:
         marker = self.out / f".{name}.done"
-        if _done(marker):
+        if marker.exists():
             _say(f"{name}: done in an earlier run (delete {marker} to redo it)")
             return
         _say(f"{name} ... (output in {self.logs})")
@@ -117,23 +113,19 @@ class Demo:
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         dashboard = free_port()
-        config = self.out / "preprocess.yaml"
-        recipe = (ROOT / "perceptio_dist" / "recipes" / "preprocess" / "preprocess_tiny.yaml").read_text()
-        config.write_text(recipe.replace("runs/tiny_data/scenes", str(self.out / "scenes"))
-                          .replace("runs/tiny_data/shards", str(self.out / "shards"))
-                          .replace("shard_size: 32", f"shard_size: {self.size.shard_size}")
-                          .replace("runs/tiny_data/depth_vqvae/tokenizer.safetensors",
-                                   str(self.out / "depth_vqvae" / "tokenizer.safetensors")))
+        job = ["python", "-m", "ray_jobs.preprocess", "--config", "preprocess_tiny",
+               f"sources.0.path={self.out / 'scenes'}", f"output_dir={self.out / 'shards'}",
+               f"shard_size={self.size.shard_size}",
+               f"depth_vqvae.checkpoint={self.out / 'depth_vqvae' / 'tokenizer.safetensors'}"]
         _run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
               "--include-dashboard=true", "--disable-usage-stats"], self.logs / "ray_start.log", env)
         try:
-            for attempt in range(20):  # the job server refuses jobs until its agent has registered
+            for _ in range(20):  # the job server refuses jobs until its agent has registered
                 log = self.logs / "preprocess.log"
                 proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-                                       "--working-dir", str(ROOT), "--", "python", "-m", "ray_jobs.preprocess",
-                                       "--config", str(config)], cwd=ROOT, env=env, capture_output=True, text=True,
-                                      stdin=subprocess.DEVNULL)
+                                       "--working-dir", str(ROOT), "--", *job], cwd=ROOT, env=env, capture_output=True,
+                                      text=True, stdin=subprocess.DEVNULL)
                 log.write_text(proc.stdout + proc.stderr)
                 if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr:
                     break
