@@ -148,7 +148,7 @@ class Demo:
                "logging.progress_bar=false", *extra, *self.overrides]
         _run(cmd, self.logs / f"{name}.log")
         summary = json.loads((run / "summary.json").read_text())
-        return {"final_loss": summary.get("final_loss"), "steps": steps}
+        return {"last_loss": summary["last_loss"], "steps": steps}
 
     def train(self) -> dict:
         return self._train("depth_model", [])
