@@ -54,6 +54,30 @@ class ModelSource:
 
     def __init__(self, model: PerceptioModel):
         self.model: PerceptioModel | None = model
+        self.decoder_context = DecoderContext()  # shared by this rank's decoder layers
+
+
+class DecoderContext:
+    """Position ids, rotary embeddings and causal masks of the micro-batch a stage is running: computed by its
+    first decoder layer, reused by the others. The attention mask tensor passes unchanged through a stage's
+    layers, so its identity marks the micro-batch (DeepSpeed hands each micro-batch a fresh copy)."""
+
+    def __init__(self):
+        self._mask: torch.Tensor | None = None  # held, so its identity cannot be reused while cached
+        self._cached: dict = {}
+
+    def get(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layer_type: str, config, rotary_emb):
+        key = (hidden.shape[1], hidden.dtype, hidden.device)
+        if attention_mask is not self._mask or self._cached.get("key") != key:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            self._mask = attention_mask
+            self._cached = {"key": key, "position_ids": position_ids,
+                            "position_embeddings": rotary_emb(hidden, position_ids)}
+        if layer_type not in self._cached:
+            make_mask = create_sliding_window_causal_mask if layer_type == "sliding_attention" else create_causal_mask
+            self._cached[layer_type] = make_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                                 cache=None, position_ids=self._cached["position_ids"])
+        return self._cached["position_ids"], self._cached["position_embeddings"], self._cached[layer_type]
 
 
 class TokenEmbeddingPipe(nn.Module):
@@ -102,8 +126,8 @@ class VisionMergePipe(nn.Module):
 
 
 class DecoderLayerPipe(nn.Module):
-    """One LLM decoder layer; position ids, rotary embeddings and the causal mask are rebuilt per layer, as the
-    language model builds them once (right-padded batches: positions 0..T-1)."""
+    """One LLM decoder layer. Position ids, rotary embeddings and the causal mask are built as the language model
+    builds them (right-padded batches: positions 0..T-1), once per micro-batch and stage (DecoderContext)."""
 
     def __init__(self, source: ModelSource, index: int):
         super().__init__()
@@ -111,16 +135,15 @@ class DecoderLayerPipe(nn.Module):
         self.layer = lm.layers[index]
         self.rotary_emb = lm.rotary_emb  # no persistent state; shared by the layers of a stage
         self.config = lm.config
+        self.context = source.decoder_context
         self.index = index
         self.layer_type = lm.config.layer_types[index] if getattr(lm.config, "layer_types", None) else "full_attention"
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, attention_mask = inputs
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        make_mask = create_sliding_window_causal_mask if self.layer_type == "sliding_attention" else create_causal_mask
-        mask = make_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-                         position_ids=position_ids)
-        hidden = self.layer(hidden, attention_mask=mask, position_embeddings=self.rotary_emb(hidden, position_ids),
+        position_ids, position_embeddings, mask = self.context.get(hidden, attention_mask, self.layer_type,
+                                                                   self.config, self.rotary_emb)
+        hidden = self.layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
                             position_ids=position_ids, cache=None, use_cache=False)
         return hidden, attention_mask
 
