@@ -10,4 +10,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/ensure_venv.sh
-exec python -m perceptio_dist.demo "$@"
+exec python -m perceptio_dist.cli.demo "$@"

@@ -28,13 +28,45 @@ class ConfigError(ValueError):
     """A user mistake in a recipe or an override. The message is meant to be read as is."""
 
 
-def _doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
-    kwargs = {"metadata": {"doc": text}}
+def doc_field(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING, **metadata):
+    """A dataclass field with its documentation (``metadata["doc"]``), the one way config fields are declared."""
+    kwargs = {"metadata": {"doc": text, **metadata}}
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
     if default_factory is not dataclasses.MISSING:
         kwargs["default_factory"] = default_factory
     return field(**kwargs)
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """What a path field holds, read by :func:`resolve_paths` (at load) and :func:`check_input_paths` (at start).
+
+    ``input`` paths are expanded ($VARS, ~) and resolved against the working directory, then the repository
+    root; ``output`` paths are expanded only. ``keywords`` and ``prefixes`` mark values that are not paths
+    ('auto', 'pretrained', 'builtin:...'). ``must_exist``: refused at start when missing, with ``purpose``
+    (what the file is) and ``remedy`` (what to do) in the message.
+    """
+
+    kind: Literal["input", "output"] = "input"
+    purpose: str = ""
+    remedy: str = ""
+    keywords: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+    must_exist: bool = True
+    folder: bool = False
+
+    def is_path(self, value: Any) -> bool:
+        return isinstance(value, str) and bool(value) and value not in self.keywords and not value.startswith(
+            self.prefixes)
+
+
+WEIGHTS_REMEDY = "Point it at a local copy (no weights are downloaded) or set it to null to use random weights."
+
+
+def path_field(text: str, default: Any = dataclasses.MISSING, **spec):
+    """A documented field holding a path; ``spec`` are :class:`PathSpec` fields."""
+    return doc_field(text, default, path=PathSpec(**spec))
 
 
 # ----------------------------------------------------------------------------- model
@@ -44,67 +76,69 @@ def _doc(text: str, default: Any = dataclasses.MISSING, default_factory: Any = d
 class VisionArchitecture:
     """InternViT vision tower (transformers' ``InternVLVisionConfig``)."""
 
-    hidden_size: int = _doc("Width of the vision transformer (1024 for InternViT-300M).", 1024)
-    num_layers: int = _doc("Number of vision transformer layers.", 24)
-    num_heads: int = _doc("Attention heads in the vision transformer.", 16)
-    intermediate_size: int = _doc("MLP width of the vision transformer.", 4096)
-    image_size: int = _doc("Tile size in pixels seen by the vision tower (448 for InternVL2.5).", 448)
-    patch_size: int = _doc("Patch size in pixels.", 14)
-    norm_type: Literal["layer_norm", "rms_norm"] = _doc("Normalisation layer of the vision tower.", "layer_norm")
-    use_qk_norm: bool = _doc("Normalise queries and keys (InternViT-6B uses it, InternViT-300M does not).", False)
+    hidden_size: int = doc_field("Width of the vision transformer (1024 for InternViT-300M).", 1024)
+    num_layers: int = doc_field("Number of vision transformer layers.", 24)
+    num_heads: int = doc_field("Attention heads in the vision transformer.", 16)
+    intermediate_size: int = doc_field("MLP width of the vision transformer.", 4096)
+    image_size: int = doc_field("Tile size in pixels seen by the vision tower (448 for InternVL2.5).", 448)
+    patch_size: int = doc_field("Patch size in pixels.", 14)
+    norm_type: Literal["layer_norm", "rms_norm"] = doc_field("Normalisation layer of the vision tower.", "layer_norm")
+    use_qk_norm: bool = doc_field("Normalise queries and keys (InternViT-6B uses it, InternViT-300M does not).", False)
 
 
 @dataclass
 class TextArchitecture:
     """The language model inside InternVL (a transformers causal-LM config)."""
 
-    model_type: Literal["qwen2", "llama"] = _doc(
+    model_type: Literal["qwen2", "llama"] = doc_field(
         "transformers model type of the LLM: 'llama' for InternLM2.5 converted to HF format, 'qwen2' for Qwen2.5.",
         "llama",
     )
-    hidden_size: int = _doc("LLM hidden width d.", 4096)
-    num_layers: int = _doc("LLM decoder layers.", 32)
-    num_heads: int = _doc("LLM attention heads.", 32)
-    num_kv_heads: int = _doc("LLM key/value heads (grouped-query attention).", 8)
-    intermediate_size: int = _doc("LLM MLP width.", 14336)
-    vocab_size: Optional[int] = _doc(
+    hidden_size: int = doc_field("LLM hidden width d.", 4096)
+    num_layers: int = doc_field("LLM decoder layers.", 32)
+    num_heads: int = doc_field("LLM attention heads.", 32)
+    num_kv_heads: int = doc_field("LLM key/value heads (grouped-query attention).", 8)
+    intermediate_size: int = doc_field("LLM MLP width.", 14336)
+    vocab_size: Optional[int] = doc_field(
         "Vocabulary size of the base checkpoint, before spatial tokens are added. null: the tokenizer's size.", None
     )
-    rope_theta: float = _doc("Rotary embedding base.", 1_000_000.0)
-    max_position_embeddings: int = _doc("Longest sequence the LLM supports.", 32768)
-    rms_norm_eps: float = _doc("Epsilon of the LLM's RMSNorm layers.", 1e-5)
+    rope_theta: float = doc_field("Rotary embedding base.", 1_000_000.0)
+    max_position_embeddings: int = doc_field("Longest sequence the LLM supports.", 32768)
+    rms_norm_eps: float = doc_field("Epsilon of the LLM's RMSNorm layers.", 1e-5)
 
 
 @dataclass
 class BackboneConfig:
     """InternVL backbone: transformers' native ``InternVLForConditionalGeneration``."""
 
-    pretrained_path: Optional[str] = _doc(
+    pretrained_path: Optional[str] = path_field(
         "Local folder of an HF-native InternVL checkpoint (e.g. InternVL2.5-8B converted with transformers' "
         "converter, or InternVL3-8B-hf). null: build from `vision`/`text` below with random weights. "
         "Environment variables ($VAR) are expanded.",
-        None,
+        None, purpose="the folder of the InternVL backbone's weights", remedy=WEIGHTS_REMEDY, folder=True,
     )
-    tokenizer: str = _doc(
+    tokenizer: str = path_field(
         "Where the tokenizer comes from: 'pretrained' (the checkpoint folder), 'builtin:tiny_bpe' (a small BPE "
         "shipped with the package, for tests and the demo) or a local folder.",
-        "pretrained",
+        "pretrained", keywords=("pretrained",), prefixes=("builtin:",), folder=True,
+        purpose="the tokenizer folder (tokenizer.json and its config)",
+        remedy="Point it at a local tokenizer folder, or use 'pretrained' (the backbone's) or 'builtin:tiny_bpe'.",
     )
-    vision: VisionArchitecture = _doc("Vision tower architecture (checked against the checkpoint when one is loaded).",
+    vision: VisionArchitecture = doc_field("Vision tower architecture (checked against the checkpoint when one is loaded).",
                                       default_factory=VisionArchitecture)
-    text: TextArchitecture = _doc("LLM architecture (checked against the checkpoint when one is loaded).",
+    text: TextArchitecture = doc_field("LLM architecture (checked against the checkpoint when one is loaded).",
                                   default_factory=TextArchitecture)
-    downsample_ratio: float = _doc("Pixel-shuffle factor between vision tower and projector (0.5: 4x fewer tokens).", 0.5)
-    tie_word_embeddings: bool = _doc("Share the input embedding and LM head (InternLM2.5 and Qwen2.5-7B: false).", False)
-    image_token: str = _doc("Placeholder token replaced by image features.", "<IMG_CONTEXT>")
-    image_start_token: str = _doc("Token opening an image span.", "<img>")
-    image_end_token: str = _doc("Token closing an image span.", "</img>")
-    max_tiles: int = _doc("Most 448-px tiles per image in dynamic tiling (a thumbnail is added when > 1).", 12)
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = _doc(
+    downsample_ratio: float = doc_field("Pixel-shuffle factor between vision tower and projector (0.5: 4x fewer tokens).", 0.5)
+    tie_word_embeddings: bool = doc_field("Share the input embedding and LM head (InternLM2.5 and Qwen2.5-7B: false).", False)
+    image_token: str = doc_field("Placeholder token replaced by image features.", "<IMG_CONTEXT>")
+    image_start_token: str = doc_field("Token opening an image span.", "<img>")
+    image_end_token: str = doc_field("Token closing an image span.", "</img>")
+    max_tiles: int = doc_field("Most 448-px tiles per image in dynamic tiling (a thumbnail is added when > 1).", 12)
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = doc_field(
         "Attention kernel. 'auto': flash_attention_2 when flash-attn imports and a GPU is present, else sdpa.", "auto"
     )
-    freeze_vision_tower: bool = _doc("Keep the InternViT weights fixed.", False)
-    freeze_language_model: bool = _doc("Keep the LLM decoder weights fixed (spatial-token rows stay trainable only "
+    freeze_vision_tower: bool = doc_field("Keep the InternViT weights fixed.", False)
+    freeze_language_model: bool = doc_field("Keep the LLM decoder weights fixed (spatial-token rows stay trainable only "
                                        "if the embeddings are trainable).", False)
 
 
@@ -112,12 +146,12 @@ class BackboneConfig:
 class SpatialTokensConfig:
     """Spatial tokens added to the tokenizer; embeddings and LM head are resized, new rows trainable."""
 
-    num_depth_codes: int = _doc("K: size of the depth codebook, one token <DEPTH_k> per code.", 128)
-    depth_grid: int = _doc("The depth map is tokenised on a depth_grid x depth_grid grid: N = depth_grid^2 tokens.", 10)
-    seg_token: str = _doc("Token whose last hidden state prompts the SAM2 mask decoder.", "[SEG]")
-    depth_start_token: str = _doc("Token opening a depth block.", "<DEPTH_START>")
-    depth_end_token: str = _doc("Token closing a depth block.", "<DEPTH_END>")
-    depth_code_template: str = _doc("Format of the K code tokens; '{}' is replaced by the code index.", "<DEPTH_{}>")
+    num_depth_codes: int = doc_field("K: size of the depth codebook, one token <DEPTH_k> per code.", 128)
+    depth_grid: int = doc_field("The depth map is tokenised on a depth_grid x depth_grid grid: N = depth_grid^2 tokens.", 10)
+    seg_token: str = doc_field("Token whose last hidden state prompts the SAM2 mask decoder.", "[SEG]")
+    depth_start_token: str = doc_field("Token opening a depth block.", "<DEPTH_START>")
+    depth_end_token: str = doc_field("Token closing a depth block.", "<DEPTH_END>")
+    depth_code_template: str = doc_field("Format of the K code tokens; '{}' is replaced by the code index.", "<DEPTH_{}>")
 
     @property
     def num_depth_tokens(self) -> int:
@@ -129,36 +163,40 @@ class SpatialTokensConfig:
 class SegHeadConfig:
     """[SEG] -> MLP -> SAM2 mask decoder, from the official `sam2` package."""
 
-    sam2_config: str = _doc(
+    sam2_config: str = path_field(
         "SAM2 model config: a name from the sam2 package (e.g. 'configs/sam2.1/sam2.1_hiera_l.yaml'), a config "
         "shipped here (e.g. 'sam2_tiny', in perceptio_dist/recipes/sam2/) or a path to a yaml file.",
-        "configs/sam2.1/sam2.1_hiera_l.yaml",
+        "configs/sam2.1/sam2.1_hiera_l.yaml", must_exist=False,  # a name is not a file
     )
-    sam2_checkpoint: Optional[str] = _doc(
-        "Local SAM2 checkpoint (.pt as released: a dict with key 'model'). null: random weights.", None
+    sam2_checkpoint: Optional[str] = path_field(
+        "Local SAM2 checkpoint (.pt as released: a dict with key 'model'). null: random weights.", None,
+        purpose="the SAM2 checkpoint (.pt)", remedy=WEIGHTS_REMEDY,
     )
-    mlp_hidden_size: Optional[int] = _doc("Hidden width of the 2-layer [SEG] MLP; null: the LLM hidden size.", None)
+    mlp_hidden_size: Optional[int] = doc_field("Hidden width of the 2-layer [SEG] MLP; null: the LLM hidden size.", None)
 
 
 @dataclass
 class DepthVQVAEConfig:
     """Convolutional VQ-VAE over a normalised inverse-depth map; frozen during Perceptio training."""
 
-    input_size: int = _doc("Side of the square depth map the tokenizer sees; input_size/depth_grid must be a power of 2.", 320)
-    code_dim: int = _doc("Width of each codebook vector.", 512)
-    base_channels: int = _doc("Channels after the stem conv; doubled at each downsampling, capped at max_channels.", 64)
-    max_channels: int = _doc("Cap on the channel count of the conv stages.", 512)
-    num_res_blocks: int = _doc("Residual blocks per resolution level.", 1)
-    ema_decay: float = _doc("EMA decay of the codebook updates (training the tokenizer only).", 0.99)
-    checkpoint: Optional[str] = _doc("Trained tokenizer weights (safetensors). null: random weights.", None)
+    input_size: int = doc_field("Side of the square depth map the tokenizer sees; input_size/depth_grid must be a power of 2.", 320)
+    code_dim: int = doc_field("Width of each codebook vector.", 512)
+    base_channels: int = doc_field("Channels after the stem conv; doubled at each downsampling, capped at max_channels.", 64)
+    max_channels: int = doc_field("Cap on the channel count of the conv stages.", 512)
+    num_res_blocks: int = doc_field("Residual blocks per resolution level.", 1)
+    ema_decay: float = doc_field("EMA decay of the codebook updates (training the tokenizer only).", 0.99)
+    checkpoint: Optional[str] = path_field(
+        "Trained tokenizer weights (safetensors). null: random weights.", None,
+        purpose="the trained depth tokenizer's weights (safetensors)",
+        remedy="Train one with `perceptio-vqvae train` (the demo does), or set it to null for a random tokenizer.")
 
 
 @dataclass
 class ModelConfig:
-    backbone: BackboneConfig = _doc("InternVL backbone.", default_factory=BackboneConfig)
-    tokens: SpatialTokensConfig = _doc("Spatial tokens.", default_factory=SpatialTokensConfig)
-    seg_head: SegHeadConfig = _doc("Segmentation head.", default_factory=SegHeadConfig)
-    depth_vqvae: DepthVQVAEConfig = _doc("Depth tokenizer.", default_factory=DepthVQVAEConfig)
+    backbone: BackboneConfig = doc_field("InternVL backbone.", default_factory=BackboneConfig)
+    tokens: SpatialTokensConfig = doc_field("Spatial tokens.", default_factory=SpatialTokensConfig)
+    seg_head: SegHeadConfig = doc_field("Segmentation head.", default_factory=SegHeadConfig)
+    depth_vqvae: DepthVQVAEConfig = doc_field("Depth tokenizer.", default_factory=DepthVQVAEConfig)
 
 
 # ------------------------------------------------------------------------- objective
@@ -168,24 +206,24 @@ class ModelConfig:
 class ObjectiveConfig:
     """Weights and options of the composite objective (DESIGN.md section 2, losses/objective.py)."""
 
-    text_weight: float = _doc("Weight of next-token cross-entropy on answer text tokens.", 1.0)
-    marker_weight: float = _doc("Weight of full-vocabulary CE at [SEG], <DEPTH_START>, <DEPTH_END> targets.", 1.0)
-    token_weight: float = _doc("Weight of the restricted (K-way) CE at <DEPTH_k> targets.", 1.0)
-    count_weight: float = _doc("Weight of the depth-token count penalty.", 1.0)
-    reconstruction_weight: float = _doc("Weight of the soft-merge depth reconstruction L1.", 1.0)
-    mask_weight: float = _doc("Weight of the mask term as a whole.", 1.0)
-    mask_bce_weight: float = _doc("Factor of BCE inside the mask term.", 2.0)
-    mask_dice_weight: float = _doc("Factor of Dice inside the mask term.", 0.5)
-    mask_point_samples: int = _doc(
+    text_weight: float = doc_field("Weight of next-token cross-entropy on answer text tokens.", 1.0)
+    marker_weight: float = doc_field("Weight of full-vocabulary CE at [SEG], <DEPTH_START>, <DEPTH_END> targets.", 1.0)
+    token_weight: float = doc_field("Weight of the restricted (K-way) CE at <DEPTH_k> targets.", 1.0)
+    count_weight: float = doc_field("Weight of the depth-token count penalty.", 1.0)
+    reconstruction_weight: float = doc_field("Weight of the soft-merge depth reconstruction L1.", 1.0)
+    mask_weight: float = doc_field("Weight of the mask term as a whole.", 1.0)
+    mask_bce_weight: float = doc_field("Factor of BCE inside the mask term.", 2.0)
+    mask_dice_weight: float = doc_field("Factor of Dice inside the mask term.", 0.5)
+    mask_point_samples: int = doc_field(
         "Mask losses use this many random points per mask when the target has more pixels; 0: always dense.", 12544
     )
-    z_loss_weight: float = _doc("Optional z-loss (mean squared log-partition) on all target positions; 0 disables.", 0.0)
-    implementation: Literal["auto", "reference", "fused_torch", "fused_triton"] = _doc(
+    z_loss_weight: float = doc_field("Optional z-loss (mean squared log-partition) on all target positions; 0 disables.", 0.0)
+    implementation: Literal["auto", "reference", "fused_torch", "fused_triton"] = doc_field(
         "How the LM-head terms are computed. 'auto': fused_triton on GPUs with triton installed, else fused_torch "
         "(chunked, never the full logits); 'reference': the full fp32 logits of the target rows (tests, debugging).",
         "auto",
     )
-    chunk_size: int = _doc("Rows per chunk of the fused LM-head terms (a chunk holds rows x vocabulary fp32 logits).",
+    chunk_size: int = doc_field("Rows per chunk of the fused LM-head terms (a chunk holds rows x vocabulary fp32 logits).",
                            1024)
 
 
@@ -197,18 +235,21 @@ TASKS = ("referring_seg", "relative_depth", "depth", "vqa")
 
 @dataclass
 class DataConfig:
-    shards: Optional[str] = _doc(
-        "Folder written by the preprocessing job (ray_jobs/preprocess.py): manifest.json and <task>/*.tar shards.", None
+    shards: Optional[str] = path_field(
+        "Folder written by the preprocessing job (ray_jobs/preprocess.py): manifest.json and <task>/*.tar shards.", None,
+        purpose="the folder of preprocessed training shards (manifest.json and <task>/*.tar)", folder=True,
+        remedy="Write the shards with `python -m ray_jobs.preprocess --config <preprocess recipe>` and set "
+               "data.shards to that job's output_dir.",
     )
-    task_weights: dict[str, float] = _doc(
+    task_weights: dict[str, float] = doc_field(
         "Relative sampling weight per task (referring_seg, relative_depth, depth, vqa); tasks missing from the "
         "shards or weighted 0 are not drawn.",
         default_factory=lambda: {"referring_seg": 1.0, "relative_depth": 1.0, "depth": 0.5, "vqa": 0.5},
     )
-    num_workers: int = _doc("DataLoader worker processes per rank (0: load in the training process).", 2)
-    seed: int = _doc("Seed of the task mixing and of the shard/sample shuffles (with the epoch).", 1234)
-    max_seq_len: int = _doc("Longest tokenised sample; longer samples are skipped and counted, not truncated.", 4096)
-    depth_tokens: bool = _doc(
+    num_workers: int = doc_field("DataLoader worker processes per rank (0: load in the training process).", 2)
+    seed: int = doc_field("Seed of the task mixing and of the shard/sample shuffles (with the epoch).", 1234)
+    max_seq_len: int = doc_field("Longest tokenised sample; longer samples are skipped and counted, not truncated.", 4096)
+    depth_tokens: bool = doc_field(
         "Put the depth block into assistant turns that have one. false: the no-depth-token ablation (same samples, "
         "the answer follows directly).", True
     )
@@ -219,99 +260,102 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = _doc("Optimizer steps to run.", 1000)
-    micro_batch_size: int = _doc("Samples per rank per forward/backward.", 1)
-    grad_accum_steps: int = _doc("Micro-batches accumulated per optimizer step.", 1)
-    global_batch_size: Optional[int] = _doc(
+    max_steps: int = doc_field("Optimizer steps to run.", 1000)
+    micro_batch_size: int = doc_field("Samples per rank per forward/backward.", 1)
+    grad_accum_steps: int = doc_field("Micro-batches accumulated per optimizer step.", 1)
+    global_batch_size: Optional[int] = doc_field(
         "Samples per optimizer step over all ranks. Must equal micro_batch_size x grad_accum_steps x ranks; "
         "null: derived.", None
     )
-    lr: float = _doc("Peak learning rate (AdamW).", 2e-5)
-    min_lr_ratio: float = _doc("Cosine schedule floor as a fraction of lr.", 0.1)
-    warmup_steps: int = _doc("Linear warmup steps from 0 to lr.", 100)
-    weight_decay: float = _doc("AdamW weight decay (not applied to biases, norms and embeddings).", 0.0)
-    betas: list[float] = _doc("AdamW betas.", default_factory=lambda: [0.9, 0.95])
-    eps: float = _doc("AdamW epsilon.", 1e-8)
-    grad_clip: float = _doc("Clip the global gradient norm to this value; 0 disables.", 1.0)
-    precision: Literal["fp32", "bf16"] = _doc("Parameter/activation precision (bf16 keeps fp32 master weights).", "bf16")
-    activation_checkpointing: bool = _doc("Recompute LLM and vision layers in backward to save activation memory.", False)
-    seed: int = _doc("Seed of parameter initialisation and of any training-time randomness.", 42)
-    max_nonfinite_in_a_row: int = _doc(
+    lr: float = doc_field("Peak learning rate (AdamW).", 2e-5)
+    min_lr_ratio: float = doc_field("Cosine schedule floor as a fraction of lr.", 0.1)
+    warmup_steps: int = doc_field("Linear warmup steps from 0 to lr.", 100)
+    weight_decay: float = doc_field("AdamW weight decay (not applied to biases, norms and embeddings).", 0.0)
+    betas: list[float] = doc_field("AdamW betas.", default_factory=lambda: [0.9, 0.95])
+    eps: float = doc_field("AdamW epsilon.", 1e-8)
+    grad_clip: float = doc_field("Clip the global gradient norm to this value; 0 disables.", 1.0)
+    precision: Literal["fp32", "bf16"] = doc_field("Parameter/activation precision (bf16 keeps fp32 master weights).", "bf16")
+    activation_checkpointing: bool = doc_field("Recompute LLM and vision layers in backward to save activation memory.", False)
+    seed: int = doc_field("Seed of parameter initialisation and of any training-time randomness.", 42)
+    max_nonfinite_in_a_row: int = doc_field(
         "A micro-batch whose loss is not finite on any rank is skipped by every rank (no backward) and counted; "
         "after this many in a row the run saves a diagnostic checkpoint and stops with exit status 3.", 3)
 
 
 @dataclass
 class ParallelConfig:
-    mode: Literal["zero", "pipeline"] = _doc(
+    mode: Literal["zero", "pipeline"] = doc_field(
         "'zero': data parallel with ZeRO-2/3 on the whole model. 'pipeline': DeepSpeed PipelineModule, the model cut "
         "into parallel.pp_stages stages, ZeRO-1 (or 0) across the data-parallel replicas of each stage.", "zero")
-    zero_stage: Literal[0, 1, 2, 3] = _doc(
+    zero_stage: Literal[0, 1, 2, 3] = doc_field(
         "DeepSpeed ZeRO stage: 3 shards parameters too (default for 8B), 2 shards gradients and optimizer states "
         "(mode zero); 1 shards optimizer states, 0 nothing (mode pipeline: DeepSpeed refuses 2 and 3 there).", 3)
-    pp_stages: int = _doc("Pipeline stages (mode pipeline); ranks / pp_stages data-parallel replicas. Stage s holds "
+    pp_stages: int = doc_field("Pipeline stages (mode pipeline); ranks / pp_stages data-parallel replicas. Stage s holds "
                           "ranks s x replicas ... (s + 1) x replicas - 1.", 1)
-    pp_partition: Literal["parameters", "uniform"] = _doc(
+    pp_partition: Literal["parameters", "uniform"] = doc_field(
         "How decoder layers are dealt to stages when pp_layers_per_stage is null: balanced by trainable parameters "
         "(embedding + vision tower count for the first stage; LM head, SAM2 decoder for the last) or the same number "
         "of layers each.", "parameters")
-    pp_layers_per_stage: Optional[list[int]] = _doc(
+    pp_layers_per_stage: Optional[list[int]] = doc_field(
         "Decoder layers per stage, e.g. [14, 18]; sums to model.backbone.text.num_layers. The first stage also holds "
         "the vision tower, projector and embeddings; the last the final norm, LM head, SAM2 and the VQ-VAE.", None)
-    deepspeed_config: Optional[str] = _doc(
+    deepspeed_config: Optional[str] = path_field(
         "DeepSpeed JSON with ZeRO tuning (bucket sizes, prefetch, overlap). Batch sizes, precision, clipping and "
         "stage come from this config; a JSON value that contradicts them is an error. Relative paths are resolved "
         "against the working directory, then the repository root.",
-        None,
+        None, purpose="the DeepSpeed JSON with ZeRO tuning",
+        remedy="Point it at one of ds_configs/*.json (or your own), or set it to null for DeepSpeed's defaults.",
     )
-    backend: Literal["auto", "nccl", "gloo"] = _doc("torch.distributed backend; 'auto': nccl on GPUs, gloo on CPU.", "auto")
-    zero_init: bool = _doc("Under ZeRO-3, create the backbone already partitioned (deepspeed.zero.Init), so no rank "
+    backend: Literal["auto", "nccl", "gloo"] = doc_field("torch.distributed backend; 'auto': nccl on GPUs, gloo on CPU.", "auto")
+    zero_init: bool = doc_field("Under ZeRO-3, create the backbone already partitioned (deepspeed.zero.Init), so no rank "
                            "ever holds the full model.", True)
-    timeout_minutes: int = _doc("Collective timeout: a rank that waits longer fails instead of hanging.", 30)
+    timeout_minutes: int = doc_field("Collective timeout: a rank that waits longer fails instead of hanging.", 30)
 
 
 @dataclass
 class CheckpointConfig:
-    dir: Optional[str] = _doc("Checkpoint folder; null: <logging.output_dir>/checkpoints.", None)
-    save_every_steps: int = _doc("Save a DeepSpeed sharded checkpoint every N optimizer steps; 0: off.", 0)
-    save_every_minutes: float = _doc("Also save when this many minutes passed since the last save; 0: off.", 0.0)
-    save_final: bool = _doc("Save a checkpoint when training ends.", True)
-    keep_last: int = _doc("Keep the newest N complete checkpoints; older ones are deleted.", 3)
-    resume: str = _doc(
+    dir: Optional[str] = path_field("Checkpoint folder; null: <logging.output_dir>/checkpoints.", None, kind="output")
+    save_every_steps: int = doc_field("Save a DeepSpeed sharded checkpoint every N optimizer steps; 0: off.", 0)
+    save_every_minutes: float = doc_field("Also save when this many minutes passed since the last save; 0: off.", 0.0)
+    save_final: bool = doc_field("Save a checkpoint when training ends.", True)
+    keep_last: int = doc_field("Keep the newest N complete checkpoints; older ones are deleted.", 3)
+    resume: str = path_field(
         "'none': start fresh; 'auto': continue from the newest complete checkpoint in the folder, falling back past "
         "damaged ones (fresh start if there is none); or the path of one checkpoint (a global_stepN folder). A "
-        "different rank count converts it to DeepSpeed's universal format first.", "none")
-    verify_checksums: bool = _doc("Check every file's sha256 against COMPLETE.json before resuming (sizes always).",
-                                  True)
+        "different rank count converts it to DeepSpeed's universal format first.", "none",
+        keywords=("none", "auto"), must_exist=False)  # verified by the checkpoint code, with its own message
+    verify_checksums: bool = doc_field("Check every file's sha256 against the checkpoint's marker before resuming "
+                                       "(sizes always).", True)
 
 
 @dataclass
 class LoggingConfig:
-    output_dir: str = _doc("Run folder: resolved config, metrics.jsonl, wandb files, checkpoints.", "runs/default")
-    log_every_steps: int = _doc("Write metrics every N optimizer steps.", 1)
-    wandb: Literal["auto", "online", "offline", "disabled"] = _doc(
+    output_dir: str = path_field("Run folder: resolved config, metrics.jsonl, wandb files, checkpoints.", "runs/default",
+                                 kind="output")
+    log_every_steps: int = doc_field("Write metrics every N optimizer steps.", 1)
+    wandb: Literal["auto", "online", "offline", "disabled"] = doc_field(
         "Weights & Biases mode. 'auto': online when WANDB_API_KEY is set, else offline (files under the run folder).",
         "auto",
     )
-    wandb_project: str = _doc("wandb project name.", "perceptio_dist")
-    run_name: Optional[str] = _doc("wandb run name; null: the output folder's name.", None)
-    peak_tflops_per_device: Optional[float] = _doc(
+    wandb_project: str = doc_field("wandb project name.", "perceptio_dist")
+    run_name: Optional[str] = doc_field("wandb run name; null: the output folder's name.", None)
+    peak_tflops_per_device: Optional[float] = doc_field(
         "Peak dense TFLOP/s of one device for MFU. null: known GPUs from a table (bf16 dense), CPUs measured by a "
         "short matmul at start.", None
     )
-    progress_bar: bool = _doc("Show a progress bar on rank 0.", True)
-    log_samples: bool = _doc("Write the sample keys of every micro-batch to <output_dir>/samples/rank<r>.jsonl.", False)
+    progress_bar: bool = doc_field("Show a progress bar on rank 0.", True)
+    log_samples: bool = doc_field("Write the sample keys of every micro-batch to <output_dir>/samples/rank<r>.jsonl.", False)
 
 
 @dataclass
 class PerceptioConfig:
-    model: ModelConfig = _doc("The model.", default_factory=ModelConfig)
-    objective: ObjectiveConfig = _doc("The composite objective.", default_factory=ObjectiveConfig)
-    data: DataConfig = _doc("Training data.", default_factory=DataConfig)
-    train: TrainConfig = _doc("Optimisation.", default_factory=TrainConfig)
-    parallel: ParallelConfig = _doc("Parallelism.", default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = _doc("Checkpoints.", default_factory=CheckpointConfig)
-    logging: LoggingConfig = _doc("Metrics and outputs.", default_factory=LoggingConfig)
+    model: ModelConfig = doc_field("The model.", default_factory=ModelConfig)
+    objective: ObjectiveConfig = doc_field("The composite objective.", default_factory=ObjectiveConfig)
+    data: DataConfig = doc_field("Training data.", default_factory=DataConfig)
+    train: TrainConfig = doc_field("Optimisation.", default_factory=TrainConfig)
+    parallel: ParallelConfig = doc_field("Parallelism.", default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = doc_field("Checkpoints.", default_factory=CheckpointConfig)
+    logging: LoggingConfig = doc_field("Metrics and outputs.", default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -501,7 +545,7 @@ def load_typed_config(cls: type, recipe: str, overrides: Optional[list[str]] = N
     data = _read_recipe(recipe, kind)
     for override in overrides or []:
         apply_override(data, override)
-    return _build_dataclass(cls, _normalise_numbers(data), "")
+    return resolve_paths(_build_dataclass(cls, _normalise_numbers(data), ""))
 
 
 def load_config(recipe: str, overrides: Optional[list[str]] = None) -> PerceptioConfig:
@@ -512,7 +556,7 @@ def load_config(recipe: str, overrides: Optional[list[str]] = None) -> Perceptio
 
 
 def config_from_dict(data: dict) -> PerceptioConfig:
-    cfg = _build_dataclass(PerceptioConfig, _normalise_numbers(data), "")
+    cfg = resolve_paths(_build_dataclass(PerceptioConfig, _normalise_numbers(data), ""))
     validate(cfg)
     return cfg
 
@@ -520,8 +564,19 @@ def config_from_dict(data: dict) -> PerceptioConfig:
 # ----------------------------------------------------------------------- validation
 
 
-def _is_power_of_two(x: int) -> bool:
+def is_power_of_two(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
+
+
+def check_depth_downsampling(input_size: int, depth_grid: int, where: str) -> None:
+    """The VQ-VAE encoder halves the depth map down to the grid: input_size / depth_grid must be a power of two >= 2.
+
+    One rule for every config that pairs a depth tokenizer with a grid (training, preprocessing, tokenizer training).
+    """
+    ratio = input_size / depth_grid
+    if ratio != int(ratio) or not is_power_of_two(int(ratio)) or int(ratio) < 2:
+        raise ConfigError(f"Config error at '{where}': input_size/depth_grid = {input_size}/{depth_grid} must be a "
+                          "power of two >= 2 (the encoder halves the map that many times).")
 
 
 def validate(cfg: PerceptioConfig) -> None:
@@ -571,11 +626,7 @@ def validate(cfg: PerceptioConfig) -> None:
                   "or a local tokenizer folder.")
     if "{}" not in tok.depth_code_template:
         raise err("model.tokens.depth_code_template", "must contain '{}' where the code index goes.")
-    ratio = vq.input_size / tok.depth_grid
-    if ratio != int(ratio) or not _is_power_of_two(int(ratio)) or int(ratio) < 2:
-        raise err("model.depth_vqvae.input_size",
-                  f"input_size/depth_grid = {vq.input_size}/{tok.depth_grid} must be a power of two >= 2 "
-                  "(the encoder halves the map that many times).")
+    check_depth_downsampling(vq.input_size, tok.depth_grid, "model.depth_vqvae.input_size")
     if not 0 < vq.ema_decay < 1:
         raise err("model.depth_vqvae.ema_decay", f"must be in (0, 1), got {vq.ema_decay}.")
     unknown = sorted(set(cfg.data.task_weights) - set(TASKS))
@@ -655,18 +706,6 @@ def data_parallel_size(cfg: PerceptioConfig, world_size: int) -> int:
     return world_size // cfg.parallel.pp_stages
 
 
-def expand_path(value: str, path: str) -> str:
-    """Expand $VARS and ~ in a path field; an undefined variable is a config error, not a silent literal."""
-    expanded = os.path.expanduser(os.path.expandvars(value))
-    missing = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", expanded)
-    if missing:
-        raise ConfigError(
-            f"Config error at '{path}': '{value}' uses the environment variable ${missing[0]}, which is not set. "
-            f"Export it or override the field, e.g. {path}=/path/to/it."
-        )
-    return expanded
-
-
 def validate_runtime(cfg: PerceptioConfig, world_size: int) -> None:
     """Checks that need the file system or the number of ranks. Called once at training start."""
     t = cfg.train
@@ -684,40 +723,86 @@ def validate_runtime(cfg: PerceptioConfig, world_size: int) -> None:
             "Config error at 'data.shards': training needs preprocessed shards. Write them with "
             "`python -m ray_jobs.preprocess --config <preprocess recipe>` and set data.shards=<its output_dir>."
         )
-    checks = [
-        ("data.shards", cfg.data.shards, True),
-        ("model.backbone.pretrained_path", cfg.model.backbone.pretrained_path, True),
-        ("model.seg_head.sam2_checkpoint", cfg.model.seg_head.sam2_checkpoint, False),
-        ("model.depth_vqvae.checkpoint", cfg.model.depth_vqvae.checkpoint, False),
-        ("parallel.deepspeed_config", cfg.parallel.deepspeed_config, False),
-    ]
-    tok = cfg.model.backbone.tokenizer
-    if tok not in ("pretrained",) and not tok.startswith("builtin:"):
-        checks.append(("model.backbone.tokenizer", tok, True))
-    for path, value, is_dir in checks:
-        if value is None:
-            continue
-        resolved = resolve_path(expand_path(value, path))
-        if not resolved.exists():
-            raise ConfigError(
-                f"Config error at '{path}': '{value}' does not exist"
-                + (f" (resolved to {resolved})" if str(resolved) != value else "")
-                + ". Point it at a local copy (no weights are downloaded) or set it to null to use random weights."
-            )
-        if is_dir and not resolved.is_dir():
-            raise ConfigError(f"Config error at '{path}': '{value}' must be a folder.")
+    check_input_paths(cfg, first=("data.shards",))
 
+
+# ------------------------------------------------------------------------ paths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
 
-def resolve_path(value: str) -> Path:
-    """Resolve a relative path against the working directory, then the repository root."""
+def _expand(value: str) -> str:
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+def _resolve_input(value: str) -> str:
+    """Relative to the working directory when it exists there, else to the repository root when it exists there."""
     path = Path(value)
     if path.is_absolute() or path.exists():
-        return path
+        return value
     candidate = REPO_ROOT / path
-    return candidate if candidate.exists() else path
+    return str(candidate) if candidate.exists() else value
+
+
+def _path_fields(obj: Any, prefix: str = ""):
+    """(owner, field name, dotted name, PathSpec) for every path field of a config tree, lists of sections included."""
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if "path" in f.metadata:
+            yield obj, f.name, name, f.metadata["path"]
+        elif dataclasses.is_dataclass(value):
+            yield from _path_fields(value, name + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    yield from _path_fields(item, f"{name}[{i}].")
+
+
+def resolve_paths(cfg: Any) -> Any:
+    """Expand $VARS and ~ in every path field and resolve input paths (working directory, then repository root).
+
+    Done once, when a config is loaded: code below ``config`` receives paths it can open as they are. A path
+    whose variable is not set stays as written; :func:`check_input_paths` refuses it with the variable's name.
+    """
+    for owner, name, _, spec in _path_fields(cfg):
+        value = getattr(owner, name)
+        if not spec.is_path(value):
+            continue
+        expanded = _expand(value)
+        if _VARIABLE.search(expanded):
+            continue
+        setattr(owner, name, _resolve_input(expanded) if spec.kind == "input" else expanded)
+    return cfg
+
+
+def unset_variable(value: str) -> Optional[str]:
+    """The first environment variable a (resolved) path still names, i.e. one that was not set at load."""
+    match = _VARIABLE.search(value) if isinstance(value, str) else None
+    return match.group(1) if match else None
+
+
+def check_input_paths(cfg: Any, skip: tuple[str, ...] = (), first: tuple[str, ...] = ()) -> None:
+    """Every input path the config needs exists (and is a folder where one is expected), else a message that says
+    what the path is for and what to do. Output paths with an unset variable are refused too. Fields in ``first``
+    are checked before the others (the data before the weights: without data nothing else matters)."""
+    fields = sorted(_path_fields(cfg), key=lambda item: item[2] not in first)
+    for owner, name, dotted, spec in fields:
+        value = getattr(owner, name)
+        if dotted in skip or not spec.is_path(value):
+            continue
+        variable = unset_variable(value)
+        if variable:
+            raise ConfigError(
+                f"Config error at '{dotted}': '{value}' uses the environment variable ${variable}, which is not set. "
+                f"Export it or override the field, e.g. {dotted}=/path/to/it.")
+        if spec.kind != "input" or not spec.must_exist:
+            continue
+        what = f" It should be {spec.purpose}." if spec.purpose else ""
+        if not Path(value).exists():
+            raise ConfigError(f"Config error at '{dotted}': '{value}' does not exist.{what} {spec.remedy}".rstrip())
+        if spec.folder and not Path(value).is_dir():
+            raise ConfigError(f"Config error at '{dotted}': '{value}' is a file, not a folder.{what}")
 
 
 # ---------------------------------------------------------------- documentation

@@ -1,6 +1,6 @@
 """The main job: the whole Perceptio workflow on one machine, no GPU, no downloads, at toy scale.
 
-    python -m perceptio_dist.demo [--quick] [--out DIR] [section.key=value ...]   (./run_demo.sh calls this)
+    python -m perceptio_dist.cli.demo [--quick] [--out DIR] [section.key=value ...]   (./run_demo.sh calls this)
 
 The default folder is runs/tiny_data, where the tiny recipes (tiny_cpu, preprocess_tiny, vqvae_tiny) find
 the scenes, the depth tokenizer and the shards afterwards.
@@ -19,11 +19,9 @@ Extra arguments are training overrides applied to both models (e.g. train.max_st
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -92,7 +90,7 @@ class Demo:
     # ---------------------------------------------------------------- stages
 
     def scenes(self) -> dict:
-        from .data.scenes.cli import write_scenes
+        from .preprocess.scenes.folders import write_scenes
 
         write_scenes(self.out / "scenes", self.size.train_scenes, seed=0)
         write_scenes(self.out / "heldout_scenes", self.size.heldout_scenes, seed=100_000)
@@ -165,7 +163,7 @@ class Demo:
             checkpoints = self.out / name / "checkpoints"
             export = self.out / name / "export"
             export_checkpoint(checkpoints / (checkpoints / "latest").read_text().strip(), export)
-            cmd = [sys.executable, "-m", "perceptio_dist.eval.run", "--model", str(export), "--out",
+            cmd = [sys.executable, "-m", "perceptio_dist.cli.eval", "--model", str(export), "--out",
                    str(self.out / name / "eval"), "--synthetic-scenes", str(self.out / "heldout_scenes"),
                    "--max-new-tokens", "40", "--batch-size", "8"]
             if DEFAULT_HARDBLINK.exists():
@@ -233,31 +231,3 @@ def write_demo_report(out: Path) -> Path:
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="perceptio-demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few minutes: same stages, fewer scenes and steps")
-    parser.add_argument("--out", default=None,
-                        help="demo folder (default runs/tiny_data, where the tiny recipes look; --quick: runs/demo_quick)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="training overrides (both models)")
-    args = parser.parse_args(argv)
-    size = QUICK if args.quick else FULL
-    out = Path(args.out or (ROOT / "runs" / ("demo_quick" if args.quick else "tiny_data"))).resolve()
-    if shutil.which("perceptio-train", path=str(BIN)) is None:
-        sys.exit("[demo] perceptio-train is not installed in this environment: run ./run_demo.sh")
-    demo = Demo(out, size, args.overrides)
-    start = time.time()
-    for name in ("scenes", "tokenizer", "shards", "train", "ablation", "evaluate", "report"):
-        demo.stage(name, getattr(demo, name))
-    metrics = json.loads((out / "metrics.json").read_text())
-    _say(f"all stages done in {time.time() - start:.0f}s; report: {out / 'report.md'}")
-    for group in sorted(metrics["depth_model"]):
-        a, b = metrics["depth_model"][group], metrics["ablation"].get(group, {})
-        key = "accuracy" if "accuracy" in a else "ciou"
-        if key in b:
-            print(f"  {group:24s} {key:8s} depth tokens {100 * a[key]:5.1f}   ablation {100 * b[key]:5.1f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,7 @@ from .config import ConfigError
 
 
 def train_tokenizer(recipe: str, overrides: list[str]) -> dict:
-    from .train.trainer import configure_logging
+    from .logging_setup import configure_logging
     from .train.vqvae_config import load_vqvae_config
     from .train.vqvae_trainer import VQVAETrainer
 

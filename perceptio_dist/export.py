@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from .config import ConfigError, PerceptioConfig, config_from_dict, dump_yaml
+from .train.checkpoint import is_complete, saved_config
 
 log = logging.getLogger(__name__)
 MODEL_PREFIX = "model."  # the training module wraps the model as .model
@@ -45,23 +46,15 @@ def consolidated_state_dict(checkpoint: Path, cfg: PerceptioConfig) -> dict[str,
     return {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
 
 
-def _config_of(checkpoint: Path) -> PerceptioConfig:
-    path = checkpoint / "config.yaml"
-    if not path.exists():
-        raise ConfigError(f"Config error at '--checkpoint': {checkpoint} has no config.yaml (not a perceptio_dist "
-                          "checkpoint, or saved before exports were possible).")
-    return config_from_dict(yaml.safe_load(path.read_text()))
-
-
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     from .model.perceptio import build_perceptio
     from .model.tokenizer import load_tokenizer
 
     checkpoint, out = Path(checkpoint), Path(out)
-    if not (checkpoint / "COMPLETE.json").exists():
-        raise ConfigError(f"Config error at '--checkpoint': {checkpoint} is not a complete checkpoint "
-                          "(no COMPLETE.json).")
-    cfg = _config_of(checkpoint)
+    if not is_complete(checkpoint):
+        raise ConfigError(f"Config error at '--checkpoint': {checkpoint} is not a complete checkpoint (a save that "
+                          "did not finish, or not a checkpoint folder).")
+    cfg = config_from_dict(saved_config(checkpoint))
     tokenizer = load_tokenizer(cfg.model.backbone)
     model = build_perceptio(cfg.model, tokenizer, torch.float32, seed=cfg.train.seed)
     state = consolidated_state_dict(checkpoint, cfg)

@@ -36,7 +36,6 @@ with compute when the time is smaller).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -272,44 +271,3 @@ def format_table(plans: list[LayoutPlan], cluster: Cluster, sizes: ModelSizes) -
                     f"{p.model_states_gb:.1f} | {p.activations_per_sample_gb:.2f} | {p.max_micro_batch} | {step} | "
                     f"{p.comm_gb_per_step:.0f} | {p.comm_seconds:.2f} | {'; '.join(p.notes)} |")
     return head + "\n\n" + "\n".join(rows)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .cli import _load_or_exit
-
-    parser = argparse.ArgumentParser(prog="perceptio-plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", default="perceptio_8b")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    defaults = Cluster()
-    parser.add_argument("--nodes", type=int, default=defaults.nodes)
-    parser.add_argument("--gpus-per-node", type=int, default=defaults.gpus_per_node)
-    parser.add_argument("--gpu-memory-gb", type=float, default=defaults.gpu_memory_gb)
-    parser.add_argument("--inter-node-gbps", type=float, default=defaults.inter_node_gbps,
-                        help="GB/s per GPU between nodes")
-    parser.add_argument("--intra-node-gbps", type=float, default=defaults.intra_node_gbps,
-                        help="GB/s per GPU inside a node")
-    parser.add_argument("--peak-tflops", type=float, default=defaults.peak_tflops)
-    parser.add_argument("--mfu", type=float, default=defaults.mfu)
-    parser.add_argument("--reserve-gb", type=float, default=defaults.reserve_gb)
-    parser.add_argument("--global-batch", type=int, default=None,
-                        help="samples per optimizer step (default: the recipe's, else 2 per GPU)")
-    parser.add_argument("--pp-stages", type=int, nargs="*", default=[2, 4, 8])
-    args = parser.parse_args(argv)
-    for name in ("nodes", "gpus_per_node", "gpu_memory_gb", "peak_tflops", "mfu"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    cfg = _load_or_exit(args.recipe, args.overrides)
-    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.inter_node_gbps, args.intra_node_gbps,
-                      args.peak_tflops, args.mfu, args.reserve_gb)
-    global_batch = args.global_batch or cfg.train.global_batch_size or 2 * cluster.gpus
-    sizes = model_sizes(cfg)
-    par = cfg.parallel
-    stages = sorted(set(args.pp_stages) | ({par.pp_stages} if par.mode == "pipeline" else set()))
-    print(format_table(plan(sizes, cluster, global_batch, stages, par.pp_partition, par.pp_layers_per_stage),
-                       cluster, sizes))
-    print(f"\nglobal batch {global_batch} samples of {cfg.data.max_seq_len} tokens; "
-          f"activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")
-
-
-if __name__ == "__main__":
-    main()

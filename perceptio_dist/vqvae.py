@@ -1,6 +1,7 @@
-"""``python -m perceptio_dist.vqvae train|eval|ablate ...`` (``torchrun ... -m perceptio_dist.vqvae train`` for DDP)."""
+"""``python -m perceptio_dist.vqvae train|eval|ablate ...``: an alias of perceptio-vqvae (cli/vqvae.py);
+``torchrun ... -m perceptio_dist.vqvae train`` for DDP."""
 
-from .cli import vqvae_main
+from .cli.vqvae import main
 
 if __name__ == "__main__":
-    vqvae_main()
+    main()

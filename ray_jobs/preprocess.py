@@ -24,33 +24,22 @@ import sys
 import time
 from pathlib import Path
 
-from perceptio_dist.config import ConfigError, expand_path, resolve_path
-from perceptio_dist.data.preprocess_config import PreprocessConfig, load_preprocess_config
-from perceptio_dist.data.preprocess_stages import CodeStage, DepthStage, decode_batch, plan_shards, write_shard_group
+from perceptio_dist.config import ConfigError
+from perceptio_dist.preprocess.config import PreprocessConfig, check_preprocess_paths, load_preprocess_config
+from perceptio_dist.preprocess.stages import CodeStage, DepthStage, decode_batch, plan_shards, write_shard_group
 from perceptio_dist.data.shards import MANIFEST, QUARANTINE, file_sha256, shard_complete, sidecar_path
-from perceptio_dist.data.sources import iter_source
+from perceptio_dist.preprocess.sources import iter_source
 
 log = logging.getLogger("ray_jobs.preprocess")
 
 
 def _check_paths(cfg: PreprocessConfig) -> None:
-    for i, src in enumerate(cfg.sources):
-        src.path = str(resolve_path(expand_path(src.path, f"sources[{i}].path")))
-        if not Path(src.path).exists():
-            raise ConfigError(f"Config error at 'sources[{i}].path': {src.path} does not exist.")
-        if src.images:
-            src.images = str(resolve_path(expand_path(src.images, f"sources[{i}].images")))
-    if cfg.depth_vqvae.checkpoint and not resolve_path(expand_path(cfg.depth_vqvae.checkpoint, "depth_vqvae")).exists():
-        raise ConfigError(f"Config error at 'depth_vqvae.checkpoint': {cfg.depth_vqvae.checkpoint} does not exist.")
-    if cfg.teacher.pretrained_path:
-        path = resolve_path(expand_path(cfg.teacher.pretrained_path, "teacher.pretrained_path"))
-        if path.exists():
-            cfg.teacher.pretrained_path = str(path)
-        elif not _in_hf_cache(cfg.teacher.pretrained_path):
-            raise ConfigError(f"Config error at 'teacher.pretrained_path': {cfg.teacher.pretrained_path} is neither a "
-                              "local folder nor a model in the local Hugging Face cache (nothing is downloaded).")
-    if cfg.depth_vqvae.checkpoint:
-        cfg.depth_vqvae.checkpoint = str(resolve_path(expand_path(cfg.depth_vqvae.checkpoint, "depth_vqvae")))
+    """Paths were resolved when the config was loaded; here they must exist (the teacher may be a cache id)."""
+    check_preprocess_paths(cfg)
+    teacher = cfg.teacher.pretrained_path
+    if teacher and not Path(teacher).exists() and not _in_hf_cache(teacher):
+        raise ConfigError(f"Config error at 'teacher.pretrained_path': {teacher} is neither a local folder nor a "
+                          "model in the local Hugging Face cache (nothing is downloaded).")
 
 
 def _in_hf_cache(repo_id: str) -> bool:

@@ -30,7 +30,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TOKENIZERS_PARALLELISM=false
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 
-eval_module=perceptio_dist.eval.run
+eval_module=perceptio_dist.cli.eval
 if ! "$PERCEPTIO_VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$eval_module') is None)" 2>/dev/null; then
     echo "[eval.sh] $eval_module is not importable from $PERCEPTIO_VENV: run ./run_tests.sh once or set PERCEPTIO_VENV" >&2
     exit 2

@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NO_TOKENIZER = "model.depth_vqvae.checkpoint=null"
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests opt into offline wandb explicitly
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton reads this when it is first imported (DeepSpeed imports it too), so it is set before any test module.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 _LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -50,7 +52,7 @@ def _restore_environment():
 
 def make_shards(folder: Path, num_scenes: int, shard_size: int, *overrides: str) -> Path:
     """Render scenes and preprocess them into shards with the real job (a private local Ray instance)."""
-    from perceptio_dist.data.scenes.cli import write_scenes
+    from perceptio_dist.preprocess.scenes.folders import write_scenes
 
     write_scenes(folder / "scenes", num_scenes, progress=False)
     proc = subprocess.run(

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from perceptio_dist.train.checkpoint import CheckpointManager, tag_for
+from perceptio_dist.train.checkpoint import CheckpointManager, read_marker, tag_for
 from perceptio_dist.train.signals import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
 
 from .conftest import NO_TOKENIZER, ROOT, run_ranks
@@ -151,7 +151,7 @@ def test_sigusr1_saves_requeues_and_resumes_exactly(reference_run, tiny_shards, 
     manager = CheckpointManager(run_dir / "checkpoints", dist=None)
     found = manager.find_resumable()
     assert found is not None and found.step == marker["step"] and manager.verify(found.path) is None
-    assert json.loads((found.path / "COMPLETE.json").read_text())["reason"] == "signal SIGUSR1"
+    assert read_marker(found.path)["reason"] == "signal SIGUSR1"
     resume = subprocess.run([*cmd, "--resume", "auto"], cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert resume.returncode == 0, resume.stderr[-3000:]
     assert not (run_dir / "requeue.json").exists()
@@ -175,7 +175,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_shards, tmp_path):
     assert f"exitcode  : {NONFINITE_EXIT_CODE}" in proc.stderr + proc.stdout, proc.stderr[-4000:]
     diagnostic = CheckpointManager(bad / "checkpoints", dist=None).find_resumable()
     assert diagnostic is not None
-    assert "non-finite" in json.loads((diagnostic.path / "COMPLETE.json").read_text())["reason"]
+    assert "non-finite" in read_marker(diagnostic.path)["reason"]
 
 
 def test_export_reloads_with_the_training_models_logits(reference_run, tmp_path):
@@ -194,7 +194,7 @@ def test_export_reloads_with_the_training_models_logits(reference_run, tmp_path)
 
 def test_eval_of_a_checkpoint_equals_eval_of_its_export(reference_run, tmp_path):
     """perceptio-eval takes a training checkpoint directly (exporting it on the way)."""
-    from perceptio_dist.data.scenes.cli import write_scenes
+    from perceptio_dist.preprocess.scenes.folders import write_scenes
     from perceptio_dist.export import export_checkpoint
 
     write_scenes(tmp_path / "scenes", 1, seed=70_000, progress=False)
@@ -202,7 +202,7 @@ def test_eval_of_a_checkpoint_equals_eval_of_its_export(reference_run, tmp_path)
     export_checkpoint(checkpoint, tmp_path / "export")
     reports = []
     for name, model in (("from_checkpoint", checkpoint), ("from_export", tmp_path / "export")):
-        proc = subprocess.run([sys.executable, "-m", "perceptio_dist.eval.run", "--model", str(model), "--out",
+        proc = subprocess.run([sys.executable, "-m", "perceptio_dist.cli.eval", "--model", str(model), "--out",
                                str(tmp_path / name), "--synthetic-scenes", str(tmp_path / "scenes"), "--limit", "1",
                                "--max-new-tokens", "24"], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -129,10 +129,10 @@ def test_cli_reports_config_errors_without_traceback(args, field, tmp_path):
 
 
 def test_config_cli_explain_and_dump():
-    out = subprocess.run([sys.executable, "-c", "from perceptio_dist.cli import config_main; config_main()",
+    out = subprocess.run([sys.executable, "-c", "from perceptio_dist.cli.config import config_main; config_main()",
                           "--explain"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "train.lr (a number" in out.stdout
-    out = subprocess.run([sys.executable, "-c", "from perceptio_dist.cli import config_main; config_main()",
+    out = subprocess.run([sys.executable, "-c", "from perceptio_dist.cli.config import config_main; config_main()",
                           "--recipe", "tiny_cpu", "train.max_steps=33"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "max_steps: 33" in out.stdout
 
@@ -146,3 +146,47 @@ def test_readme_configuration_reference_is_current():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci/run").read_text().strip().splitlines()[-1]
     assert ci == "./run_tests.sh" and f"\n{ci}" in (ROOT / "README.md").read_text()
+
+
+def test_paths_are_resolved_once_at_load(tmp_path, monkeypatch):
+    """$VARS and ~ are expanded and relative inputs found (working directory, then repository root) when the config
+    is loaded; keywords stay; a path whose variable is unset stays as written and is refused at start by name."""
+    monkeypatch.setenv("PERCEPTIO_TEST_ROOT", str(tmp_path))
+    (tmp_path / "shards").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny_cpu", ["data.shards=${PERCEPTIO_TEST_ROOT}/shards", "parallel.deepspeed_config=ds_configs/zero2.json",
+                                   "logging.output_dir=${PERCEPTIO_TEST_ROOT}/run", "checkpoint.resume=auto",
+                                   "model.backbone.tokenizer=builtin:tiny_bpe", NO_TOKENIZER])
+    assert cfg.data.shards == str(tmp_path / "shards")
+    assert cfg.parallel.deepspeed_config == str(ROOT / "ds_configs/zero2.json")  # not in the working directory
+    assert cfg.logging.output_dir == str(tmp_path / "run")
+    assert cfg.checkpoint.resume == "auto" and cfg.model.backbone.tokenizer == "builtin:tiny_bpe"
+    validate_runtime(cfg, 1)
+    monkeypatch.delenv("PERCEPTIO_TEST_ROOT")
+    cfg = load_config("tiny_cpu", ["data.shards=${PERCEPTIO_TEST_ROOT}/shards", NO_TOKENIZER])
+    assert cfg.data.shards == "${PERCEPTIO_TEST_ROOT}/shards"
+    with pytest.raises(ConfigError, match=r"'data.shards'.*\$PERCEPTIO_TEST_ROOT, which is not set"):
+        validate_runtime(cfg, 1)
+
+
+def test_missing_path_messages_say_what_the_path_is_for(tmp_path):
+    cases = {"data.shards": "preprocessed training shards", "model.backbone.pretrained_path": "InternVL backbone",
+             "model.backbone.tokenizer": "tokenizer folder", "model.depth_vqvae.checkpoint": "depth tokenizer"}
+    for field_name, words in cases.items():
+        overrides = [f"data.shards={tmp_path}", NO_TOKENIZER, f"{field_name}={tmp_path / 'missing'}"]
+        with pytest.raises(ConfigError, match=f"'{field_name}'.*does not exist.*{words}"):
+            validate_runtime(load_config("tiny_cpu", overrides), 1)
+    with pytest.raises(ConfigError, match="'data.shards'.*ray_jobs.preprocess"):
+        validate_runtime(load_config("tiny_cpu", [f"data.shards={tmp_path / 'missing'}", NO_TOKENIZER]), 1)
+
+
+def test_depth_downsampling_rule_is_shared():
+    """One rule for the training, preprocessing and tokenizer-training configs."""
+    from perceptio_dist.preprocess.config import load_preprocess_config
+    from perceptio_dist.train.vqvae_config import load_vqvae_config
+
+    for load, field_name in ((load_config, "model.depth_vqvae.input_size"), (load_preprocess_config, "depth_vqvae.input_size"),
+                             (load_vqvae_config, "depth_vqvae.input_size")):
+        recipe = {load_config: "tiny_cpu", load_preprocess_config: "preprocess_tiny", load_vqvae_config: "vqvae_tiny"}[load]
+        with pytest.raises(ConfigError, match=f"'{field_name}'.*power of two"):
+            load(recipe, [f"{field_name}=96"])

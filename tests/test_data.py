@@ -13,14 +13,14 @@ import pytest
 from PIL import Image
 
 from perceptio_dist.data.conversation import ImageTokens, encode_conversation, spatial_answer_ids
-from perceptio_dist.data.preprocess_config import SourceConfig
-from perceptio_dist.data.preprocess_stages import decode_row, draw_markers, plan_shards
-from perceptio_dist.data.records import Record
-from perceptio_dist.data.restricted_pickle import load_plain_pickle
-from perceptio_dist.data.scenes.render import render_scene
-from perceptio_dist.data.scenes.tasks import closest_point_markers, referring_expression
+from perceptio_dist.preprocess.config import SourceConfig
+from perceptio_dist.preprocess.stages import decode_row, draw_markers, plan_shards
+from perceptio_dist.preprocess.records import Record
+from perceptio_dist.preprocess.restricted_pickle import load_plain_pickle
+from perceptio_dist.preprocess.scenes.render import render_scene
+from perceptio_dist.preprocess.scenes.tasks import closest_point_markers, referring_expression
 from perceptio_dist.data.shards import ShardSample, npy_load, read_manifest, read_shard
-from perceptio_dist.data.sources import iter_source
+from perceptio_dist.preprocess.sources import iter_source
 from perceptio_dist.data.training_data import build_loader
 from perceptio_dist.eval.benchmarks import DEFAULT_HARDBLINK
 from perceptio_dist.losses.objective import IGNORE_INDEX, find_depth_blocks
@@ -238,8 +238,7 @@ def _loader(cfg, tokenizer, rank, world, **changes):
     cfg = replace(cfg, train=replace(cfg.train, **changes.pop("train", {})),
                   data=replace(cfg.data, **changes.pop("data", {})))
     model = build_perceptio(cfg.model, tokenizer)
-    return build_loader(cfg, tokenizer, model.token_ids, model.seg_head.image_size,
-                        model.backbone.config.image_seq_length, rank, world)
+    return build_loader(cfg, tokenizer, model.token_ids, rank, world)
 
 
 def _keys(loader, n):
@@ -377,3 +376,17 @@ def test_teacher_output_and_ground_truth_target(tmp_path):
     depth[:, 4:] = 2.0  # right half twice as far: inverse 0.5 -> normalised 0
     target = inverse_depth_target(depth, 4)
     assert target[:, :2].tolist() == [[1.0, 1.0]] * 4 and target[:, 2:].tolist() == [[0.0, 0.0]] * 4
+
+
+def test_every_registered_source_type_has_its_adapter():
+    """Source types are registered once (preprocess/config.SOURCE_TYPES); the config type and the adapters follow."""
+    import typing
+
+    from perceptio_dist.preprocess.config import SOURCE_TYPES, SourceConfig
+    from perceptio_dist.preprocess.sources import adapter
+
+    assert typing.get_args(typing.get_type_hints(SourceConfig)["type"]) == SOURCE_TYPES
+    for name in SOURCE_TYPES:
+        assert callable(adapter(name)), name
+    with pytest.raises(ValueError, match="unknown source type 'tfrecord'"):
+        adapter("tfrecord")

@@ -13,7 +13,7 @@ STAGES = ("scenes", "tokenizer", "shards", "train", "ablation", "evaluate", "rep
 
 def test_quick_demo_runs_every_stage_then_reuses_them(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "perceptio_dist.demo", "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "perceptio_dist.cli.demo", "--quick", "--out", str(out)]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 

@@ -118,7 +118,7 @@ def test_middlebury_frame_from_scikit_image():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from perceptio_dist.data.scenes.cli import write_scenes
+    from perceptio_dist.preprocess.scenes.folders import write_scenes
     from perceptio_dist.depth_tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("vqvae")

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,8 +76,7 @@ def _inputs(model, tokenizer, folder, images, question="Which point is the close
     from perceptio_dist.data.training_data import build_sample_builder
     from perceptio_dist.export import exported_config
 
-    builder = build_sample_builder(exported_config(folder), tokenizer, model.token_ids, model.seg_head.image_size,
-                                   model.backbone.config.image_seq_length)
+    builder = build_sample_builder(exported_config(folder), tokenizer, model.token_ids)
     tiles = [builder.tiles(im) for im in images]
     prompts = [encode_prompt(tokenizer, builder.image_tokens, t.shape[0], question + " " * i)
                for i, t in enumerate(tiles)]
@@ -200,12 +198,12 @@ def _eval(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
            "OMP_NUM_THREADS": "1"}
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    return subprocess.run([*launcher, "-m", "perceptio_dist.eval.run", *args], cwd=ROOT, env=env,
+    return subprocess.run([*launcher, "-m", "perceptio_dist.cli.eval", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 def test_perceptio_eval_on_one_and_two_ranks_gives_the_same_report(exported, tmp_path):
-    from perceptio_dist.data.scenes.cli import write_scenes
+    from perceptio_dist.preprocess.scenes.folders import write_scenes
 
     folder, _, _ = exported
     write_scenes(tmp_path / "scenes", 2, seed=50_000, progress=False)
@@ -233,7 +231,7 @@ def test_perceptio_eval_on_one_and_two_ranks_gives_the_same_report(exported, tmp
 
 def test_perceptio_eval_rejects_bad_input_clearly(tmp_path):
     missing = _eval(["--model", str(tmp_path), "--out", str(tmp_path / "o"), "--hardblink", str(tmp_path)])
-    assert missing.returncode == 2 and "not an exported model folder" in missing.stderr and "COMPLETE.json" in missing.stderr
+    assert missing.returncode == 2 and "not an exported model folder" in missing.stderr and "complete training checkpoint" in missing.stderr
     assert "Traceback" not in missing.stderr
     none = _eval(["--model", str(tmp_path), "--out", str(tmp_path / "o")])
     assert none.returncode == 2 and "name at least one benchmark" in none.stderr

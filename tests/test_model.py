@@ -19,8 +19,7 @@ from perceptio_dist.model.tokenizer import load_tokenizer
 
 def tiny_batch(cfg, tokenizer, model, size):
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=size))
-    loader = build_loader(cfg, tokenizer, model.token_ids, model.seg_head.image_size,
-                          model.backbone.config.image_seq_length, rank=0, world_size=1)
+    loader = build_loader(cfg, tokenizer, model.token_ids, rank=0, world_size=1)
     return next(iter(loader))
 
 
@@ -129,3 +128,17 @@ def test_meta_build_needs_a_vocabulary_size():
     cfg = load_config("perceptio_8b", ["model.backbone.text.vocab_size=null"])
     with pytest.raises(ValueError, match="vocab_size"):
         build_perceptio_meta(dataclasses.replace(cfg.model))
+
+
+def test_sample_geometry_from_the_config_is_the_built_models(tiny_cfg, tiny_tokenizer):
+    """The data side reads the geometry from the config (model/geometry.py); it must be what the model uses."""
+    from perceptio_dist.model.geometry import sample_geometry
+
+    model = build_perceptio(tiny_cfg.model, tiny_tokenizer)
+    geo = sample_geometry(tiny_cfg.model)
+    assert geo.image_tokens_per_tile == model.backbone.config.image_seq_length
+    assert geo.sam_size == model.seg_head.image_size
+    assert geo.tile_size == model.backbone.config.vision_config.image_size[0]
+    assert (geo.num_depth_tokens, geo.num_codes) == (model.token_ids.num_depth_tokens, model.token_ids.num_codes)
+    big = load_config("perceptio_8b").model
+    assert sample_geometry(big).image_tokens_per_tile == 256 and sample_geometry(big).sam_size == 1024

@@ -231,7 +231,7 @@ def test_planner_uses_the_trainers_split_for_the_recipe():
     split = split_stages(sizes.blocks, 2)
     bounds = split_layers([b.trainable for b in sizes.blocks], 32, 2)
     assert [len(stage) for stage in split] == [bounds[1] - bounds[0], bounds[2] - bounds[1]]
-    exe = [sys.executable, "-m", "perceptio_dist.plan"]
+    exe = [sys.executable, "-m", "perceptio_dist.cli.plan"]
     proc = subprocess.run([*exe, "--recipe", "perceptio_8b_pipeline", "--nodes", "2",
                            "parallel.pp_layers_per_stage=[14,18]"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)

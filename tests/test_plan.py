@@ -126,7 +126,7 @@ def test_more_nodes_never_need_more_memory_per_gpu_and_bigger_gpus_fit_bigger_mi
 
 
 def test_cli_prints_the_table_and_rejects_bad_input():
-    exe = [sys.executable, "-m", "perceptio_dist.plan"]
+    exe = [sys.executable, "-m", "perceptio_dist.cli.plan"]
     ok = subprocess.run([*exe, "--recipe", "perceptio_8b", "--nodes", "2"], cwd=ROOT, capture_output=True, text=True,
                         timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from perceptio_dist.data.scenes.cli import write_scenes
+from perceptio_dist.preprocess.scenes.folders import write_scenes
 from perceptio_dist.data.shards import npy_load, read_manifest, read_shard
 from perceptio_dist.parallel.distributed import free_port
 

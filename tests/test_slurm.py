@@ -168,7 +168,7 @@ def _preprocess_config(path: Path, scenes: Path, out: Path) -> Path:
 
 
 def test_preprocess_ray_script_makes_the_same_shards_as_a_direct_ray_job_submit(slurm, tmp_path, request):
-    from perceptio_dist.data.scenes.cli import write_scenes
+    from perceptio_dist.preprocess.scenes.folders import write_scenes
 
     write_scenes(tmp_path / "scenes", 4, progress=False)
     job = _sbatch(slurm, "slurm/preprocess_ray.sh", [*CPU_JOB, f"--output={tmp_path}/ray-%j.out"], {

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 from torch import nn
 
 from perceptio_dist.config import ConfigError, LoggingConfig, load_config

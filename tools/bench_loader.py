@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from perceptio_dist.config import load_config  # noqa: E402
 from perceptio_dist.data.conversation import ImageTokens  # noqa: E402
 from perceptio_dist.data.loader import ShardLoader  # noqa: E402
 from perceptio_dist.data.sample_builder import SampleBuilder, SampleGeometry  # noqa: E402
-from perceptio_dist.data.scenes.cli import write_scenes  # noqa: E402
+from perceptio_dist.preprocess.scenes.folders import write_scenes  # noqa: E402
 from perceptio_dist.model.spatial_tokens import add_spatial_tokens  # noqa: E402
 from perceptio_dist.model.tokenizer import load_tokenizer  # noqa: E402
 

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from perceptio_dist.data.scenes.cli import write_scenes  # noqa: E402
+from perceptio_dist.preprocess.scenes.folders import write_scenes  # noqa: E402
 
 
 def run(scenes: Path, out: Path, workers: int) -> dict:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from perceptio_dist.config import PerceptioConfig, iter_field_docs
-from perceptio_dist.data.preprocess_config import PreprocessConfig
+from perceptio_dist.preprocess.config import PreprocessConfig
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTIONS = {"config-reference": PerceptioConfig, "preprocess-reference": PreprocessConfig}

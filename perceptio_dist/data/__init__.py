@@ -1,4 +1,5 @@
-"""Data: records and sources, synthetic scenes, preprocessing stages, shards, the training loader.
+"""What training reads: shards and their manifest, sample building (tiling, conversation, targets),
+batches and the resumable shard loader.
 
-Knows nothing of training or parallelism.
+Knows nothing of training, parallelism or preprocessing (that is ``perceptio_dist.preprocess``).
 """

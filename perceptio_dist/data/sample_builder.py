@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from ..model.geometry import SampleGeometry
 from ..model.spatial_tokens import SpatialTokenIds
 from .batch import Sample
 from .conversation import ImageTokens, encode_conversation, spatial_answer_ids
@@ -27,19 +27,6 @@ from .shards import ShardSample, npy_load
 
 class SampleTooLong(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class SampleGeometry:
-    """Sizes every sample must match; they come from the model config."""
-
-    tile_size: int  # InternVL tile side
-    max_tiles: int
-    image_tokens_per_tile: int
-    sam_size: int  # SAM2 input side
-    depth_size: int  # VQ-VAE input side
-    num_depth_tokens: int  # N
-    num_codes: int  # K
 
 
 class SampleBuilder:

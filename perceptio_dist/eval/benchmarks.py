@@ -17,9 +17,9 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from ..data.preprocess_config import SourceConfig
-from ..data.preprocess_stages import decode_row
-from ..data.records import Record
+from ..preprocess.config import SourceConfig
+from ..preprocess.stages import decode_row
+from ..preprocess.records import Record
 
 # The real HardBLINK files next to the repository (../shared/data/hardblink), read only, never copied.
 DEFAULT_HARDBLINK = Path(__file__).resolve().parents[3] / "shared" / "data" / "hardblink"
@@ -50,7 +50,7 @@ def _item_from_record(record: Record, group: str) -> EvalItem:
 
 
 def hardblink_items(path: str | Path) -> Iterator[EvalItem]:
-    from ..data.sources.hardblink import iter_hardblink
+    from ..preprocess.sources.hardblink import iter_hardblink
 
     for record in iter_hardblink(SourceConfig(type="hardblink", path=str(path))):
         yield _item_from_record(record, f"hardblink_{record.meta['num_points']}")
@@ -58,7 +58,7 @@ def hardblink_items(path: str | Path) -> Iterator[EvalItem]:
 
 def synthetic_items(scenes: str | Path) -> Iterator[EvalItem]:
     """Relative depth (3/4/5 points) and referring segmentation from rendered scenes (held-out seeds)."""
-    from ..data.sources.synthetic import iter_synthetic
+    from ..preprocess.sources.synthetic import iter_synthetic
 
     spec = SourceConfig(type="synthetic", path=str(scenes), tasks=["relative_depth", "referring_seg"])
     for record in iter_synthetic(spec):
@@ -70,7 +70,7 @@ def synthetic_items(scenes: str | Path) -> Iterator[EvalItem]:
 
 def refcoco_items(path: str | Path, dataset: str, split_by: str, splits: Iterable[str],
                   images: str | None = None) -> Iterator[EvalItem]:
-    from ..data.sources.refcoco import iter_refcoco
+    from ..preprocess.sources.refcoco import iter_refcoco
 
     for split in splits:
         spec = SourceConfig(type="refcoco", path=str(path), dataset=dataset, split_by=split_by, splits=[split],

@@ -2,7 +2,7 @@
 
     perceptio-eval --model runs/tiny_cpu/export --out runs/tiny_cpu/eval \\
         --hardblink ../shared/data/hardblink --synthetic-scenes runs/heldout_scenes
-    torchrun --nproc_per_node 2 -m perceptio_dist.eval.run --model ... --out ...   # items split over ranks
+    torchrun --nproc_per_node 2 -m perceptio_dist.cli.eval --model ... --out ...   # items split over ranks
 
 Writes, on rank 0: metrics.json (per group: accuracy or cIoU/gIoU and the count; HardBLINK's mean of
 the 3/4/5-point accuracies), predictions.jsonl (one line per item, in item order whatever the rank
@@ -13,17 +13,14 @@ decoded depth map, question, answer and whether it was right.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .benchmarks import DEFAULT_HARDBLINK, EvalItem, hardblink_items, mmbench_items, refcoco_items, synthetic_items
+from .benchmarks import EvalItem, hardblink_items, mmbench_items, refcoco_items, synthetic_items
 from .generate import GenerationSettings, Prediction, SpatialPolicy, generate
 from .scoring import MaskScores, accuracy, parse_choice_letter
 
@@ -177,58 +174,20 @@ def load_items(args) -> list[EvalItem]:
     return items
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="perceptio-eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True,
-                        help="an exported folder (perceptio-export) or a training checkpoint folder (global_stepN)")
-    parser.add_argument("--out", required=True, help="report folder")
-    parser.add_argument("--benchmark", nargs="+", default=[], choices=["hardblink"],
-                        help="benchmarks by name, with their default data (hardblink: ../shared/data/hardblink)")
-    parser.add_argument("--hardblink", help="HardBLINK folder (questions/, answers/, images/)")
-    parser.add_argument("--synthetic-scenes", help="a folder of rendered scenes with seeds not used in training")
-    parser.add_argument("--refcoco", help="refer data root (refcoco/, refcoco+/, refcocog/, images/)")
-    parser.add_argument("--refcoco-dataset", default="refcoco", choices=["refcoco", "refcoco+", "refcocog"])
-    parser.add_argument("--refcoco-split-by", default="unc")
-    parser.add_argument("--refcoco-splits", nargs="+", default=["val", "testA", "testB"])
-    parser.add_argument("--refcoco-images", default=None)
-    parser.add_argument("--mmbench", help="an MMBench-style TSV with base64 images")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many items per group")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--depth-policy", default="auto", choices=["auto", "force", "forbid", "free"],
-                        help="auto: force the depth block when the model was trained with depth tokens")
-    parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if "hardblink" in args.benchmark and not args.hardblink:
-        args.hardblink = str(DEFAULT_HARDBLINK)
-    if not any([args.hardblink, args.synthetic_scenes, args.refcoco, args.mmbench]):
-        parser.error("name at least one benchmark: --benchmark hardblink, --hardblink, --synthetic-scenes, "
-                     "--refcoco or --mmbench")
-    is_checkpoint = (Path(args.model) / "COMPLETE.json").exists()
-    if not is_checkpoint and not (Path(args.model) / "perceptio.yaml").exists():
-        print(f"perceptio-eval: {args.model} is not an exported model folder (no perceptio.yaml) nor a complete "
-              "training checkpoint (no COMPLETE.json)", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-    for flag in ("hardblink", "synthetic_scenes", "refcoco", "mmbench"):
-        value = getattr(args, flag)
-        if value and not Path(value).exists():
-            print(f"perceptio-eval: --{flag.replace('_', '-')} {value} does not exist", file=sys.stderr)
-            raise SystemExit(EXIT_USAGE)
-
+def run_evaluation(args) -> None:
+    """Evaluate ``args.model`` on the benchmarks named in ``args`` (perceptio-eval's options, cli/eval.py)."""
     import torch.distributed as dist
 
     from ..data.training_data import build_sample_builder
     from ..export import exported_config, load_exported
+    from ..train.checkpoint import is_complete
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     folder = Path(args.model)
-    if is_checkpoint:  # a training checkpoint: export it once (rank 0) into the report folder, then load that
+    if is_complete(folder):  # a training checkpoint: export it once (rank 0) into the report folder, then load that
         folder = Path(args.out) / "model"
         if rank == 0:
             from ..export import export_checkpoint
@@ -238,8 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             dist.barrier()
     model, tokenizer = load_exported(folder)
     cfg = exported_config(folder)
-    builder = build_sample_builder(cfg, tokenizer, model.token_ids, model.seg_head.image_size,
-                                   model.backbone.config.image_seq_length)
+    builder = build_sample_builder(cfg, tokenizer, model.token_ids)
     items = load_items(args)
     batches = plan_batches(items, args.batch_size)
     settings = GenerationSettings(args.max_new_tokens, args.sample, args.temperature, args.top_p)
@@ -267,7 +225,3 @@ def main(argv: list[str] | None = None) -> None:
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

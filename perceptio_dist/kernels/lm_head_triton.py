@@ -6,6 +6,9 @@
 ``a * softmax(row) - b * onehot(target) + c * softmax(row[codes])`` on the code columns, in place.
 The matmuls around them (logits, dH, dW) stay with cuBLAS, as in public fused-linear-CE kernels.
 Any V, K and row count work (masked blocks); rows need not be a power of two.
+
+The module exports two plain row functions with the signatures of ``losses.lm_head_terms.RowOps``
+(``row_stats``, ``row_grad_``); the loss code wraps them, the kernels import nothing from it.
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from ..losses.lm_head_terms import RowOps
 
 BLOCK_V = 1024
 
@@ -63,7 +64,7 @@ def _row_grad_kernel(logits_ptr, targets_ptr, lse_ptr, code_lse_ptr, a_ptr, b_pt
         tl.store(base + cols, grad, mask=in_range)
 
 
-def _stats(logits: torch.Tensor, targets: torch.Tensor, code_start: int, num_codes: int):
+def row_stats(logits: torch.Tensor, targets: torch.Tensor, code_start: int, num_codes: int):
     rows, vocab = logits.shape
     lse, target, code_lse = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(3))
     if rows:
@@ -72,12 +73,10 @@ def _stats(logits: torch.Tensor, targets: torch.Tensor, code_start: int, num_cod
     return lse.to(logits.dtype), target.to(logits.dtype), code_lse.to(logits.dtype), None
 
 
-def _grad_(logits, targets, lse, code_lse, _aux, a, b, c, code_start, num_codes):
+def row_grad_(logits, targets, lse, code_lse, _aux, a, b, c, code_start, num_codes):
     rows, vocab = logits.shape
     if rows:
         f32 = [t.float().contiguous() for t in (lse, code_lse, a, b, c)]
         _row_grad_kernel[(rows,)](logits, targets, *f32, logits.stride(0), vocab, code_start, num_codes,
                                   BLOCK=BLOCK_V)
 
-
-TRITON_ROW_OPS = RowOps(_stats, _grad_)

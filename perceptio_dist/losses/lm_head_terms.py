@@ -110,6 +110,13 @@ def _torch_grad_(logits, targets, lse, code_lse, aux, a, b, c, code_start, num_c
 TORCH_ROW_OPS = RowOps(_torch_stats_, _torch_grad_)
 
 
+def triton_row_ops() -> RowOps:
+    """The Triton kernels' row functions (imported on demand: triton is optional)."""
+    from ..kernels.lm_head_triton import row_grad_, row_stats
+
+    return RowOps(row_stats, row_grad_)
+
+
 class _FusedLMHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, layout_tensors, meta):
@@ -217,7 +224,5 @@ def lm_head_terms_fn(implementation: str, chunk_size: int) -> Callable:
     if implementation == "fused_torch":
         return lambda h, wt, layout, w, cs, k: fused_lm_head_terms(h, wt, layout, w, cs, k, chunk_size)
     if implementation == "fused_triton":
-        from ..kernels.lm_head_triton import TRITON_ROW_OPS
-
-        return lambda h, wt, layout, w, cs, k: fused_lm_head_terms(h, wt, layout, w, cs, k, chunk_size, TRITON_ROW_OPS)
+        return lambda h, wt, layout, w, cs, k: fused_lm_head_terms(h, wt, layout, w, cs, k, chunk_size, triton_row_ops())
     raise ValueError(f"unknown LM-head implementation {implementation!r}")

@@ -43,7 +43,7 @@ from .lm_head_terms import LMHeadTerms, LMHeadWeights
 from .mask_loss import mask_loss
 
 TERMS = ("text", "marker", "token", "count", "reconstruction", "mask", "z_loss")
-__all__ = ["IGNORE_INDEX", "TERMS", "ObjectiveOutput", "PerceptioObjective", "find_depth_blocks"]
+__all__ = ["IGNORE_INDEX", "TERMS", "ObjectiveOutput", "PerceptioObjective", "find_depth_blocks", "objective_outputs"]
 
 
 @dataclass
@@ -140,3 +140,29 @@ class PerceptioObjective:
             target = teacher_depth.to(pred.dtype)
         dtype = torch.promote_types(pred.dtype, torch.float32)
         return (pred.to(dtype) - target.to(dtype)).abs().flatten(1).mean(-1).mean()
+
+
+def objective_outputs(objective: PerceptioObjective, lm_head_terms: Callable, hidden: torch.Tensor,
+                      lm_head_weight: torch.Tensor, soft_decode: Callable, mask_logits: torch.Tensor, num_seg: int,
+                      labels: torch.Tensor, seg_masks: torch.Tensor, teacher_depth: torch.Tensor,
+                      has_teacher_depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total loss, the unweighted terms in ``TERMS`` order (detached), how many items each term averaged).
+
+    The objective as tensors for an engine to return: shared by the ZeRO module (parallel/zero.py) and the
+    last pipeline stage (parallel/pipeline.py).
+    """
+    result = objective(
+        hidden=hidden,
+        lm_head_weight=lm_head_weight,
+        labels=labels,
+        lm_terms_fn=lm_head_terms,
+        soft_decode=soft_decode,
+        mask_logits=mask_logits,
+        num_seg=num_seg,
+        seg_masks=seg_masks,
+        teacher_depth=teacher_depth,
+        has_teacher_depth=has_teacher_depth,
+    )
+    terms = torch.stack([result.terms[name].float() for name in TERMS])
+    counts = torch.tensor([float(result.counts[name]) for name in TERMS], device=terms.device)
+    return result.total, terms, counts

@@ -14,7 +14,7 @@ import logging
 import torch
 from transformers import AutoConfig, InternVLConfig, InternVLForConditionalGeneration
 
-from ..config import BackboneConfig, ConfigError, expand_path, resolve_path
+from ..config import BackboneConfig, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,12 @@ def choose_attention_implementation(requested: str) -> str:
             "and a CUDA GPU (pip install '.[gpu]'). Use 'auto' to fall back to sdpa."
         )
     return requested
+
+
+def image_tokens_per_tile(cfg: BackboneConfig) -> int:
+    """Image-context tokens per tile: the patch grid after pixel shuffle (256 for 448-px tiles, patch 14, ratio 0.5)."""
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    return int(grid * cfg.downsample_ratio) ** 2
 
 
 def internvl_config(cfg: BackboneConfig, vocab_size: int, image_token_id: int) -> InternVLConfig:
@@ -60,12 +66,11 @@ def internvl_config(cfg: BackboneConfig, vocab_size: int, image_token_id: int) -
         norm_type=v.norm_type,
         use_qk_norm=v.use_qk_norm,
     )
-    grid = v.image_size // v.patch_size
     return InternVLConfig(
         vision_config=vision,
         text_config=text,
         image_token_id=image_token_id,
-        image_seq_length=int(grid * cfg.downsample_ratio) ** 2,
+        image_seq_length=image_tokens_per_tile(cfg),
         downsample_ratio=cfg.downsample_ratio,
         tie_word_embeddings=cfg.tie_word_embeddings,
     )
@@ -100,7 +105,7 @@ def build_backbone(
 ) -> InternVLForConditionalGeneration:
     """Load the checkpoint in ``cfg.pretrained_path`` or build a random model from the recipe's architecture."""
     if cfg.pretrained_path is not None:
-        path = str(resolve_path(expand_path(cfg.pretrained_path, "model.backbone.pretrained_path")))
+        path = cfg.pretrained_path  # resolved when the config was loaded
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         if not isinstance(hf_config, InternVLConfig):
             raise ConfigError(

@@ -129,8 +129,6 @@ def build_perceptio(
     Every part is in ``dtype`` (the backbone is created in it, possibly already partitioned by
     ZeRO-3; the SAM2 parts and the VQ-VAE are cast before anything partitions them).
     """
-    from ..config import expand_path, resolve_path
-
     b = cfg.backbone
     base_vocab = b.text.vocab_size or len(tokenizer)
     token_ids = add_spatial_tokens(tokenizer, cfg.tokens)
@@ -145,8 +143,8 @@ def build_perceptio(
         torch.manual_seed(seed + 1)
         seg_head = build_seg_head(cfg.seg_head, b.text.hidden_size).to(dtype)
     if cfg.depth_vqvae.checkpoint:
-        path = resolve_path(expand_path(cfg.depth_vqvae.checkpoint, "model.depth_vqvae.checkpoint"))
-        vqvae = load_depth_vqvae(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid, str(path))
+        vqvae = load_depth_vqvae(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid,
+                                 cfg.depth_vqvae.checkpoint)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 2)

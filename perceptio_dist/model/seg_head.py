@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ConfigError, SegHeadConfig, expand_path, resolve_path
+from ..config import ConfigError, SegHeadConfig
 
 # SAM2 normalises its input with the ImageNet statistics.
 SAM2_PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -26,9 +26,9 @@ SAM2_PIXEL_STD = (0.229, 0.224, 0.225)
 
 def _sam2_config_path(ref: str) -> Path:
     """A yaml path for 'sam2_tiny' (shipped here), 'configs/sam2.1/...' (the sam2 package) or a file."""
-    path = Path(ref)
-    if path.suffix in (".yaml", ".yml") and resolve_path(ref).exists():
-        return resolve_path(ref)
+    path = Path(ref)  # a file path was resolved when the config was loaded
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
     shipped = resources.files("perceptio_dist.recipes").joinpath(f"sam2/{ref}.yaml")
     if shipped.is_file():
         return Path(str(shipped))
@@ -69,7 +69,7 @@ def build_sam2(ref: str, checkpoint: str | None = None, meta: bool = False) -> n
     with ctx:
         model = instantiate(model_cfg, _recursive_=True)
     if checkpoint is not None and not meta:
-        path = resolve_path(expand_path(checkpoint, "model.seg_head.sam2_checkpoint"))
+        path = checkpoint
         # weights_only: a checkpoint file must never be able to run code.
         blob = torch.load(str(path), map_location="cpu", weights_only=True)
         state = blob.get("model") if isinstance(blob, dict) else None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ..config import BackboneConfig, expand_path, resolve_path
+from ..config import BackboneConfig
 
 # ChatML turn markers used by InternVL2.5's chat template (and by Qwen2.5).
 CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -37,7 +37,7 @@ def load_tokenizer(backbone: BackboneConfig) -> PreTrainedTokenizerBase:
         tok = load_builtin_tokenizer(source.split(":", 1)[1])
     else:
         folder = backbone.pretrained_path if source == "pretrained" else source
-        path = resolve_path(expand_path(folder, "model.backbone.tokenizer"))
+        path = folder  # resolved when the config was loaded
         # trust_remote_code stays off: only tokenizers transformers implements natively are accepted.
         tok = AutoTokenizer.from_pretrained(str(Path(path)), trust_remote_code=False)
     missing = [t for t in (backbone.image_start_token, backbone.image_end_token, backbone.image_token)

@@ -10,9 +10,10 @@ the LLM width as transformers' Trainer does.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, PerceptioConfig, data_parallel_size, expand_path, resolve_path
+from ..config import ConfigError, PerceptioConfig, data_parallel_size
 
 AUTO = "auto"
 
@@ -38,7 +39,7 @@ def build_deepspeed_config(cfg: PerceptioConfig, world_size: int) -> dict:
     template: dict = {}
     source = "the DeepSpeed JSON"
     if cfg.parallel.deepspeed_config:
-        path = resolve_path(expand_path(cfg.parallel.deepspeed_config, "parallel.deepspeed_config"))
+        path = Path(cfg.parallel.deepspeed_config)  # resolved when the config was loaded
         source = str(path)
         try:
             template = json.loads(path.read_text())

@@ -6,7 +6,7 @@ The layer sequence (DeepSpeed builds only the layers of its own stage):
     1        vision tower + projector, image features scattered into the image-token positions -> (h, mask)
     2..L+1   decoder layer i (rotary embeddings and causal mask rebuilt from the mask)          -> (h, mask)
     L+2      final norm; the loss function then runs the LM head terms, SAM2 on the [SEG] hidden
-             states and the VQ-VAE soft decode, exactly as the ZeRO path (train/module.objective_outputs)
+             states and the VQ-VAE soft decode, exactly as the ZeRO path (losses/objective.objective_outputs)
 
 With tied embeddings the embedding is a ``TiedLayerSpec`` that the last stage holds too (DeepSpeed
 all-reduces the tied weight's gradient between the two stages); the head reads its weight from there.
@@ -37,9 +37,8 @@ from transformers.models.internvl.modeling_internvl import InternVLModel
 
 from ..config import ConfigError, PerceptioConfig
 from ..losses.lm_head_module import LMHeadTermsModule
-from ..losses.objective import PerceptioObjective
+from ..losses.objective import PerceptioObjective, objective_outputs
 from ..model.perceptio import PerceptioModel, keep_frozen_parts_in_eval, segment_seg_tokens
-from ..train.module import objective_outputs
 
 TIED_KEY = "embed"
 FIRST_STAGE_LAYERS = 2  # token embedding + vision merge always share the first stage

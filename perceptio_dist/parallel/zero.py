@@ -1,4 +1,5 @@
-"""ZeRO-3 helpers: partitioned construction, external parameters, partition inspection."""
+"""ZeRO mode: the module DeepSpeed wraps, and the ZeRO-3 helpers (partitioned construction, external
+parameters, partition inspection, the Adam step after a universal-checkpoint load)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,43 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from ..losses.lm_head_module import LMHeadTermsModule
+from ..losses.objective import PerceptioObjective, objective_outputs
+from ..model.perceptio import PerceptioModel
+
+
+class PerceptioTrainingModule(nn.Module):
+    """Model forward and the whole objective in one module, so the loss runs inside the engine's forward
+    (ZeRO-3 gathers and gradient hooks fire for every parameter involved)."""
+
+    def __init__(self, model: PerceptioModel, objective: PerceptioObjective, lm_head_terms: LMHeadTermsModule):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.lm_head_terms = lm_head_terms
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """Parameters used by a module that does not own them (for ZeRO-3 registration)."""
+        return [(self.lm_head_terms, self.model.lm_head.weight)]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor,
+        sam_images: torch.Tensor,
+        seg_masks: torch.Tensor,
+        teacher_depth: torch.Tensor,
+        has_teacher_depth: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total loss, the unweighted terms in ``TERMS`` order (detached), how many items each term averaged)."""
+        out = self.model(input_ids, attention_mask, pixel_values, sam_images)
+        return objective_outputs(self.objective, self.lm_head_terms, out.hidden_states, self.model.lm_head.weight,
+                                 self.model.depth_vqvae.soft_decode, out.mask_logits, out.num_seg, labels, seg_masks,
+                                 teacher_depth, has_teacher_depth)
+
 
 @contextlib.contextmanager
 def partitioned_construction(ds_config: dict, enabled: bool) -> Iterator[None]:

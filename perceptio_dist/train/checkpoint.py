@@ -12,6 +12,10 @@ A save goes to ``<tag>.tmp``; after every rank has finished (barrier), rank 0 li
 sizes and checksums into COMPLETE.json, renames the folder to ``<tag>`` and only then points
 ``latest`` at it; older checkpoints beyond ``keep_last`` are removed. Resume takes the newest
 checkpoint whose files all match COMPLETE.json and logs every one it skips and why.
+
+This module is the one home of the format: finding, verifying and publishing checkpoints, reading what a
+checkpoint says about itself (step, rank count, the config it was trained with) and converting it to
+DeepSpeed's universal format for another rank count. The trainer, export and evaluation go through it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +36,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from ..data.shards import file_sha256
 from ..parallel.distributed import DistInfo, barrier
 
 log = logging.getLogger("perceptio_dist.checkpoint")
 MARKER = "COMPLETE.json"
+CONFIG_FILE = "config.yaml"  # the resolved training config, readable without DeepSpeed
 TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -66,6 +74,31 @@ class Resumable:
     step: int
 
 
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a published checkpoint folder (its marker was written last, so the save finished)."""
+    return (Path(path) / MARKER).is_file()
+
+
+def read_marker(path: str | Path) -> dict:
+    """The marker of a complete checkpoint: step, reason, world_size, time, files."""
+    return json.loads((Path(path) / MARKER).read_text())
+
+
+def saved_world_size(path: str | Path) -> int:
+    return int(read_marker(path)["world_size"])
+
+
+def saved_config(path: str | Path) -> dict:
+    """The config a checkpoint was trained with, as the plain mapping it was saved as (``config_from_dict`` types it)."""
+    import yaml
+
+    file = Path(path) / CONFIG_FILE
+    if not file.exists():
+        raise ConfigError(f"Config error at 'checkpoint': {path} has no {CONFIG_FILE} (not a perceptio_dist "
+                          "checkpoint, or saved before exports were possible).")
+    return yaml.safe_load(file.read_text())
+
+
 class CheckpointManager:
     def __init__(self, folder: Path, dist: DistInfo, keep_last: int = 3, verify_checksums: bool = True):
         self.folder, self.dist, self.keep_last, self.verify_checksums = Path(folder), dist, keep_last, verify_checksums
@@ -85,7 +118,7 @@ class CheckpointManager:
         final = self.folder / tag
         if self.dist.is_main:
             if config_yaml:  # the resolved config, readable without DeepSpeed (export, inspection)
-                (tmp / "config.yaml").write_text(config_yaml)
+                (tmp / CONFIG_FILE).write_text(config_yaml)
             files = {}
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 rel = str(path.relative_to(tmp))
@@ -139,6 +172,33 @@ class CheckpointManager:
                 return f"{rel} does not match its checksum"
         return None
 
+    def explicit(self, path: str | Path) -> Resumable:
+        """A checkpoint named by the user (``checkpoint.resume=PATH``): verified, and its folder becomes the one saved to."""
+        path = Path(path)
+        problem = self.verify(path) if path.exists() else "it does not exist"
+        if problem:
+            raise ConfigError(f"Config error at 'checkpoint.resume': cannot resume from {path}: {problem}.")
+        self.folder = path.parent
+        return Resumable(path, int(read_marker(path)["step"]))
+
+    def to_universal(self, found: Resumable) -> Resumable:
+        """DeepSpeed's ds_to_universal (rank 0, once per checkpoint), so another rank count can load it.
+
+        Universal checkpoints carry no per-rank files: the loader state then comes from rank 0's client state.
+        """
+        out = found.path.parent / f"{found.path.name}_universal"
+        if self.dist.is_main and not (out / "DONE").exists():
+            log.info("rank count changed (%d -> %d): converting %s to the universal format",
+                     saved_world_size(found.path), self.dist.world_size, found.path.name)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(found.path),
+                   "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"ds_to_universal failed:\n{proc.stderr[-3000:]}")
+            (out / "DONE").write_text("")
+        barrier()
+        return Resumable(out, found.step)
+
     def find_resumable(self) -> Optional[Resumable]:
         for path, step in self.published():
             problem = self.verify(path)
@@ -152,7 +212,6 @@ class CheckpointManager:
         _, client = engine.load_checkpoint(str(self.folder), tag=found.path.name, load_module_strict=True)
         rank = self.dist.rank if rank_file_rank is None else rank_file_rank
         rank_file = found.path / f"rank{rank:05d}_state.pt"
-        same_layout = (found.path / MARKER).exists() and (
-            json.loads((found.path / MARKER).read_text())["world_size"] == self.dist.world_size)
+        same_layout = is_complete(found.path) and saved_world_size(found.path) == self.dist.world_size
         rank_state = torch.load(rank_file, weights_only=True) if rank_file.exists() and same_layout else None
         return client or {}, rank_state

@@ -1,7 +1,8 @@
 """The trainer: builds model, objective and DeepSpeed engine from a config, then runs the loop.
 
-It never branches on the model variant; everything model-specific lives in the config and in
-the model's own code. One optimizer step = ``grad_accum_steps`` micro-batches per rank.
+It never branches on the model variant (everything model-specific lives in the config and in the
+model's own code) nor on the parallel mode (parallel/strategy.py builds the engine and runs a step).
+One optimizer step = ``grad_accum_steps`` micro-batches per data-parallel replica.
 
 Fault tolerance (train/checkpoint.py, train/signals.py): checkpoints every N steps and/or minutes,
 published only when complete; ``checkpoint.resume=auto`` continues from the newest intact one (on
@@ -16,28 +17,27 @@ import json
 import logging
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..config import ConfigError, PerceptioConfig, dump_yaml, expand_path, resolve_path, validate_runtime
+from ..config import ConfigError, PerceptioConfig, dump_yaml, validate_runtime
 from ..data.training_data import build_loader
+from ..logging_setup import configure_logging
 from ..losses.lm_head_module import LMHeadTermsModule
 from ..losses.objective import TERMS, PerceptioObjective
 from ..model.perceptio import build_perceptio, parameter_report
 from ..model.tokenizer import load_tokenizer
 from ..parallel.deepspeed_config import build_deepspeed_config
-from ..parallel.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, init_distributed
-from ..parallel.pipeline import build_pipeline_module, layer_kinds, pipeline_batches, stage_of
-from ..parallel.zero import inject_optimizer_step, partitioned_construction, register_external_parameters
-from .checkpoint import CheckpointManager, Resumable, rng_state, set_rng_state
+from ..parallel.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed
+from ..parallel.strategy import build_strategy
+from ..parallel.zero import inject_optimizer_step
+from .checkpoint import CheckpointManager, Resumable, rng_state, saved_config, saved_world_size, set_rng_state
 from .flops import device_peak_tflops, flops_model_for
 from .metrics import MetricsLogger, peak_memory_mb
-from .module import PerceptioTrainingModule
 from .optim import build_optimizer
 from .signals import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, REQUEUE_MARKER, StopRequest
 
@@ -48,19 +48,6 @@ RESUMABLE_MODEL_DIFFERENCES = {"pretrained_path", "tokenizer", "sam2_checkpoint"
 
 class TrainingStopped(SystemExit):
     """Raised on every rank after a coordinated stop (signal or non-finite losses), carrying the exit status."""
-
-
-def configure_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
-    for noisy in ("DeepSpeed", "deepspeed", "transformers", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
 
 
 def seed_everything(seed: int) -> None:
@@ -82,18 +69,40 @@ def _model_differences(saved: dict, current: dict, prefix: str = "model") -> lis
     return diffs
 
 
+class NonfiniteCounter:
+    """The strategies' guard: counts non-finite losses; after ``train.max_nonfinite_in_a_row`` in a row it saves a
+    diagnostic checkpoint and stops the run (exit status 3). ZeRO runs skip the micro-batch (no update applied);
+    a pipeline learns of it after the update, so its diagnostic checkpoint holds the step after it."""
+
+    def __init__(self, limit: int, save: Callable[[int, str], Path], skipped: int = 0):
+        self.limit, self.save, self.skipped, self.in_a_row = limit, save, skipped, 0
+
+    def finite(self) -> None:
+        self.in_a_row = 0
+
+    def nonfinite(self, step: int, update_applied: bool) -> None:
+        self.in_a_row += 1
+        self.skipped += 1
+        what = "the update was applied" if update_applied else "micro-batch skipped on every rank"
+        log.warning("non-finite loss at step %d (%s; %d in a row, %d in all)", step + 1, what, self.in_a_row,
+                    self.skipped)
+        if self.in_a_row >= self.limit:
+            path = self.save(step + int(update_applied), f"diagnostic: {self.in_a_row} non-finite losses in a row")
+            log.error("stopping: %d non-finite losses in a row; diagnostic checkpoint %s", self.in_a_row, path)
+            raise TrainingStopped(NONFINITE_EXIT_CODE)
+
+
 class Trainer:
     """``Trainer(cfg).train()``."""
 
     def __init__(self, cfg: PerceptioConfig):
-        import deepspeed
-
         self.cfg = cfg
         # Paths and batch arithmetic first: a config mistake fails in a second, before any process group.
         validate_runtime(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.dist: DistInfo = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
         configure_logging(self.dist.rank)
         self.stop = StopRequest()
+        self.strategy = build_strategy(cfg, self.dist)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.run_dir = Path(cfg.logging.output_dir)
         if self.dist.is_main:
@@ -105,18 +114,15 @@ class Trainer:
                                              cfg.checkpoint.keep_last, cfg.checkpoint.verify_checksums)
         self.resume_from = self._find_resume()
         if self.resume_from is not None:
-            self._check_resumable_model(self.resume_from)
+            self._check_resumable(self.resume_from)
 
         self.tokenizer = load_tokenizer(cfg.model.backbone)
         self.ds_config = build_deepspeed_config(cfg, self.dist.world_size)
-        if self.resume_from is not None and self._saved_world_size(self.resume_from) != self.dist.world_size:
-            # Universal checkpoints carry no per-rank files: the loader state comes from rank 0's client state.
-            self.resume_from = self._to_universal(self.resume_from)
+        if self.resume_from is not None and saved_world_size(self.resume_from.path) != self.dist.world_size:
+            self.resume_from = self.checkpoints.to_universal(self.resume_from)  # elastic (ZeRO only: checked above)
             self.ds_config["checkpoint"] = {"load_universal": True}
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        self.pipeline = cfg.parallel.mode == "pipeline"
-        zero3 = cfg.parallel.zero_stage == 3
-        with partitioned_construction(self.ds_config, enabled=zero3 and cfg.parallel.zero_init):
+        with self.strategy.model_construction(self.ds_config):
             model = build_perceptio(cfg.model, self.tokenizer, dtype, seed=cfg.train.seed)
         if cfg.train.activation_checkpointing:  # each decoder/vision layer recomputes itself (also in pipelines)
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -124,30 +130,20 @@ class Trainer:
         self.param_report = parameter_report(model)
         self.flops = flops_model_for(model)
         self.attn_implementation = model.attn_implementation
-        token_ids, sam_size, tile_tokens = model.token_ids, model.seg_head.image_size, model.backbone.config.image_seq_length
+        token_ids = model.token_ids
 
         objective = PerceptioObjective(cfg.objective, token_ids)
         lm_head_terms = LMHeadTermsModule(cfg.objective.implementation, cfg.objective.chunk_size, self.dist.device)
         self.lm_head_implementation = lm_head_terms.implementation
-        self.stage_loss = None
-        if self.pipeline:
-            module, self.stage_loss = build_pipeline_module(cfg, model, objective, lm_head_terms, self.dist.world_size)
-            self.stage, data_rank, data_ranks = stage_of(cfg, self.dist.rank, self.dist.world_size)
-        else:
-            module = PerceptioTrainingModule(model, objective, lm_head_terms)
-            if zero3:
-                register_external_parameters(module.external_parameters())
-            self.stage, data_rank, data_ranks = 0, self.dist.rank, self.dist.world_size
+        module = self.strategy.wrap(model, objective, lm_head_terms)
         del model  # a pipeline stage keeps only its own layers
         optimizer, scheduler = build_optimizer(module, cfg.train)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
-        )
+        self.engine, self.scheduler = self.strategy.initialize(module, optimizer, scheduler, self.ds_config)
         # Data-parallel replicas read different samples; the stages of one replica read the same ones.
-        self.loader = build_loader(cfg, self.tokenizer, token_ids, sam_size, tile_tokens, data_rank, data_ranks)
-        self.last_stage = self.stage == cfg.parallel.pp_stages - 1
-        self.stage_layout = self._stage_layout(module, data_rank) if self.pipeline else None
-        self.start_step, self.nonfinite_skipped, self.nonfinite_in_a_row = 0, 0, 0
+        self.loader = build_loader(cfg, self.tokenizer, token_ids, self.strategy.data_rank, self.strategy.data_ranks)
+        self.stage_layout = self.strategy.layout()
+        self.start_step = 0
+        self.nonfinite = NonfiniteCounter(cfg.train.max_nonfinite_in_a_row, self._save)
         if self.resume_from is not None:
             self._resume(self.resume_from)
         self.batches = iter(self.loader)
@@ -164,67 +160,26 @@ class Trainer:
             if found is None:
                 log.info("no complete checkpoint in %s: starting fresh", self.checkpoints.folder)
             return found
-        path = resolve_path(expand_path(setting, "checkpoint.resume"))
-        problem = self.checkpoints.verify(path) if path.exists() else "it does not exist"
-        if problem:
-            raise ConfigError(f"Config error at 'checkpoint.resume': cannot resume from {setting}: {problem}.")
-        self.checkpoints.folder = path.parent
-        return Resumable(path, int(json.loads((path / "COMPLETE.json").read_text())["step"]))
+        return self.checkpoints.explicit(setting)
 
-    def _check_resumable_model(self, found: Resumable) -> None:
-        """Refuse, before building anything, a checkpoint of a model the recipe does not describe."""
-        import yaml
-
-        saved = yaml.safe_load((found.path / "config.yaml").read_text())["model"]
-        diffs = _model_differences(saved, self.cfg.to_dict()["model"])
+    def _check_resumable(self, found: Resumable) -> None:
+        """Refuse, before building anything, a checkpoint of another model or of a layout this run cannot load."""
+        saved = saved_config(found.path)
+        diffs = _model_differences(saved["model"], self.cfg.to_dict()["model"])
         if diffs:
             raise ConfigError(f"Config error at 'checkpoint.resume': {found.path.name} holds a different model "
                               f"({'; '.join(diffs[:5])}). Resume with the recipe it was trained with.")
-        self._check_resumable_layout(found)
-
-    def _check_resumable_layout(self, found: Resumable) -> None:
-        """A pipeline checkpoint (per-stage layer files, per-rank optimizer partitions) resumes only as it was saved."""
-        import yaml
-
-        saved = yaml.safe_load((found.path / "config.yaml").read_text()).get("parallel", {})
-        current = self.cfg.to_dict()["parallel"]
-        if saved.get("mode", "zero") != "pipeline" and current["mode"] != "pipeline":
-            return  # ZeRO checkpoints resume on any rank count (universal format)
-        defaults = {"mode": "zero", "pp_stages": 1, "pp_partition": "parameters", "pp_layers_per_stage": None}
-        diffs = [f"parallel.{k}: checkpoint {saved.get(k, defaults.get(k))!r}, now {current[k]!r}"
-                 for k in ("mode", "pp_stages", "pp_partition", "pp_layers_per_stage", "zero_stage")
-                 if saved.get(k, defaults.get(k)) != current[k]]
-        if self._saved_world_size(found) != self.dist.world_size:
-            diffs.append(f"ranks: checkpoint {self._saved_world_size(found)}, now {self.dist.world_size}")
+        diffs = self.strategy.resume_differences(saved.get("parallel", {}), saved_world_size(found.path))
         if diffs:
             raise ConfigError(f"Config error at 'checkpoint.resume': {found.path.name} was saved with another parallel "
                               f"layout ({'; '.join(diffs)}). Pipeline checkpoints resume only with the layout and rank "
                               "count they were saved with; resume with those settings (or export the checkpoint "
                               "with perceptio-export, which works for any layout).")
 
-    @staticmethod
-    def _saved_world_size(found: Resumable) -> int:
-        return int(json.loads((found.path / "COMPLETE.json").read_text())["world_size"])
-
-    def _to_universal(self, found: Resumable) -> Resumable:
-        """DeepSpeed's ds_to_universal (rank 0, once per checkpoint), so another rank count can load it."""
-        out = found.path.parent / f"{found.path.name}_universal"
-        if self.dist.is_main and not (out / "DONE").exists():
-            log.info("rank count changed (%d -> %d): converting %s to the universal format",
-                     self._saved_world_size(found), self.dist.world_size, found.path.name)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(found.path),
-                   "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"ds_to_universal failed:\n{proc.stderr[-3000:]}")
-            (out / "DONE").write_text("")
-        barrier()
-        return Resumable(out, found.step)
-
     def _resume(self, found: Resumable) -> None:
         client, rank_state = self.checkpoints.load(self.engine, found)
         self.start_step = int(client["step"])
-        self.nonfinite_skipped = int(client.get("nonfinite_skipped", 0))
+        self.nonfinite.skipped = int(client.get("nonfinite_skipped", 0))
         if self.ds_config.get("checkpoint", {}).get("load_universal"):
             injected = inject_optimizer_step(self.engine, self.start_step)
             log.info("universal checkpoint: Adam step %d set in %d optimizer states (one tensor each)", self.start_step,
@@ -238,32 +193,19 @@ class Trainer:
     # ---------------------------------------------------------------------------------- save
 
     def _save(self, step: int, reason: str) -> Path:
-        client = {"step": step, "nonfinite_skipped": self.nonfinite_skipped, "config": self.cfg.to_dict(),
+        client = {"step": step, "nonfinite_skipped": self.nonfinite.skipped, "config": self.cfg.to_dict(),
                   "config_hash": self.cfg.hash(), "loader": self.loader.state_dict(), "versions": _versions()}
         rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
         return self.checkpoints.save(self.engine, step, client, rank_state, reason, dump_yaml(self.cfg))
-
-    def _stage_layout(self, module, data_rank: int) -> list[dict]:
-        """Per stage: its layers (pipeline layer indices and kinds) and parameter count, agreed by every rank."""
-        stages = self.cfg.parallel.pp_stages
-        counts = torch.zeros(stages, dtype=torch.float64, device=self.dist.device)
-        if data_rank == 0:
-            counts[self.stage] = float(sum(p.numel() for p in module.parameters()))
-        counts = all_reduce_sum(counts).tolist()
-        kinds = layer_kinds(self.cfg.model.backbone.text.num_layers, bool(module.tied_modules))
-        return [{"stage": s, "layers": [int(module.parts[s]), int(module.parts[s + 1]) - 1],
-                 "kinds": kinds[module.parts[s]:module.parts[s + 1]], "parameters": int(counts[s])}
-                for s in range(stages)]
 
     def _log_setup(self) -> None:
         cfg = self.cfg
         log.info("attention implementation: %s", self.attn_implementation)
         log.info("LM-head loss implementation: %s", self.lm_head_implementation)
-        layout = (f"pipeline of {cfg.parallel.pp_stages} stages x {self.dist.world_size // cfg.parallel.pp_stages} "
-                  f"replicas, " if self.pipeline else "")
         log.info(
             "ranks: %d (%s), %sZeRO stage %d, precision %s, micro-batch %d x accum %d -> global batch %d",
-            self.dist.world_size, self.dist.device.type, layout, cfg.parallel.zero_stage, cfg.train.precision,
+            self.dist.world_size, self.dist.device.type, self.strategy.describe(), cfg.parallel.zero_stage,
+            cfg.train.precision,
             cfg.train.micro_batch_size, cfg.train.grad_accum_steps, self.ds_config["train_batch_size"],
         )
         for name, count in self.param_report.items():
@@ -274,60 +216,6 @@ class Trainer:
                      kinds[0], kinds[-1], f"{stage['parameters']:,}")
 
     # ---------------------------------------------------------------------------------- loop
-
-    def _all_ranks_agree(self, flag: bool) -> bool:
-        """True when any rank raised ``flag``."""
-        return bool(all_reduce_sum(torch.tensor([float(flag)], device=self.dist.device)).item() > 0)
-
-    def _micro_batch(self, samples_sink, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                          object]:
-        """Forward, agree on finiteness, backward and step; skipped micro-batches are retried with the next one."""
-        in_a_row = 0
-        while True:
-            batch = next(self.batches).to(self.dist.device)
-            if samples_sink is not None:
-                samples_sink.write(json.dumps({"step": step + 1, "micro": micro, "keys": list(batch.keys)}) + "\n")
-            loss, terms, counts = self.engine(**batch.as_dict())
-            if not self._all_ranks_agree(not bool(torch.isfinite(loss.detach()).all())):
-                self.engine.backward(loss)
-                self.engine.step()
-                return loss, terms, counts, batch
-            in_a_row += 1
-            self.nonfinite_skipped += 1
-            log.warning("non-finite loss at step %d: micro-batch skipped on every rank (%d in a row, %d in all)",
-                        step + 1, in_a_row, self.nonfinite_skipped)
-            if in_a_row >= self.cfg.train.max_nonfinite_in_a_row:
-                path = self._save(step, f"diagnostic: {in_a_row} non-finite losses in a row")
-                log.error("stopping: %d non-finite losses in a row; diagnostic checkpoint %s", in_a_row, path)
-                raise TrainingStopped(NONFINITE_EXIT_CODE)
-
-    def _pipeline_batch(self, samples_sink, step: int) -> tuple[float, list]:
-        """One pipeline step (DeepSpeed's schedule: every micro-batch's forward and backward, then the update).
-
-        The first and the last stage of a replica both read the micro-batches. A non-finite loss cannot be
-        skipped inside the schedule (the update is already applied when the loss is known): it is counted,
-        and after train.max_nonfinite_in_a_row such steps in a row the run stops with a diagnostic checkpoint.
-        """
-        read = []
-
-        def on_batch(batch):
-            if samples_sink is not None:
-                samples_sink.write(json.dumps({"step": step + 1, "micro": len(read), "keys": list(batch.keys)}) + "\n")
-            read.append(batch)
-
-        loss = float(self.engine.train_batch(pipeline_batches(self.batches, on_batch)))  # same value on every rank
-        if np.isfinite(loss):
-            self.nonfinite_in_a_row = 0
-            return loss, read
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_skipped += 1
-        log.warning("non-finite loss at step %d (pipeline: the update was applied; %d in a row, %d in all)",
-                    step + 1, self.nonfinite_in_a_row, self.nonfinite_skipped)
-        if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_in_a_row:
-            path = self._save(step + 1, f"diagnostic: {self.nonfinite_in_a_row} non-finite losses in a row")
-            log.error("stopping: %d non-finite losses in a row; diagnostic checkpoint %s", self.nonfinite_in_a_row, path)
-            raise TrainingStopped(NONFINITE_EXIT_CODE)
-        return loss, read
 
     def train(self) -> dict:
         from tqdm import tqdm
@@ -357,11 +245,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if step + 1 == t.max_steps:
                     break
-                if self._all_ranks_agree(self.stop.requested):
+                if any_rank(self.stop.requested, device):
                     self._save(step + 1, f"signal {self.stop.signal_name or 'on another rank'}")
                     self._requeue_exit(step + 1)
                 every, minutes = cfg.checkpoint.save_every_steps, cfg.checkpoint.save_every_minutes
-                due = minutes > 0 and self._all_ranks_agree(time.perf_counter() - last_save >= 60 * minutes)
+                due = minutes > 0 and any_rank(time.perf_counter() - last_save >= 60 * minutes, device)
                 if (every and (step + 1) % every == 0) or due:
                     self._save(step + 1, "periodic")
                     last_save = time.perf_counter()
@@ -379,10 +267,9 @@ class Trainer:
         return summary
 
     def _step(self, step: int, flops, peak: float, samples_sink) -> dict:
-        t, device = self.cfg.train, self.dist.device
+        device = self.dist.device
         start = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
-        loss_sum = torch.zeros(1, device=device)
         weighted_terms = torch.zeros(len(TERMS), device=device)
         term_counts = torch.zeros(len(TERMS), device=device)
         work = torch.zeros(3, dtype=torch.float64, device=device)  # tokens, samples, model FLOPs
@@ -392,23 +279,17 @@ class Trainer:
             return torch.tensor([sum(lengths), batch.num_samples, flops.step_flops(lengths, batch.pixel_values.shape[0])],
                                 dtype=torch.float64, device=device)
 
-        if self.pipeline:
-            mean_loss, batches = self._pipeline_batch(samples_sink, step)
-            # Only the last stage of each replica counts, so the sums below cover each sample once.
-            for terms, counts in self.stage_loss.take_records():
-                weighted_terms += terms * counts
-                term_counts += counts
-            if self.last_stage:
-                for batch in batches:
-                    work += count_work(batch)
-        else:
-            for micro in range(t.grad_accum_steps):
-                loss, terms, counts, batch = self._micro_batch(samples_sink, step, micro)
-                loss_sum += loss.detach().float()
-                weighted_terms += terms * counts
-                term_counts += counts
-                work += count_work(batch)
-            mean_loss = all_reduce_mean(loss_sum / t.grad_accum_steps).item()
+        def on_batch(batch, micro: int) -> None:
+            if samples_sink is not None:
+                samples_sink.write(json.dumps({"step": step + 1, "micro": micro, "keys": list(batch.keys)}) + "\n")
+
+        result = self.strategy.step(self.batches, on_batch, self.nonfinite, step)
+        # Records and batches cover each sample once over all ranks (pipelines: the last stage's only).
+        for terms, counts in result.records:
+            weighted_terms += terms * counts
+            term_counts += counts
+        for batch in result.batches:
+            work += count_work(batch)
         # Terms are logged as means over every scored item of the global batch (not means of rank means).
         weighted_terms, term_counts = all_reduce_sum(torch.stack([weighted_terms, term_counts])).unbind(0)
         term_means = (weighted_terms / term_counts.clamp_min(1)).tolist()
@@ -416,7 +297,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         grad_norm = self.engine.get_global_grad_norm()
         return {
-            "loss": mean_loss,
+            "loss": result.loss,
             **{f"loss/{name}": (value if n > 0 else None) for name, value, n in zip(TERMS, term_means,
                                                                                      term_counts.tolist())},
             "lr": lr,
@@ -427,7 +308,7 @@ class Trainer:
             "step_time_s": elapsed,
             "peak_memory_mb": peak_memory_mb(device),
             "data/skipped_samples": self.loader.skipped,
-            "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_skipped": self.nonfinite.skipped,
         }
 
     def _requeue_exit(self, step: int) -> None:
@@ -468,7 +349,7 @@ class Trainer:
             "parameters": self.param_report,
             "world_size": self.dist.world_size,
             "pipeline_stages": self.stage_layout,
-            "nonfinite_skipped": self.nonfinite_skipped,
+            "nonfinite_skipped": self.nonfinite.skipped,
             "losses": [h["loss"] for h in history],
         }
 

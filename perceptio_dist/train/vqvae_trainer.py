@@ -26,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..config import ConfigError, expand_path, resolve_path
+from ..config import ConfigError, check_input_paths
 from ..data.shards import npy_load, read_manifest, read_shard
 from ..model.depth_vqvae import DepthVQVAE
 from ..parallel.distributed import all_reduce_mean, barrier, init_distributed
@@ -52,14 +51,15 @@ class DepthMapPool:
         self.raw: list[np.ndarray] = []  # metric depth, cropped then normalised at draw time
         self.ready: list[np.ndarray] = []  # normalised inverse depth at the tokenizer size
         self.files: list[Path] = []
+        check_input_paths(cfg, skip=("depth_vqvae.checkpoint",))  # the tokenizer being trained has no weights yet
         d = cfg.data
         if d.scenes:
-            root = resolve_path(expand_path(d.scenes, "data.scenes"))
+            root = Path(d.scenes)
             for folder in sorted(p for p in root.iterdir() if (p / "meta.json").exists()):
                 self.raw.append(np.load(folder / "depth.npy", allow_pickle=False).astype(np.float32))
                 self.files += [folder / "depth.npy", folder / "rgb.png"]
         if d.shards:
-            root = resolve_path(expand_path(d.shards, "data.shards"))
+            root = Path(d.shards)
             manifest = read_manifest(root)
             if manifest["depth"]["size"] != self.size:
                 raise ConfigError(f"Config error at 'data.shards': its depth maps are {manifest['depth']['size']} px, "
@@ -82,11 +82,11 @@ class DepthMapPool:
     def _teacher_maps(self, d) -> None:
         from PIL import Image
 
-        from ..data.sources.image_folder import IMAGE_SUFFIXES
+        from ..preprocess.sources.image_folder import IMAGE_SUFFIXES
         from ..teachers.depth_anything import DepthAnythingTeacher
 
-        root = resolve_path(expand_path(d.image_folder, "data.image_folder"))
-        teacher = DepthAnythingTeacher(str(resolve_path(expand_path(d.teacher, "data.teacher"))), d.teacher_input_size)
+        root = Path(d.image_folder)
+        teacher = DepthAnythingTeacher(d.teacher, d.teacher_input_size)
         paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         for start in range(0, len(paths), 8):
             chunk = []

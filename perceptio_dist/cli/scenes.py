@@ -8,28 +8,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tqdm import tqdm
-
-from .render import render_scene, write_scene
-
-
-def scene_folder(out: Path, seed: int) -> Path:
-    return out / f"scene_{seed:08d}"
-
-
-def write_scenes(out: Path, num: int, seed: int = 0, width: int = 320, height: int = 240,
-                 progress: bool = True) -> list[Path]:
-    folders = []
-    for s in tqdm(range(seed, seed + num), desc="render scenes", unit="scene", disable=not progress):
-        folder = scene_folder(out, s)
-        if not (folder / "meta.json").exists():
-            write_scene(render_scene(s, width, height), folder)
-        folders.append(folder)
-    return folders
+from ..preprocess.scenes.folders import write_scenes
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="perceptio-scenes", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="perceptio-scenes", description="Render N synthetic scenes into a folder (one folder each).")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--num", required=True, type=int, help="number of scenes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first scene (scene i uses seed + i)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from ..preprocess_config import SourceConfig
+from ..config import SourceConfig
 from ..records import DEPTH_ANSWER, DEPTH_QUESTION, Record, safe_key
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..preprocess_config import SourceConfig
+from ..config import SourceConfig
 from ..records import Record, safe_key
 from ..restricted_pickle import load_plain_pickle
 

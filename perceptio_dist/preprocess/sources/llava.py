@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..preprocess_config import SourceConfig
+from ..config import SourceConfig
 from ..records import Record, safe_key
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .records import Record
-from .shards import ShardSample, npy_bytes, npy_load, plan_hash, shard_name, sidecar_path, write_shard
+from ..data.shards import ShardSample, npy_bytes, npy_load, plan_hash, shard_name, sidecar_path, write_shard
 
 LETTERS = "ABCDE"
 

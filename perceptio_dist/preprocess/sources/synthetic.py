@@ -7,7 +7,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..preprocess_config import SourceConfig
+from ..config import SourceConfig
 from ..records import Record
 from ..scenes.render import load_scene_meta
 from ..scenes.tasks import scene_records

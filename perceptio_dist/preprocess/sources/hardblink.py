@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..preprocess_config import SourceConfig
+from ..config import SourceConfig
 from ..records import Record, safe_key
 
 POINT_COUNTS = (3, 4, 5)

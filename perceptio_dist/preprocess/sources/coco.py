@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
-from ..preprocess_config import SourceConfig
+from ..config import SourceConfig
 from ..records import Record, safe_key
 from .refcoco import coco_mask
 

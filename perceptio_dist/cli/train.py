@@ -1,0 +1,90 @@
+"""perceptio-train: validate a recipe, then train (in this process, or on local ranks through torchrun)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from ..config import ConfigError
+from . import config_error_exit, load_or_exit, recipe_parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """perceptio-train [--nproc-per-node N] [--resume auto|PATH] --recipe R [overrides]: validate, then train.
+
+    With --nproc-per-node it launches torchrun, forwards SIGUSR1/SIGTERM to the ranks, and exits with
+    the requeue status (75) when the ranks stopped for a signal after saving a checkpoint."""
+    parser = recipe_parser("perceptio-train", "Train a Perceptio model with DeepSpeed.")
+    parser.add_argument("--nproc-per-node", type=int, default=None,
+                        help="launch this many local ranks with torchrun (omit when already under torchrun/srun)")
+    parser.add_argument("--nnodes", type=int, default=1,
+                        help="nodes taking part (one perceptio-train per node, e.g. under srun); needs --rdzv-endpoint")
+    parser.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                        help="c10d rendezvous on the first node (multi-node runs)")
+    parser.add_argument("--rdzv-id", default="perceptio", help="rendezvous id shared by the nodes of one run")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="continue from the newest complete checkpoint (auto) or from PATH")
+    args = parser.parse_args(argv)
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        parser.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node)")
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    cfg = load_or_exit(args.recipe, overrides)
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
+        from ..config import validate_runtime
+
+        try:  # a rank-count mistake (batch arithmetic, pipeline stages) stops here, not in every rank
+            validate_runtime(cfg, args.nproc_per_node * args.nnodes)
+        except ConfigError as exc:
+            config_error_exit(exc)
+        if args.rdzv_endpoint:
+            rendezvous = [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
+                          f"--rdzv-id={args.rdzv_id}"]
+        else:
+            rendezvous = ["--standalone"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous,
+               f"--nproc_per_node={args.nproc_per_node}", "-m", "perceptio_dist.train",
+               "--recipe", args.recipe, *overrides]
+        raise SystemExit(launch_ranks(cmd, Path(cfg.logging.output_dir)))
+    from ..train.trainer import Trainer
+
+    try:
+        Trainer(cfg).train()
+    except ConfigError as exc:  # errors only visible at run time (paths, rank count, checkpoint)
+        config_error_exit(exc)
+
+
+def launch_ranks(cmd: list[str], run_dir: Path) -> int:
+    """Run torchrun, forwarding preemption signals to the rank processes; map a requeue stop to its status."""
+    import signal
+    import subprocess
+
+    import psutil
+
+    from ..train.signals import REQUEUE_EXIT_CODE, REQUEUE_MARKER
+
+    (run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
+    # SLURM signals every process of a job step, torchrun's agent included, whose default action on
+    # SIGUSR1 is to die and take the ranks down unsaved. The agent is started with SIGUSR1 ignored (an
+    # ignored disposition survives exec); the ranks install their own handler (train/signals.py).
+    proc = subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+
+    def forward(signum, _frame):
+        # To the ranks (torchrun's direct children): not to torchrun's agent, whose default action on SIGUSR1
+        # would kill them unsaved, nor to their data-loader workers.
+        for child in psutil.Process(proc.pid).children():
+            try:
+                child.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, forward)
+    code = proc.wait()
+    if (run_dir / REQUEUE_MARKER).exists():
+        return REQUEUE_EXIT_CODE
+    return code
+
+
+if __name__ == "__main__":
+    main()

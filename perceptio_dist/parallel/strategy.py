@@ -1,0 +1,208 @@
+"""Parallel strategies: how the model is spread over the ranks and how one optimizer step runs.
+
+The trainer holds one :class:`ParallelStrategy` and never branches on ``parallel.mode``:
+
+* :class:`ZeroStrategy` (``mode: zero``): every rank a data-parallel replica of the whole model under
+  ZeRO-2/3. A step is ``grad_accum_steps`` micro-batches of forward, an agreement on finiteness, backward
+  and ``engine.step()``; a non-finite micro-batch is skipped by every rank and the next one is read.
+* :class:`PipelineStrategy` (``mode: pipeline``): a DeepSpeed ``PipelineModule`` (parallel/pipeline.py), a
+  step is ``engine.train_batch``. A non-finite loss is only known after the update, so it is counted.
+
+Each owns building the module DeepSpeed wraps, the engine, one step, the stage layout it reports and the
+layout check of a checkpoint it is asked to resume. Non-finite losses are reported to a ``guard`` (the
+trainer's: it counts, and stops the run after too many in a row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import PerceptioConfig
+from ..losses.lm_head_module import LMHeadTermsModule
+from ..losses.objective import PerceptioObjective
+from ..model.perceptio import PerceptioModel
+from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, any_rank
+
+# What a layout check compares (with the defaults a checkpoint saved before a field existed had).
+LAYOUT_DEFAULTS = {"mode": "zero", "pp_stages": 1, "pp_partition": "parameters", "pp_layers_per_stage": None}
+LAYOUT_FIELDS = ("mode", "pp_stages", "pp_partition", "pp_layers_per_stage", "zero_stage")
+
+
+class NonfiniteGuard(Protocol):
+    def finite(self) -> None: ...
+
+    def nonfinite(self, step: int, update_applied: bool) -> None: ...  # may raise to stop the run
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss of the step over every rank (what the engine optimised)
+    records: list[tuple[torch.Tensor, torch.Tensor]]  # this rank's (terms, counts) per scored micro-batch
+    batches: list = field(default_factory=list)  # this rank's batches to count as work (each sample once)
+
+
+class ParallelStrategy:
+    """Base: what both modes share. Subclasses set ``stage``, ``data_rank`` and ``data_ranks``."""
+
+    mode = ""
+
+    def __init__(self, cfg: PerceptioConfig, dist: DistInfo):
+        self.cfg, self.dist = cfg, dist
+        self.stage, self.data_rank, self.data_ranks = 0, dist.rank, dist.world_size
+        self.engine = None
+
+    # ------------------------------------------------------------------------------------------ build
+
+    def model_construction(self, ds_config: dict):
+        """Context in which the model is built (ZeRO-3: already partitioned)."""
+        return contextlib.nullcontext()
+
+    def wrap(self, model: PerceptioModel, objective: PerceptioObjective, lm_head_terms: LMHeadTermsModule) -> nn.Module:
+        raise NotImplementedError
+
+    def initialize(self, module: nn.Module, optimizer, scheduler, ds_config: dict):
+        """DeepSpeed's engine around ``module``; returns (engine, scheduler)."""
+        import deepspeed
+
+        self.engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_config)
+        return self.engine, scheduler
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def step(self, batches: Iterator, on_batch: Callable, guard: NonfiniteGuard, step: int) -> StepResult:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ facts
+
+    def layout(self) -> list[dict] | None:
+        """Per pipeline stage: layers, kinds and parameter count (None without stages)."""
+        return None
+
+    def describe(self) -> str:
+        return ""
+
+    def resume_differences(self, saved_parallel: dict, saved_world_size: int) -> list[str]:
+        """Why a checkpoint saved with ``saved_parallel`` on ``saved_world_size`` ranks cannot resume here (empty: it
+        can). Pipeline checkpoints (per-stage layer files, per-rank optimizer partitions) resume only as saved."""
+        if saved_parallel.get("mode", "zero") != "pipeline" and self.mode != "pipeline":
+            return []  # ZeRO checkpoints resume on any rank count (universal format)
+        current = dataclasses.asdict(self.cfg.parallel)
+        diffs = [f"parallel.{k}: checkpoint {saved_parallel.get(k, LAYOUT_DEFAULTS.get(k))!r}, now {current[k]!r}"
+                 for k in LAYOUT_FIELDS if saved_parallel.get(k, LAYOUT_DEFAULTS.get(k)) != current[k]]
+        if saved_world_size != self.dist.world_size:
+            diffs.append(f"ranks: checkpoint {saved_world_size}, now {self.dist.world_size}")
+        return diffs
+
+
+class ZeroStrategy(ParallelStrategy):
+    mode = "zero"
+
+    def model_construction(self, ds_config: dict):
+        from .zero import partitioned_construction
+
+        par = self.cfg.parallel
+        return partitioned_construction(ds_config, enabled=par.zero_stage == 3 and par.zero_init)
+
+    def wrap(self, model, objective, lm_head_terms):
+        from .zero import PerceptioTrainingModule, register_external_parameters
+
+        module = PerceptioTrainingModule(model, objective, lm_head_terms)
+        if self.cfg.parallel.zero_stage == 3:
+            register_external_parameters(module.external_parameters())
+        return module
+
+    def step(self, batches, on_batch, guard, step):
+        engine, device, accum = self.engine, self.dist.device, self.cfg.train.grad_accum_steps
+        loss_sum = torch.zeros(1, device=device)
+        result = StepResult(0.0, [])
+        for micro in range(accum):
+            while True:  # a micro-batch that is not finite on some rank is skipped by all; the next one is read
+                batch = next(batches).to(device)
+                on_batch(batch, micro)
+                loss, terms, counts = engine(**batch.as_dict())
+                if not any_rank(not bool(torch.isfinite(loss.detach()).all()), device):
+                    break
+                guard.nonfinite(step, update_applied=False)
+            guard.finite()
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+            result.records.append((terms, counts))
+            result.batches.append(batch)
+        result.loss = all_reduce_mean(loss_sum / accum).item()
+        return result
+
+
+class PipelineStrategy(ParallelStrategy):
+    mode = "pipeline"
+
+    def __init__(self, cfg, dist):
+        from .pipeline import stage_of
+
+        super().__init__(cfg, dist)
+        self.stage, self.data_rank, self.data_ranks = stage_of(cfg, dist.rank, dist.world_size)
+        self.last_stage = self.stage == cfg.parallel.pp_stages - 1
+        self.stage_loss = None
+        self._layout: list[dict] | None = None
+
+    def wrap(self, model, objective, lm_head_terms):
+        from .pipeline import build_pipeline_module
+
+        module, self.stage_loss = build_pipeline_module(self.cfg, model, objective, lm_head_terms,
+                                                        self.dist.world_size)
+        self._layout = self._stage_layout(module)
+        return module
+
+    def _stage_layout(self, module) -> list[dict]:
+        """Per stage: its layers (pipeline layer indices and kinds) and parameter count, agreed by every rank."""
+        from .pipeline import layer_kinds
+
+        stages = self.cfg.parallel.pp_stages
+        counts = torch.zeros(stages, dtype=torch.float64, device=self.dist.device)
+        if self.data_rank == 0:
+            counts[self.stage] = float(sum(p.numel() for p in module.parameters()))
+        counts = all_reduce_sum(counts).tolist()
+        kinds = layer_kinds(self.cfg.model.backbone.text.num_layers, bool(module.tied_modules))
+        return [{"stage": s, "layers": [int(module.parts[s]), int(module.parts[s + 1]) - 1],
+                 "kinds": kinds[module.parts[s]:module.parts[s + 1]], "parameters": int(counts[s])}
+                for s in range(stages)]
+
+    def step(self, batches, on_batch, guard, step):
+        """DeepSpeed's schedule: every micro-batch's forward and backward, then the update. The first and the last
+        stage of a replica both read the micro-batches; only the last stage's records and batches count."""
+        from .pipeline import pipeline_batches
+
+        read = []
+
+        def read_one(batch):
+            on_batch(batch, len(read))
+            read.append(batch)
+
+        loss = float(self.engine.train_batch(pipeline_batches(batches, read_one)))  # same value on every rank
+        if np.isfinite(loss):
+            guard.finite()
+        else:
+            guard.nonfinite(step, update_applied=True)
+        return StepResult(loss, self.stage_loss.take_records(), read if self.last_stage else [])
+
+    def layout(self):
+        return self._layout
+
+    def describe(self) -> str:
+        stages = self.cfg.parallel.pp_stages
+        return f"pipeline of {stages} stages x {self.dist.world_size // stages} replicas, "
+
+
+STRATEGIES = {"zero": ZeroStrategy, "pipeline": PipelineStrategy}
+
+
+def build_strategy(cfg: PerceptioConfig, dist: DistInfo) -> ParallelStrategy:
+    return STRATEGIES[cfg.parallel.mode](cfg, dist)

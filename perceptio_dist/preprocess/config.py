@@ -1,0 +1,109 @@
+"""Typed config of the preprocessing job (ray_jobs/preprocess.py). Same machinery as training recipes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from ..config import (
+    TASKS,
+    ConfigError,
+    DepthVQVAEConfig,
+    SpatialTokensConfig,
+    check_depth_downsampling,
+    check_input_paths,
+    doc_field,
+    load_typed_config,
+    path_field,
+)
+
+# The registry of source types: each name is an adapter module preprocess/sources/<name>.py with a function
+# iter_<name>(SourceConfig) (preprocess/sources/__init__.py finds it by that name).
+SOURCE_TYPES = ("synthetic", "refcoco", "coco", "llava", "image_folder", "hardblink")
+
+
+@dataclass
+class SourceConfig:
+    type: Literal[SOURCE_TYPES] = doc_field(
+        "Adapter: synthetic (scene folders from perceptio-scenes), refcoco (refer toolkit layout), coco (instances "
+        "json), llava (conversation json), image_folder (depth-only), hardblink (evaluation only).", "synthetic")
+    path: str = path_field("Root of the source: scenes folder, refer data root, instances.json, llava json, image "
+                           "folder or HardBLINK folder.", "", purpose="the source's raw data (see sources[].type)",
+                           remedy="Give the source's absolute path (a Ray job runs in a copy of the working folder).")
+    images: Optional[str] = path_field("Images folder (coco, refcoco, llava); null: next to `path`.", None,
+                                       purpose="the source's images folder", folder=True)
+    dataset: Literal["refcoco", "refcoco+", "refcocog"] = doc_field("refcoco: which refer dataset under `path`.", "refcoco")
+    split_by: str = doc_field("refcoco: annotation split file, refs(<split_by>).p (unc, umd or google).", "unc")
+    splits: list[str] = doc_field("refcoco: which refer splits to keep.", default_factory=lambda: ["train"])
+    tasks: list[str] = doc_field("synthetic: which tasks to generate from each scene.", default_factory=lambda: list(TASKS))
+    max_records: Optional[int] = doc_field("Keep at most this many records of the source (in its order); null: all.", None)
+
+
+@dataclass
+class TeacherConfig:
+    pretrained_path: Optional[str] = path_field(
+        "Depth Anything V2 in HF format (DepthAnythingForDepthEstimation), a local folder or a model id already in "
+        "the local Hugging Face cache. null: no teacher; then only sources with ground-truth depth may ask for depth "
+        "targets.", None, must_exist=False)  # a cache id is not a path: the job checks it
+    use_ground_truth: bool = doc_field("Use a source's ground-truth depth (synthetic scenes) instead of the teacher.", True)
+    batch_size: int = doc_field("Images per teacher forward.", 8)
+    concurrency: int = doc_field("Teacher actors in the Ray Data actor pool.", 1)
+    num_gpus: float = doc_field("GPUs per teacher actor (0 on CPU machines).", 0.0)
+    num_cpus: float = doc_field("CPUs reserved per teacher actor.", 1.0)
+    input_size: int = doc_field("Shorter side the teacher sees (a multiple of 14; 518 for Depth Anything V2).", 518)
+
+
+@dataclass
+class PreprocessConfig:
+    output_dir: str = path_field("Where shards, manifest.json and quarantine.jsonl are written.", "runs/shards",
+                                 kind="output")
+    split: Literal["train", "eval"] = doc_field("train jobs refuse evaluation-only sources (HardBLINK).", "train")
+    shard_size: int = doc_field("Samples per shard (per task).", 1000)
+    sources: list[SourceConfig] = doc_field("The raw sources to read.", default_factory=list)
+    teacher: TeacherConfig = doc_field("The depth teacher.", default_factory=TeacherConfig)
+    tokens: SpatialTokensConfig = doc_field("K and the grid of the depth codes (must match training).",
+                                       default_factory=SpatialTokensConfig)
+    depth_vqvae: DepthVQVAEConfig = doc_field("The depth tokenizer that turns depth maps into codes.",
+                                         default_factory=DepthVQVAEConfig)
+    vqvae_seed: int = doc_field("Seed of a random tokenizer when depth_vqvae.checkpoint is null (tests, demos).", 0)
+    decode_concurrency: int = doc_field("Parallel decode/validate tasks (one CPU each).", 2)
+    tokenizer_num_cpus: float = doc_field("CPUs reserved by the VQ-VAE encoding actor.", 1.0)
+    max_image_side: int = doc_field("Images whose longer side exceeds this are downscaled before storing.", 1024)
+
+
+def validate_preprocess(cfg: PreprocessConfig) -> None:
+    def err(path: str, msg: str) -> ConfigError:
+        return ConfigError(f"Config error at '{path}': {msg}")
+
+    if not cfg.sources:
+        raise err("sources", "list at least one source.")
+    if cfg.shard_size <= 0:
+        raise err("shard_size", "must be positive.")
+    for i, src in enumerate(cfg.sources):
+        if not src.path:
+            raise err(f"sources[{i}].path", "is required.")
+        bad = sorted(set(src.tasks) - set(TASKS))
+        if bad:
+            raise err(f"sources[{i}].tasks", f"unknown task(s) {bad}; tasks are {list(TASKS)}.")
+        if cfg.split == "train" and src.type == "hardblink":
+            raise err(f"sources[{i}].type", "HardBLINK is evaluation data: never train on it (use split: eval).")
+    check_depth_downsampling(cfg.depth_vqvae.input_size, cfg.tokens.depth_grid, "depth_vqvae.input_size")
+    if cfg.teacher.input_size % 14:
+        raise err("teacher.input_size", "must be a multiple of 14 (the ViT patch size).")
+    if cfg.teacher.num_cpus <= 0 or cfg.tokenizer_num_cpus <= 0:
+        raise err("teacher.num_cpus", "CPU reservations must be positive (a Ray actor needs a share of a CPU).")
+    for name in ("batch_size", "concurrency"):
+        if getattr(cfg.teacher, name) <= 0:
+            raise err(f"teacher.{name}", "must be positive.")
+
+
+def check_preprocess_paths(cfg: PreprocessConfig) -> None:
+    """At job start: every source and the depth tokenizer exist (the teacher is checked by the job: it may be a
+    Hugging Face cache id)."""
+    check_input_paths(cfg)
+
+
+def load_preprocess_config(recipe: str, overrides: list[str] | None = None) -> PreprocessConfig:
+    cfg = load_typed_config(PreprocessConfig, recipe, overrides, kind="preprocess")
+    validate_preprocess(cfg)
+    return cfg

@@ -1,0 +1,97 @@
+"""The layering rules of the package (README "Layout"), checked on the source: one home for each concern.
+
+* no import cycle, counting imports inside functions too;
+* ``parallel/`` imports nothing from ``train/``; ``data/`` nothing from ``teachers/`` or ``preprocess/``;
+  ``model/``, ``losses/`` and ``kernels/`` nothing from ``data``, ``parallel``, ``train`` or the entry points;
+* only ``config.py`` expands or resolves paths; only ``train/checkpoint.py`` names the checkpoint marker;
+* every console script in pyproject.toml points into ``perceptio_dist/cli/``.
+"""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from collections import defaultdict
+
+from .conftest import ROOT
+
+PACKAGE = ROOT / "perceptio_dist"
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = (path, ast.parse(path.read_text()))
+    return out
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = defaultdict(set)
+    for name, (path, tree) in modules.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
+                candidates = [target] + [f"{target}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[name] |= {c for c in candidates if c in modules and c != name}
+    return graph
+
+
+def test_no_import_cycles():
+    graph, state, cycles = _import_graph(), {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles
+
+
+def test_floors_are_kept():
+    rules = {
+        "perceptio_dist.parallel": ("perceptio_dist.train",),
+        "perceptio_dist.data": ("perceptio_dist.teachers", "perceptio_dist.preprocess", "perceptio_dist.train",
+                                "perceptio_dist.parallel"),
+        "perceptio_dist.model": ("perceptio_dist.data", "perceptio_dist.parallel", "perceptio_dist.train",
+                                 "perceptio_dist.losses", "perceptio_dist.cli"),
+        "perceptio_dist.losses": ("perceptio_dist.data", "perceptio_dist.parallel", "perceptio_dist.train",
+                                  "perceptio_dist.cli"),
+        "perceptio_dist.kernels": ("perceptio_dist.losses", "perceptio_dist.train"),
+    }
+    broken = [(module, target) for module, targets in _import_graph().items() for target in targets
+              for floor, forbidden in rules.items()
+              if (module == floor or module.startswith(floor + ".")) and target.startswith(forbidden)]
+    assert not broken, broken
+
+
+def test_one_home_for_paths_and_the_checkpoint_format():
+    for path in PACKAGE.rglob("*.py"):
+        text, rel = path.read_text(), path.relative_to(ROOT).as_posix()
+        if rel != "perceptio_dist/config.py":
+            assert "expandvars" not in text and "expanduser" not in text and "REPO_ROOT" not in text, rel
+        if rel != "perceptio_dist/train/checkpoint.py":
+            assert "COMPLETE.json" not in text, rel
+
+
+def test_console_scripts_live_in_cli():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts and all(target.startswith("perceptio_dist.cli.") for target in scripts.values()), scripts
+    for target in scripts.values():
+        module, function = target.split(":")
+        assert f"def {function}(" in (ROOT / (module.replace(".", "/") + ".py")).read_text(), target
