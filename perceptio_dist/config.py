@@ -218,6 +218,11 @@ class ObjectiveConfig:
         "Mask losses use this many random points per mask when the target has more pixels; 0: always dense.", 12544
     )
     z_loss_weight: float = doc_field("Optional z-loss (mean squared log-partition) on all target positions; 0 disables.", 0.0)
+    text_weighting: Literal["token", "sample", "square"] = doc_field(
+        "How answer tokens weigh in the text term, which is a mean over the whole optimizer step (every micro-batch "
+        "and rank, like every term). 'token': each token the same; 'sample': a sample's tokens 1/n each, so every "
+        "sample counts the same whatever its answer length; 'square': 1/sqrt(n), InternVL 2.5's square averaging.",
+        "token")
     implementation: Literal["auto", "reference", "fused_torch", "fused_triton"] = doc_field(
         "How the LM-head terms are computed. 'auto': fused_triton on GPUs with triton installed, else fused_torch "
         "(chunked, never the full logits); 'reference': the full fp32 logits of the target rows (tests, debugging).",

@@ -159,13 +159,18 @@ def test_sigusr1_saves_requeues_and_resumes_exactly(reference_run, tiny_shards, 
     assert all(got[s] == want[s] for s in range(1, STEPS + 1))
 
 
-def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_shards, tmp_path):
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_shards, tmp_path, reference_run):
+    """A non-finite micro-batch is skipped by every rank and not replaced: every step reads the samples the
+    uninterrupted run reads (the skipped one included, it is just not learned from)."""
     ok = tmp_path / "ok"
     run_ranks(2, [*common(ok, tiny_shards), *layout(2), "train.max_steps=4", "--nan-at", "2,5"], timeout=300,
               script=HELPER)
     metrics = [json.loads(line) for line in (ok / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 4 and metrics[-1]["nonfinite_skipped"] == 2
     assert all(m["loss"] == m["loss"] for m in metrics)  # no NaN reached the weights or the logs
+    planned = step_keys(reference_run)
+    assert {s: k for s, k in step_keys(ok).items()} == {s: planned[s] for s in range(1, 5)}
+    assert losses(ok)[1] == losses(reference_run)[1] and losses(ok)[2] != losses(reference_run)[2]
     bad = tmp_path / "bad"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", HELPER,

@@ -80,7 +80,8 @@ def test_every_term_matches_hand_computation(setup):
     restricted = lambda t, y: lse(h[t][9:12]) - h[t][y]  # noqa: E731
     token = (restricted(3, 9) + restricted(4, 11)) / 2
     mass = lambda t: sum(math.exp(x) for x in h[t][9:12]) / sum(math.exp(x) for x in h[t])  # noqa: E731
-    count = abs(mass(3) + mass(4) + mass(5) - 2) / 2
+    # code mass wanted at the two code rows (t = 3, 4), none at the row predicting <DEPTH_END> (t = 5); N + 1 = 3
+    count = (-math.log(mass(3)) - math.log(mass(4)) - math.log(1 - mass(5))) / 3
     probs = lambda t: [math.exp(x - lse(h[t][9:12])) for x in h[t][9:12]]  # noqa: E731
     decoded = [sum(p * v for p, v in zip(probs(t), CODE_VALUES)) for t in (3, 4)]
     reconstruction = (abs(decoded[0] - 0.2) + abs(decoded[1] - 0.9)) / 2

@@ -151,3 +151,94 @@ def test_bf16_with_activation_checkpointing_trains(tmp_path, tiny_shards):
     assert len(metrics) == 6 and all(math.isfinite(m["loss"]) for m in metrics)
     # the total depends on which terms a step's samples carry; the text term is comparable step to step
     assert metrics[-1]["loss/text"] < metrics[0]["loss/text"]
+
+
+# One global batch of 2 samples, a text-only VQA answer and a relative-depth answer (depth block and letter),
+# split three ways and cut into two pipeline stages. data.seed picks a first step that holds one of each.
+SPLIT_STEP = ["--recipe", "tiny_cpu", "train.max_steps=1", "train.warmup_steps=0", NO_TOKENIZER,
+              "logging.wandb=disabled", "logging.log_samples=true", "checkpoint.save_final=false",
+              "parallel.zero_init=false", "data.task_weights={vqa: 1.0, relative_depth: 1.0}", "data.seed=8"]
+SPLITS = {
+    "1 rank, micro 2 x accum 1": (1, ["train.micro_batch_size=2", "train.grad_accum_steps=1"]),
+    "1 rank, micro 1 x accum 2": (1, ["train.micro_batch_size=1", "train.grad_accum_steps=2"]),
+    "2 ranks, micro 1 x accum 1": (2, ["train.micro_batch_size=1", "train.grad_accum_steps=1"]),
+    "2 pipeline stages, micro 1 x accum 2": (2, ["train.micro_batch_size=1", "train.grad_accum_steps=2",
+                                                 "parallel.mode=pipeline", "parallel.zero_stage=0",
+                                                 "parallel.pp_stages=2",
+                                                 "parallel.deepspeed_config=ds_configs/pipeline.json"]),
+}
+
+
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory, tiny_shards) -> dict[str, Path]:
+    runs = {}
+    for name, (nproc, overrides) in SPLITS.items():
+        run_dir = tmp_path_factory.mktemp("split") / "run"
+        run_ranks(nproc, [*SPLIT_STEP, f"data.shards={tiny_shards}", f"logging.output_dir={run_dir}", *overrides,
+                          "--dump-grads"], timeout=600, module=None, script=HELPER)
+        runs[name] = run_dir
+    return runs
+
+
+def _gradients(run_dir: Path) -> dict:
+    import torch
+
+    grads = {}
+    for path in sorted(run_dir.glob("grads_rank*.pt")):
+        for name, grad in torch.load(path, weights_only=True).items():
+            grads.setdefault(name, grad)  # ZeRO ranks hold the same full gradients; stages hold their own
+    return grads
+
+
+def test_gradients_do_not_depend_on_how_the_step_is_split(split_runs):
+    """The step's gradient is the gradient of the step's per-item objective for every split (1e-5 relative),
+    and so is the logged loss and every term (1e-6); the micro-batches hold a text-only answer and one with a
+    depth block, of very different lengths."""
+    keys = set()
+    for line in (split_runs["1 rank, micro 1 x accum 2"] / "samples" / "rank0.jsonl").read_text().splitlines():
+        keys.update(json.loads(line)["keys"])
+    assert any("vqa" in k for k in keys) and any("reldepth" in k for k in keys), keys
+    reference_name = "1 rank, micro 2 x accum 1"
+    reference = _gradients(split_runs[reference_name])
+    ref_metrics = read_metrics(split_runs[reference_name])[0]
+    assert len(reference) > 50
+    for name, run_dir in split_runs.items():
+        grads = _gradients(run_dir)
+        assert set(grads) == set(reference), (name, set(grads) ^ set(reference))
+        for param, grad in grads.items():
+            scale = reference[param].norm().item()
+            assert (grad - reference[param]).norm().item() <= 1e-5 * scale + 1e-12, (name, param)
+        metrics = read_metrics(run_dir)[0]
+        for key in ["loss"] + [f"loss/{t}" for t in TERMS]:
+            if ref_metrics[key] is None:  # no [SEG] in this step: no mask term anywhere
+                assert metrics[key] is None, (name, key)
+            else:
+                assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-6), (name, key)
+
+
+def test_logged_loss_is_the_whole_batch_through_the_reference_path(split_runs, tiny_cfg, tiny_tokenizer):
+    """The 2-rank run's logged loss against the global batch computed at once, in this process, with the
+    reference LM-head path (full logits) and the same initial weights."""
+    import dataclasses
+
+    import torch
+
+    from perceptio_dist.data.training_data import build_loader
+    from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
+    from perceptio_dist.losses.objective import PerceptioObjective
+    from perceptio_dist.model.perceptio import build_perceptio
+    from perceptio_dist.parallel.zero import PerceptioTrainingModule
+    from perceptio_dist.train.trainer import seed_everything
+
+    cfg = dataclasses.replace(
+        tiny_cfg, train=dataclasses.replace(tiny_cfg.train, micro_batch_size=2, grad_accum_steps=1),
+        data=dataclasses.replace(tiny_cfg.data, task_weights={"vqa": 1.0, "relative_depth": 1.0}, seed=8))
+    seed_everything(cfg.train.seed)
+    model = build_perceptio(cfg.model, tiny_tokenizer, torch.float32, seed=cfg.train.seed).train()
+    batch = next(iter(build_loader(cfg, tiny_tokenizer, model.token_ids, rank=0, world_size=1)))
+    module = PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
+                                     LMHeadTermsModule("reference"))
+    with torch.no_grad():
+        total, _, _ = module(**batch.as_dict())
+    logged = read_metrics(split_runs["2 ranks, micro 1 x accum 1"])[0]["loss"]
+    assert logged == pytest.approx(total.item(), rel=1e-6)

@@ -24,6 +24,7 @@ class TargetLayout:
     code_rows: torch.Tensor  # [Pc] rows whose target is a depth code, in order
     block_starts: torch.Tensor  # [nb] first row of each block's span (predicts the first code)
     num_depth_tokens: int  # N
+    text_weights: torch.Tensor | None = None  # [P] weight of each row's text cross-entropy; None: all 1
 
     @property
     def num_rows(self) -> int:

@@ -9,8 +9,8 @@ Three implementations, one interface ``fn(hidden [P, d], weight [V, d], layout, 
 * ``reference``: the full [P, V] logit matrix in fp32 and autograd. Ground truth for tests.
 * ``fused_torch``: rows in chunks that never split a depth block; per chunk the fp32 logits, their
   log-sum-exp, target logit, code log-sum-exp, and at once the gradient of the weighted terms with
-  respect to the logits (everything it needs is in the chunk: the count term's block sums included),
-  which two matmuls turn into dH and dW. So the forward pass does the work of forward and backward
+  respect to the logits (every term is a sum of per-row values, so everything it needs is in the
+  chunk), which two matmuls turn into dH and dW. So the forward pass does the work of forward and backward
   (3 matmuls, like the reference) and never holds more than one chunk of logits; backward only scales
   by the upstream gradient and adds the code-logit part (K columns).
 * ``fused_triton``: the same algorithm with the per-row softmax/statistics and the in-place gradient
@@ -20,6 +20,7 @@ Three implementations, one interface ``fn(hidden [P, d], weight [V, d], layout, 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -32,10 +33,49 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LMHeadWeights:
+    """Term weights, and what each term's sum is divided by (losses/normalise.py). A denominator left None is
+    the call's own item count (text: the sum of its text-row weights), i.e. a mean over these rows alone."""
+
     text: float
     marker: float
     count: float
     z_loss: float
+    text_denominator: float | None = None
+    marker_denominator: float | None = None
+    count_denominator: float | None = None  # depth blocks
+    z_denominator: float | None = None  # target rows
+
+    def denominators(self, layout: TargetLayout, text_weights: torch.Tensor) -> tuple[float, float, float, float]:
+        local = (float(text_weights[layout.is_text].sum()), float(layout.is_marker.sum()), float(layout.num_blocks),
+                 float(layout.num_rows))
+        given = (self.text_denominator, self.marker_denominator, self.count_denominator, self.z_denominator)
+        return tuple(g if g is not None else max(v, 1.0) for g, v in zip(given, local))
+
+
+# The count term scores the code mass m of a row by -log m or -log(1 - m). Its gradient on the logits,
+# k (softmax - softmax_C) with k = -m / (1 - m) on the end row, is two large terms that cancel as m -> 1; in fp32
+# that cancellation is exact enough only up to k ~ 1e4. So m is saturated at 1 - 1e-4: beyond it the row's count
+# term is constant (zero gradient, in every back end; the marker term still pushes <DEPTH_END> up there).
+MAX_LOG_CODE_MASS = math.log1p(-1e-4)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 and for very negative x."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def count_roles(layout: TargetLayout) -> torch.Tensor:
+    """Per row: 1 where the count term wants the code mass (a block's N code rows), 2 where it wants none (the
+    row predicting <DEPTH_END>), 0 elsewhere."""
+    roles = torch.zeros(layout.num_rows, dtype=torch.long, device=layout.targets.device)
+    roles[layout.code_rows] = 1
+    roles[layout.block_starts + layout.num_depth_tokens] = 2
+    return roles
+
+
+def text_weights_of(layout: TargetLayout, dtype: torch.dtype) -> torch.Tensor:
+    w = layout.text_weights
+    return torch.ones(layout.num_rows, dtype=dtype, device=layout.targets.device) if w is None else w.to(dtype)
 
 
 class LMHeadTerms(NamedTuple):
@@ -45,10 +85,6 @@ class LMHeadTerms(NamedTuple):
     count: torch.Tensor
     z_loss: torch.Tensor
     code_logits: torch.Tensor  # [Pc, K] fp32 (with graph)
-
-
-def _mean(values: torch.Tensor, count: int) -> torch.Tensor:
-    return values.sum() / max(count, 1)
 
 
 # ------------------------------------------------------------------------------ reference
@@ -61,16 +97,16 @@ def reference_lm_head_terms(hidden: torch.Tensor, weight: torch.Tensor, layout: 
     lse = torch.logsumexp(logits, -1)
     ce = lse - logits.gather(1, layout.targets[:, None]).squeeze(1)
     code = logits[:, code_start : code_start + num_codes]
-    mass = torch.exp(torch.logsumexp(code, -1) - lse)
-    n, nb = layout.num_depth_tokens, layout.num_blocks
-    if nb:
-        spans = layout.block_starts[:, None] + torch.arange(n + 1, device=logits.device)[None]
-        count = ((mass[spans].sum(-1) - n).abs() / n).mean()
-    else:
-        count = logits.sum() * 0.0
-    text = _mean(ce[layout.is_text], int(layout.is_text.sum()))
-    marker = _mean(ce[layout.is_marker], int(layout.is_marker.sum()))
-    z = _mean(lse.pow(2), layout.num_rows)
+    log_mass = (torch.logsumexp(code, -1) - lse).clamp_max(MAX_LOG_CODE_MASS)
+    row_weight = text_weights_of(layout, dtype)
+    text_den, marker_den, count_den, z_den = w.denominators(layout, row_weight)
+    roles = count_roles(layout)
+    n = layout.num_depth_tokens
+    count_rows = torch.where(roles == 1, -log_mass, torch.where(roles == 2, -log1mexp(log_mass), 0.0 * log_mass))
+    count = count_rows.sum() / (n + 1) / count_den
+    text = (row_weight * ce)[layout.is_text].sum() / text_den
+    marker = ce[layout.is_marker].sum() / marker_den
+    z = lse.pow(2).sum() / z_den
     total = w.text * text + w.marker * marker + w.count * count + w.z_loss * z
     return LMHeadTerms(total, text.detach(), marker.detach(), count.detach(), z.detach(), code[layout.code_rows])
 
@@ -120,20 +156,19 @@ def triton_row_ops() -> RowOps:
 class _FusedLMHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, layout_tensors, meta):
-        targets, is_text, is_marker, code_rows, block_starts = layout_tensors
-        w, n, code_start, num_codes, bounds, ops, single_backward = meta
+        targets, is_text, is_marker, code_rows, roles, row_weight = layout_tensors
+        w, n, code_start, num_codes, bounds, ops, single_backward, dens = meta
+        text_den, marker_den, count_den, z_den = dens
         p, compute = hidden.shape[0], torch.promote_types(hidden.dtype, torch.float32)
-        n_text, n_marker, nb = int(is_text.sum()), int(is_marker.sum()), int(block_starts.numel())
-        in_block = torch.full((p,), -1, dtype=torch.long, device=hidden.device)
-        for b, s in enumerate(block_starts.tolist()):
-            in_block[s : s + n + 1] = b
         weight_c = weight.to(compute)
         grad_hidden = torch.empty(p, hidden.shape[1], dtype=compute, device=hidden.device)
         grad_weight = torch.zeros_like(weight_c)
         code_logits = torch.empty(p, num_codes, dtype=compute, device=hidden.device)
         sums = torch.zeros(4, dtype=torch.float64, device=hidden.device)  # text, marker, count, z
         per_ce = torch.zeros(p, dtype=compute, device=hidden.device)
-        ce_scale = (is_text.to(compute) * (w.text / max(n_text, 1)) + is_marker.to(compute) * (w.marker / max(n_marker, 1)))
+        ce_scale = (is_text.to(compute) * row_weight.to(compute) * (w.text / text_den)
+                    + is_marker.to(compute) * (w.marker / marker_den))
+        count_scale = w.count / ((n + 1) * count_den)
         for start, end in bounds:
             h = hidden[start:end].to(compute)
             logits = h @ weight_c.t()  # [c, V], the only chunk-sized buffer
@@ -141,27 +176,30 @@ class _FusedLMHead(torch.autograd.Function):
             code_logits[start:end] = logits[:, code_start : code_start + num_codes]
             lse, target_logit, code_lse, aux = ops.stats(logits, y, code_start, num_codes)
             per_ce[start:end] = lse - target_logit
-            mass = torch.exp(code_lse - lse)
-            blocks = in_block[start:end]
+            role = roles[start:end]
             c = torch.zeros_like(lse)
-            if bool((blocks >= 0).any()):
-                ids, local = torch.unique(blocks[blocks >= 0], return_inverse=True)
-                expected = torch.zeros(ids.numel(), dtype=compute, device=h.device).index_add_(0, local, mass[blocks >= 0])
-                sums[2] += ((expected - n).abs() / n).sum()
-                slope = w.count * torch.sign(expected - n) / (n * nb)
-                c[blocks >= 0] = slope[local] * mass[blocks >= 0]
+            if bool((role > 0).any()):
+                # Count term, per row: -log m at code rows, -log(1 - m) at the end row (m: code mass). Its
+                # gradient on the logits is k * (softmax - softmax over the codes), k = 1 or -m / (1 - m).
+                saturated = code_lse - lse > MAX_LOG_CODE_MASS
+                log_mass = (code_lse - lse).clamp_max(MAX_LOG_CODE_MASS)
+                code, end_row = role == 1, role == 2
+                sums[2] += (-log_mass[code]).double().sum() + (-log1mexp(log_mass[end_row])).double().sum()
+                k = torch.where(code, 1.0, 0.0).to(compute)
+                k[end_row] = -torch.exp(log_mass[end_row]) / -torch.expm1(log_mass[end_row])
+                c = -count_scale * torch.where(saturated, 0.0, k)
             sums[3] += lse.double().pow(2).sum()
             b_coef = ce_scale[start:end]
-            a_coef = b_coef + 2.0 * w.z_loss * lse / p - c
+            a_coef = b_coef + 2.0 * w.z_loss * lse / z_den - c
             ops.grad_(logits, y, lse, code_lse, aux, a_coef, b_coef, c, code_start, num_codes)
             grad_hidden[start:end] = logits @ weight_c
             grad_weight.addmm_(logits.t(), h)
             del logits
-        sums[0] = per_ce[is_text].double().sum()
+        sums[0] = (per_ce * row_weight.to(compute))[is_text].double().sum()
         sums[1] = per_ce[is_marker].double().sum()
-        text, marker = sums[0] / max(n_text, 1), sums[1] / max(n_marker, 1)
-        count = sums[2] / max(nb, 1)
-        z = sums[3] / max(p, 1)
+        text, marker = sums[0] / text_den, sums[1] / marker_den
+        count = sums[2] / ((n + 1) * count_den)
+        z = sums[3] / z_den
         total = (w.text * text + w.marker * marker + w.count * count + w.z_loss * z).to(compute)
         ctx.save_for_backward(grad_hidden, grad_weight, code_rows, hidden[code_rows].to(compute),
                               weight_c[code_start : code_start + num_codes].clone())
@@ -190,8 +228,10 @@ def fused_lm_head_terms(hidden: torch.Tensor, weight: torch.Tensor, layout: Targ
                         code_start: int, num_codes: int, chunk_size: int = 1024,
                         row_ops: RowOps = TORCH_ROW_OPS, single_backward: bool = True) -> LMHeadTerms:
     bounds = chunk_bounds(layout, chunk_size)
-    tensors = (layout.targets, layout.is_text, layout.is_marker, layout.code_rows, layout.block_starts)
-    meta = (w, layout.num_depth_tokens, code_start, num_codes, bounds, row_ops, single_backward)
+    row_weight = text_weights_of(layout, torch.float64)
+    tensors = (layout.targets, layout.is_text, layout.is_marker, layout.code_rows, count_roles(layout), row_weight)
+    dens = w.denominators(layout, row_weight)
+    meta = (w, layout.num_depth_tokens, code_start, num_codes, bounds, row_ops, single_backward, dens)
     return LMHeadTerms(*_FusedLMHead.apply(hidden, weight, tensors, meta))
 
 

@@ -34,8 +34,9 @@ def mask_loss(
     dice_weight: float,
     num_points: int,
     generator: torch.Generator | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean over masks of the mask term; ``logits`` [S, 1, h, w], ``targets`` [S, H, W] in {0, 1}."""
+    """The mask term over masks (``reduction``: 'mean' or 'sum'); ``logits`` [S, 1, h, w], ``targets`` [S, H, W]."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     logits = logits.to(dtype)
     targets = targets.to(dtype)
@@ -50,4 +51,5 @@ def mask_loss(
         flat_targets = targets.flatten(1)
     bce = F.binary_cross_entropy_with_logits(flat_logits, flat_targets, reduction="none").mean(-1)
     dice = dice_loss(flat_logits, flat_targets)
-    return (bce_weight * bce + dice_weight * dice).mean()
+    per_mask = bce_weight * bce + dice_weight * dice
+    return per_mask.sum() if reduction == "sum" else per_mask.mean()

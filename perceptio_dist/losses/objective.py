@@ -4,20 +4,30 @@ Let labels be shifted so that position t predicts y_t = labels[t + 1]; only posi
 target (y_t != -100) take part (the "rows"). With s_t = LM-head logits at t (full vocabulary V), C
 the K depth-code ids, lse_t = logsumexp_V s_t and clse_t = logsumexp_C s_t:
 
-* text      mean over answer tokens that are not spatial of  lse_t - s_t[y_t]
+* text      mean over answer tokens that are not spatial of  lse_t - s_t[y_t]  (weighted per sample
+            with objective.text_weighting other than 'token': sum w_t ce_t / sum w_t)
 * marker    mean over targets [SEG], <DEPTH_START>, <DEPTH_END> of  lse_t - s_t[y_t]
             (DESIGN names only the depth markers; [SEG] is scored here too, or nothing would
             teach the model to emit it)
 * token     mean over <DEPTH_k> targets of  clse_t - s_t[y_t]      (softmax restricted to C)
-* count     mean over depth blocks of  |E_b - N| / N, where E_b = sum over the block's predicted
-            span (the N rows predicting codes and the one predicting <DEPTH_END>) of the
-            probability mass on C, exp(clse_t - lse_t): the expected number of depth tokens.
+* count     mean over depth blocks of  1/(N+1) * [ sum over the block's N code rows of -log m_t
+            + (-log(1 - m_e)) at the row e predicting <DEPTH_END> ],  m_t = exp(clse_t - lse_t) the
+            probability mass on C: a binary cross-entropy "code here / no code here" on each row of
+            the block's span. It sees where the block ends: a block shifted by one, ending early or
+            late scores higher than the right one (DESIGN's |E_b - N| / N on the summed mass could
+            not tell them apart), and its gradient on the logits, k (softmax - softmax_C) with k = 1
+            or -m/(1-m), is as large as a cross-entropy's at initialisation (|E_b - N|'s was m ~ K/V).
 * reconstruction  mean over blocks of  mean |D_b - T_b|: D_b = VQ-VAE soft_decode of the
             restricted softmax p_t = softmax_C s_t at the block's N code rows (soft merge:
             sum_k p_tk * codebook[k] per cell, through the frozen decoder); T_b = the teacher depth
             map, or the decode of the target codes when the sample stores no teacher map.
 * mask      mean over [SEG] of  bce_weight * BCE + dice_weight * Dice (losses/mask_loss.py).
 * z_loss    optional, mean over all rows of lse_t^2.
+
+"Mean over" is over the whole optimizer step (losses/normalise.py): a micro-batch contributes the sum
+of its items divided by the step's count, and the total is scaled so that DeepSpeed's averaging over
+accumulation steps and replicas gives the gradient of the step's objective. Without a normaliser a
+call is its own step (plain means over its rows).
 
 total = sum of weight * term. A term with nothing to score is 0 (still attached to the graph).
 
@@ -41,16 +51,17 @@ from ..model.spatial_tokens import SpatialTokenIds
 from .layout import IGNORE_INDEX, TargetLayout, build_layout
 from .lm_head_terms import LMHeadTerms, LMHeadWeights
 from .mask_loss import mask_loss
+from .normalise import TERMS, StepNormaliser, text_row_weights
 
-TERMS = ("text", "marker", "token", "count", "reconstruction", "mask", "z_loss")
-__all__ = ["IGNORE_INDEX", "TERMS", "ObjectiveOutput", "PerceptioObjective", "find_depth_blocks", "objective_outputs"]
+__all__ = ["IGNORE_INDEX", "TERMS", "ObjectiveOutput", "PerceptioObjective", "StepNormaliser", "find_depth_blocks",
+           "objective_outputs"]
 
 
 @dataclass
 class ObjectiveOutput:
-    total: torch.Tensor  # scalar with graph
-    terms: dict[str, torch.Tensor]  # unweighted, detached scalars
-    counts: dict[str, int]  # how many positions / blocks / masks each term averaged over
+    total: torch.Tensor  # scalar with graph: normaliser.scale x sum of weight x term
+    terms: dict[str, torch.Tensor]  # unweighted, detached: this call's share of each step term (sum / step count)
+    counts: dict[str, float]  # this call's items per term (text: the sum of its row weights)
 
 
 def find_depth_blocks(targets: torch.Tensor, ids: SpatialTokenIds) -> TargetLayout:
@@ -62,13 +73,27 @@ class PerceptioObjective:
     def __init__(self, cfg: ObjectiveConfig, ids: SpatialTokenIds):
         self.cfg = cfg
         self.ids = ids
-        self.lm_weights = LMHeadWeights(cfg.text_weight, cfg.marker_weight, cfg.count_weight, cfg.z_loss_weight)
+        # Set by the parallel strategy before each optimizer step's first forward (None: each call its own step).
+        self.normaliser: StepNormaliser | None = None
 
     def select_targets(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [P, d] of the positions that predict a target, and those targets [P]."""
         shifted = labels[:, 1:]
         keep = shifted != IGNORE_INDEX
         return hidden[:, :-1][keep], shifted[keep]
+
+    def target_layout(self, labels: torch.Tensor) -> TargetLayout:
+        """The rows' categories and blocks, with the text weighting's per-row weights."""
+        shifted = labels[:, 1:]
+        keep = shifted != IGNORE_INDEX
+        layout = build_layout(shifted[keep], self.ids)
+        row_sample = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(shifted)[keep]
+        layout.text_weights = text_row_weights(row_sample, layout.is_text, labels.shape[0], self.cfg.text_weighting)
+        return layout
+
+    def item_counts(self, labels: torch.Tensor, num_masks: int) -> dict[str, float]:
+        """Items each term scores in a micro-batch, from its labels alone (known before any forward)."""
+        return self.item_counts_of(self.target_layout(labels), num_masks)
 
     def __call__(
         self,
@@ -85,36 +110,44 @@ class PerceptioObjective:
     ) -> ObjectiveOutput:
         ids, cfg = self.ids, self.cfg
         h_sel, targets = self.select_targets(hidden, labels)
-        layout = build_layout(targets, ids)
-        lm = lm_terms_fn(h_sel, lm_head_weight, layout, self.lm_weights, ids.code_start, ids.num_codes)
+        layout = self.target_layout(labels)
+        counts = self.item_counts_of(layout, num_seg)
+        norm = self.normaliser or StepNormaliser.local(counts)
+        lm_weights = LMHeadWeights(cfg.text_weight, cfg.marker_weight, cfg.count_weight, cfg.z_loss_weight,
+                                   norm.denominator("text"), norm.denominator("marker"), norm.denominator("count"),
+                                   norm.denominator("z_loss"))
+        lm = lm_terms_fn(h_sel, lm_head_weight, layout, lm_weights, ids.code_start, ids.num_codes)
         anchor = lm.code_logits if lm.code_logits.numel() else hidden  # graph-attached, for exact zeros
 
         terms = {"text": lm.text, "marker": lm.marker, "count": lm.count, "z_loss": lm.z_loss}
         code_targets = targets[layout.code_rows] - ids.code_start
         if code_targets.numel():
             token = (torch.logsumexp(lm.code_logits, -1)
-                     - lm.code_logits.gather(1, code_targets[:, None]).squeeze(1)).mean()
+                     - lm.code_logits.gather(1, code_targets[:, None]).squeeze(1)).sum() / norm.denominator("token")
         else:
             token = anchor.sum() * 0.0
         reconstruction = self._reconstruction(lm.code_logits, code_targets, layout, soft_decode, teacher_depth,
-                                              has_teacher_depth, anchor)
+                                              has_teacher_depth, anchor) / norm.denominator("reconstruction")
         if num_seg:
             if seg_masks.shape[0] != num_seg:
                 raise ValueError(f"{num_seg} [SEG] tokens but {seg_masks.shape[0]} mask targets in the batch")
-            mask = mask_loss(mask_logits, seg_masks, cfg.mask_bce_weight, cfg.mask_dice_weight, cfg.mask_point_samples)
+            mask = mask_loss(mask_logits, seg_masks, cfg.mask_bce_weight, cfg.mask_dice_weight, cfg.mask_point_samples,
+                             reduction="sum") / norm.denominator("mask")
         else:
             mask = mask_logits.sum() * 0.0
         total = lm.total + cfg.token_weight * token + cfg.reconstruction_weight * reconstruction + cfg.mask_weight * mask
+        total = norm.scale * total
         # Gradient must reach every output of the LM-head module on every rank, also when this batch has no
         # code rows (ZeRO-3 re-gathers a module's parameters once per output that receives gradient).
         total = total + 0.0 * lm.code_logits.sum()
         terms.update(token=token.detach(), reconstruction=reconstruction.detach(), mask=mask.detach())
-        counts = {
-            "text": int(layout.is_text.sum()), "marker": int(layout.is_marker.sum()),
-            "token": int(code_targets.numel()), "count": layout.num_blocks, "reconstruction": layout.num_blocks,
-            "mask": num_seg, "z_loss": layout.num_rows,
-        }
         return ObjectiveOutput(total=total, terms=terms, counts=counts)
+
+    @staticmethod
+    def item_counts_of(layout: TargetLayout, num_masks: int) -> dict[str, float]:
+        return {"text": float(layout.text_weights[layout.is_text].sum()), "marker": float(layout.is_marker.sum()),
+                "token": float(layout.code_rows.numel()), "count": float(layout.num_blocks),
+                "reconstruction": float(layout.num_blocks), "mask": float(num_masks), "z_loss": float(layout.num_rows)}
 
     def _reconstruction(self, code_logits, code_targets, layout, soft_decode, teacher_depth, has_teacher, anchor):
         ids, n, nb = self.ids, self.ids.num_depth_tokens, layout.num_blocks
@@ -139,7 +172,7 @@ class PerceptioObjective:
             pred = soft_decode(probs)
             target = teacher_depth.to(pred.dtype)
         dtype = torch.promote_types(pred.dtype, torch.float32)
-        return (pred.to(dtype) - target.to(dtype)).abs().flatten(1).mean(-1).mean()
+        return (pred.to(dtype) - target.to(dtype)).abs().flatten(1).mean(-1).sum()  # per-block means, summed
 
 
 def objective_outputs(objective: PerceptioObjective, lm_head_terms: Callable, hidden: torch.Tensor,

@@ -4,9 +4,17 @@ The trainer holds one :class:`ParallelStrategy` and never branches on ``parallel
 
 * :class:`ZeroStrategy` (``mode: zero``): every rank a data-parallel replica of the whole model under
   ZeRO-2/3. A step is ``grad_accum_steps`` micro-batches of forward, an agreement on finiteness, backward
-  and ``engine.step()``; a non-finite micro-batch is skipped by every rank and the next one is read.
+  and ``engine.step()``. A micro-batch that is not finite on some rank is skipped by every rank: it gets a
+  zero backward (no gradient; DeepSpeed's accumulation count stays in step) and is not replaced, so every
+  later step reads the samples an uninterrupted run reads.
 * :class:`PipelineStrategy` (``mode: pipeline``): a DeepSpeed ``PipelineModule`` (parallel/pipeline.py), a
   step is ``engine.train_batch``. A non-finite loss is only known after the update, so it is counted.
+
+Both read a step's micro-batches before its first forward, count the items each term of the objective
+scores (losses/normalise.py), sum the counts over the data-parallel replicas and give the objective the
+step's :class:`StepNormaliser`: every term is then the mean over the step's items, and the loss DeepSpeed
+optimises and reports is exactly that. (A skipped micro-batch's items stay in the step's counts: they are
+fixed before the first backward.)
 
 Each owns building the module DeepSpeed wraps, the engine, one step, the stage layout it reports and the
 layout check of a checkpoint it is asked to resume. Non-finite losses are reported to a ``guard`` (the
@@ -26,7 +34,7 @@ from torch import nn
 
 from ..config import PerceptioConfig
 from ..losses.lm_head_module import LMHeadTermsModule
-from ..losses.objective import PerceptioObjective
+from ..losses.objective import TERMS, PerceptioObjective, StepNormaliser
 from ..model.perceptio import PerceptioModel
 from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, any_rank
 
@@ -57,6 +65,23 @@ class ParallelStrategy:
         self.cfg, self.dist = cfg, dist
         self.stage, self.data_rank, self.data_ranks = 0, dist.rank, dist.world_size
         self.engine = None
+        self.objective: PerceptioObjective | None = None  # set by wrap(); receives each step's normaliser
+
+    def read_step(self, batches: Iterator) -> list:
+        """The step's micro-batches of this rank, read before its first forward; sets the objective's normaliser.
+
+        Every rank of a replica reads the same micro-batches (pipeline stages), so the all-ranks sum of the
+        counts holds each replica's items ``pp_stages`` times.
+        """
+        accum, device = self.cfg.train.grad_accum_steps, self.dist.device
+        micro_batches = [next(batches).to(device) for _ in range(accum)]
+        counts = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
+        for batch in micro_batches:
+            items = self.objective.item_counts(batch.labels, int(batch.seg_masks.shape[0]))
+            counts += torch.tensor([items[t] for t in TERMS], dtype=torch.float64, device=device)
+        counts = all_reduce_sum(counts) / (self.dist.world_size // self.data_ranks)
+        self.objective.normaliser = StepNormaliser(counts.cpu(), scale=float(accum * self.data_ranks))
+        return micro_batches
 
     # ------------------------------------------------------------------------------------------ build
 
@@ -115,6 +140,7 @@ class ZeroStrategy(ParallelStrategy):
         from .zero import PerceptioTrainingModule, register_external_parameters
 
         module = PerceptioTrainingModule(model, objective, lm_head_terms)
+        self.objective = objective
         if self.cfg.parallel.zero_stage == 3:
             register_external_parameters(module.external_parameters())
         return module
@@ -123,20 +149,24 @@ class ZeroStrategy(ParallelStrategy):
         engine, device, accum = self.engine, self.dist.device, self.cfg.train.grad_accum_steps
         loss_sum = torch.zeros(1, device=device)
         result = StepResult(0.0, [])
-        for micro in range(accum):
-            while True:  # a micro-batch that is not finite on some rank is skipped by all; the next one is read
-                batch = next(batches).to(device)
-                on_batch(batch, micro)
-                loss, terms, counts = engine(**batch.as_dict())
-                if not any_rank(not bool(torch.isfinite(loss.detach()).all()), device):
-                    break
-                guard.nonfinite(step, update_applied=False)
+        for micro, batch in enumerate(self.read_step(batches)):
+            on_batch(batch, micro)
+            loss, terms, counts = engine(**batch.as_dict())
+            if any_rank(not bool(torch.isfinite(loss.detach()).all()), device):
+                guard.nonfinite(step, update_applied=False)  # may stop the run
+                # No gradient from this micro-batch on any rank, but DeepSpeed still counts it, so the update
+                # happens where it would have and later steps read their planned samples.
+                engine.backward(torch.zeros((), device=device, requires_grad=True) * 1.0)  # a graph, no parameter
+                engine.step()
+                continue
             guard.finite()
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
             result.records.append((terms, counts))
             result.batches.append(batch)
+        # DeepSpeed optimises the mean of the micro-batch totals over accumulation steps and replicas; with the
+        # step normaliser's scale that mean is the step's objective.
         result.loss = all_reduce_mean(loss_sum / accum).item()
         return result
 
@@ -158,6 +188,7 @@ class PipelineStrategy(ParallelStrategy):
 
         module, self.stage_loss = build_pipeline_module(self.cfg, model, objective, lm_head_terms,
                                                         self.dist.world_size)
+        self.objective = objective
         self._layout = self._stage_layout(module)
         return module
 
@@ -186,7 +217,8 @@ class PipelineStrategy(ParallelStrategy):
             on_batch(batch, len(read))
             read.append(batch)
 
-        loss = float(self.engine.train_batch(pipeline_batches(batches, read_one)))  # same value on every rank
+        micro_batches = self.read_step(batches)
+        loss = float(self.engine.train_batch(pipeline_batches(iter(micro_batches), read_one)))  # same on every rank
         if np.isfinite(loss):
             guard.finite()
         else:

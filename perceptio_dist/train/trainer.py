@@ -270,8 +270,8 @@ class Trainer:
         device = self.dist.device
         start = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
-        weighted_terms = torch.zeros(len(TERMS), device=device)
-        term_counts = torch.zeros(len(TERMS), device=device)
+        term_sums = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
+        term_counts = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
         work = torch.zeros(3, dtype=torch.float64, device=device)  # tokens, samples, model FLOPs
 
         def count_work(batch) -> torch.Tensor:
@@ -284,15 +284,16 @@ class Trainer:
                 samples_sink.write(json.dumps({"step": step + 1, "micro": micro, "keys": list(batch.keys)}) + "\n")
 
         result = self.strategy.step(self.batches, on_batch, self.nonfinite, step)
-        # Records and batches cover each sample once over all ranks (pipelines: the last stage's only).
+        # Records and batches cover each sample once over all ranks (pipelines: the last stage's only). Each record
+        # holds its micro-batch's share of every step term (its sum over the step's count), so the sums over
+        # micro-batches and ranks are the step's per-item means: exactly the terms the update optimised.
         for terms, counts in result.records:
-            weighted_terms += terms * counts
-            term_counts += counts
+            term_sums += terms.double()
+            term_counts += counts.double()
         for batch in result.batches:
             work += count_work(batch)
-        # Terms are logged as means over every scored item of the global batch (not means of rank means).
-        weighted_terms, term_counts = all_reduce_sum(torch.stack([weighted_terms, term_counts])).unbind(0)
-        term_means = (weighted_terms / term_counts.clamp_min(1)).tolist()
+        term_sums, term_counts = all_reduce_sum(torch.stack([term_sums, term_counts])).unbind(0)
+        term_means = term_sums.tolist()
         tokens, samples, step_flops = all_reduce_sum(work).tolist()
         elapsed = time.perf_counter() - start
         grad_norm = self.engine.get_global_grad_norm()
@@ -300,6 +301,7 @@ class Trainer:
             "loss": result.loss,
             **{f"loss/{name}": (value if n > 0 else None) for name, value, n in zip(TERMS, term_means,
                                                                                      term_counts.tolist())},
+            **{f"items/{name}": value for name, value in zip(TERMS, self.strategy.objective.normaliser.counts.tolist())},
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tokens / elapsed,

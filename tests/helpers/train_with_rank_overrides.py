@@ -3,8 +3,9 @@
     torchrun --nproc_per_node 2 tests/helpers/train_with_rank_overrides.py --recipe tiny_cpu \
         --rank 1 "data.task_weights={vqa: 1.0}" --dump-partition  section.key=value ...
 
-Used to give ranks different batch layouts (the ZeRO-3 rule test) and to dump what each rank
-holds of every parameter (the partitioning test).
+Used to give ranks different batch layouts (the ZeRO-3 rule test), to dump what each rank
+holds of every parameter (the partitioning test) and the full gradients of the first optimizer step
+(the normalisation tests: --dump-grads, names as in the ZeRO module, also for pipeline stages).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main() -> None:
                         "turns into NaN, to test non-finite handling")
     parser.add_argument("--dump-logits", action="store_true", help="after training, write rank 0's logits on a "
                         "fixed micro-batch to logits.pt")
+    parser.add_argument("--dump-grads", action="store_true", help="write this rank's full gradients of the first "
+                        "optimizer step, before the update, to grads_rank<r>.pt")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     rank = int(os.environ["RANK"])
@@ -47,6 +50,8 @@ def main() -> None:
 
         module.forward = forward
     out = Path(cfg.logging.output_dir)
+    if args.dump_grads:
+        dump_first_gradients(trainer, cfg, out / f"grads_rank{rank}.pt")
     if args.dump_partition:
         report = [vars(p) for p in partition_report(trainer.engine.module)]
         info = {
@@ -60,6 +65,56 @@ def main() -> None:
     (out / f"losses_rank{rank}.json").write_text(json.dumps(summary["losses"]))
     if args.dump_logits:
         dump_logits(trainer, out / "logits.pt")
+
+
+def dump_first_gradients(trainer, cfg, path) -> None:
+    """Wrap the engine's update so that the first one first writes every trainable parameter's full gradient."""
+    import torch
+    from deepspeed.utils import safe_get_full_grad
+
+    from perceptio_dist.parallel.pipeline import _layer_module_keys, layer_kinds
+
+    engine, pipeline = trainer.engine, cfg.parallel.mode == "pipeline"
+    kinds = layer_kinds(cfg.model.backbone.text.num_layers, cfg.model.backbone.tie_word_embeddings)
+
+    def model_name(name: str) -> str:
+        if not pipeline:
+            return name
+        index, rest = name.split(".", 1)
+        keys = _layer_module_keys(kinds[int(index)], cfg.model.backbone.tie_word_embeddings)
+        prefix = next(p for p in keys if rest.startswith(p))
+        return "model." + keys[prefix] + rest[len(prefix):]
+
+    def dump() -> None:
+        grads = {}
+        for name, param in engine.module.named_parameters():  # every rank in the same order (ZeRO-3 gathers)
+            if param.requires_grad:
+                grad = safe_get_full_grad(param)
+                if grad is not None:
+                    grads[model_name(name)] = grad.detach().double().cpu().clone()
+        torch.save(grads, path)
+
+    done = []
+    if pipeline:  # the pipe engine applies the update through _take_model_step, after reducing the gradients
+        original = engine._take_model_step
+
+        def take_model_step(*a, **kw):
+            if not done:
+                dump()
+                done.append(True)
+            return original(*a, **kw)
+
+        engine._take_model_step = take_model_step
+        return
+    original_step = engine.step
+
+    def step(*a, **kw):
+        if not done and engine.is_gradient_accumulation_boundary():
+            dump()
+            done.append(True)
+        return original_step(*a, **kw)
+
+    engine.step = step
 
 
 def dump_logits(trainer, path) -> None:
