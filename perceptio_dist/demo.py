@@ -220,6 +220,9 @@ def write_demo_report(out: Path) -> Path:
                 fa = f"{100 * a[key]:.1f}" if key in a else "-"
                 fb = f"{100 * b[key]:.1f}" if key in b else "-"
                 lines.append(f"| {group} | {key} | {fa} | {fb} | {a.get('count', a.get('splits', ''))} |")
+    from .eval.run import faithfulness_table
+
+    lines += [line.replace("## Does", "## Depth model: does") for line in faithfulness_table(metrics["depth_model"])]
     timings = {p.name[1:-5]: json.loads(p.read_text()).get("seconds") for p in sorted(out.glob(".*.done"))}
     lines += ["", f"Stage times (s, this run or the one that made them): {json.dumps(timings)}", "",
               "## Loss curves", "", f"![losses]({_loss_curves(out).name})", ""]

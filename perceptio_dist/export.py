@@ -9,6 +9,9 @@ and buffers), then written as:
     backbone/                 InternVL in transformers format (safetensors) + the tokenizer with spatial tokens
     seg_head.safetensors      [SEG] MLP, SAM2 image encoder, prompt encoder, mask decoder
     depth_vqvae.safetensors   the depth tokenizer, with tokenizer.json beside it
+    chain.json                per training task, what its answers carried: [SEG] and depth block each
+                              'force' (every sample), 'forbid' (none) or 'free' (some); evaluation forces
+                              only that (from the training shards' manifest; absent when they are gone)
 
 ``load_exported(folder)`` rebuilds the PerceptioModel from these files alone.
 """
@@ -91,6 +94,40 @@ def write_exported(model, tokenizer, cfg: PerceptioConfig, out: Path, source: st
         depth_vqvae=dataclasses.replace(vq, checkpoint="depth_vqvae.safetensors"),
     )
     (out / "perceptio.yaml").write_text(dump_yaml(dataclasses.replace(cfg, model=exported)))
+    chain = trained_chain(cfg)
+    if chain is not None:
+        (out / CHAIN_FILE).write_text(json.dumps(chain, indent=1))
+    else:
+        log.warning("the training shards' manifest (data.shards=%s) is gone or records no chain: %s not written, "
+                    "evaluation falls back to forcing [SEG] for referring and the depth block for depth tasks",
+                    cfg.data.shards, CHAIN_FILE)
+
+
+CHAIN_FILE = "chain.json"
+
+
+def trained_chain(cfg: PerceptioConfig) -> dict | None:
+    """Per training task, whether its answers carried [SEG] and a depth block: 'force', 'forbid' or 'free'."""
+    from .data.shards import read_manifest
+
+    try:
+        chain = read_manifest(Path(cfg.data.shards)).get("chain") if cfg.data.shards else None
+    except FileNotFoundError:
+        return None
+    if not chain:
+        return None
+
+    def policy(carried: int, samples: int) -> str:
+        return "force" if carried == samples else ("forbid" if carried == 0 else "free")
+
+    return {task: {"seg": policy(c["with_seg"], c["samples"]),
+                   "depth": policy(c["with_depth"], c["samples"]) if cfg.data.depth_tokens else "forbid"}
+            for task, c in sorted(chain.items()) if c["samples"]}
+
+
+def exported_chain(folder: str | Path) -> dict | None:
+    path = Path(folder) / CHAIN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def exported_config(folder: str | Path) -> PerceptioConfig:

@@ -104,11 +104,17 @@ def write_manifest(cfg: PreprocessConfig, plans, out: Path, elapsed: float) -> d
     shards, quarantine = [], []
     per_task: dict[str, int] = {}
     per_source: dict[str, int] = {}
+    chain: dict[str, dict[str, int]] = {}  # per task: samples, with_seg, with_depth (shards that recorded them)
     for plan in plans:
         stats = json.loads(sidecar_path(out, plan.name).read_text())
         shards.append({"path": f"{plan.name}.tar", "task": plan.task, "num_samples": stats["num_samples"],
                        "sha256": stats["sha256"], "keys": stats["keys"]})
         per_task[plan.task] = per_task.get(plan.task, 0) + stats["num_samples"]
+        if "chain" in stats:  # shards written before the chain was recorded have no counts
+            entry = chain.setdefault(plan.task, {"samples": 0, "with_seg": 0, "with_depth": 0})
+            entry["samples"] += stats["num_samples"]
+            entry["with_seg"] += stats["chain"]["with_seg"]
+            entry["with_depth"] += stats["chain"]["with_depth"]
         for source, n in stats["sources"].items():
             per_source[source] = per_source.get(source, 0) + n
         quarantine += stats["quarantined"]
@@ -120,6 +126,7 @@ def write_manifest(cfg: PreprocessConfig, plans, out: Path, elapsed: float) -> d
         "split": cfg.split,
         "num_samples": sum(per_task.values()),
         "counts": {"task": per_task, "source": per_source},
+        "chain": chain,
         "quarantined": len(quarantine),
         "depth": {"size": cfg.depth_vqvae.input_size, "num_codes": cfg.tokens.num_depth_codes,
                   "grid": cfg.tokens.depth_grid},

@@ -20,6 +20,7 @@ from perceptio_dist.config import load_config
 from perceptio_dist.eval.benchmarks import DEFAULT_HARDBLINK
 from perceptio_dist.eval.generate import GenerationSettings, SpatialConstraint, SpatialPolicy, generate
 from perceptio_dist.eval.scoring import MaskScores, parse_choice_letter
+from perceptio_dist.model.spatial_tokens import SpatialTokenIds
 
 from .conftest import NO_TOKENIZER, ROOT
 from .fixtures import make_refcoco
@@ -30,7 +31,9 @@ HARDBLINK = DEFAULT_HARDBLINK
 @pytest.mark.parametrize("text, n, expected", [
     ("(B)", 3, "B"), ("B", 3, "B"), ("b.", 4, "B"), ("Point C is the closest to the camera.", 3, "C"),
     ("The answer is (D)", 5, "D"), ("answer: a", 3, "A"), ("I think E", 5, "E"), ("(E)", 4, None),
-    ("A point is closest", 3, "A"), ("closest", 3, None), ("", 3, None), ("( c )", 3, "C"),
+    ("A point is closest", 3, None), ("closest", 3, None), ("", 3, None), ("( c )", 3, "C"),
+    ("The answer is a point near the table.", 3, None), ("The answer is B, the lamp.", 3, "B"),
+    ("Point A is the closest.", 3, "A"), ("I would say point C", 4, "C"), ("A is closest", 3, "A"),
 ])
 def test_choice_letters_parse_from_free_text(text, n, expected):
     assert parse_choice_letter(text, n) == expected
@@ -226,7 +229,30 @@ def test_perceptio_eval_on_one_and_two_ranks_gives_the_same_report(exported, tmp
         if not group.endswith("_mean"):
             assert f"examples_{group}.png" in report and (tmp_path / "one" / f"examples_{group}.png").stat().st_size
     rows = [json.loads(line) for line in (tmp_path / "one" / "predictions.jsonl").read_text().splitlines()]
-    assert all(r["depth_codes"] is not None and len(r["depth_codes"]) == 16 for r in rows)  # tiny recipe: 4 x 4
+    # the chain as trained: a depth block for relative depth (tiny recipe: 4 x 4 codes), none after [SEG]
+    depth_rows = [r for r in rows if r["group"].startswith("synthetic_depth")]
+    assert depth_rows and all(r["depth_codes"] is not None and len(r["depth_codes"]) == 16 for r in depth_rows)
+    assert all(r["depth_codes"] is None and r["has_mask"] for r in rows if r["group"] == "synthetic_refer")
+    # interventions: every answer with a depth block answered again; the metrics are the rows' shares
+    from perceptio_dist.eval.benchmarks import synthetic_items
+    from perceptio_dist.eval.faithfulness import ground_truth_codes
+
+    _, model, _ = exported
+    truth = {item.key: ground_truth_codes(model, item) for item in synthetic_items(tmp_path / "scenes")}
+    for row in depth_rows:
+        done = row["interventions"]
+        assert set(done) >= {"ground_truth", "random", "constant"}, done
+        assert done["constant"]["codes"] == [0] * 16 and done["ground_truth"]["codes"] == truth[row["key"]]
+        assert "chain_consistent" in row
+    for group in {r["group"] for r in depth_rows}:
+        in_group = [r for r in depth_rows if r["group"] == group]
+        for name, value in metrics[group]["interventions"].items():
+            answered = [r["interventions"][name]["correct"] for r in in_group if name in r["interventions"]]
+            expected = [r["correct"] for r in in_group] if name == "own" else answered
+            assert value == pytest.approx(sum(expected) / len(expected)), (group, name)
+        consistent = [r["chain_consistent"] for r in in_group]
+        assert metrics[group]["chain_consistency"] == pytest.approx(sum(consistent) / len(consistent))
+    assert "Does the answer use the depth chain?" in report
 
 
 def test_perceptio_eval_rejects_bad_input_clearly(tmp_path):
@@ -235,3 +261,75 @@ def test_perceptio_eval_rejects_bad_input_clearly(tmp_path):
     assert "Traceback" not in missing.stderr
     none = _eval(["--model", str(tmp_path), "--out", str(tmp_path / "o")])
     assert none.returncode == 2 and "name at least one benchmark" in none.stderr
+
+
+# ------------------------------------------------------------------------------------------- faithfulness
+
+
+def _item(group, points, answer="(A)", gt_depth=None, size=(40, 80)):
+    from perceptio_dist.eval.benchmarks import EvalItem
+
+    return EvalItem(group, f"{group}_{answer}_{len(points)}", np.zeros((*size, 3), np.uint8), "q", answer,
+                    "relative_depth", len(points), points=points, gt_depth=gt_depth)
+
+
+def test_nearest_point_and_chain_consistency_by_hand():
+    from perceptio_dist.eval.faithfulness import chain_consistent, nearest_point
+    from perceptio_dist.eval.generate import Prediction
+
+    depth = np.zeros((4, 4), np.float32)
+    depth[1, 3] = 0.9  # image 40 x 80: x in [60, 80), y in [10, 20) -> cell (1, 3)
+    depth[3, 0] = 0.5  # x in [0, 20), y in [30, 40)
+    points = [[10.0, 35.0], [70.0, 15.0], [30.0, 5.0]]
+    assert nearest_point(depth, points, (40, 80)) == 1
+    item = _item("g", points)
+    with_map = Prediction("(B)", [], list(range(16)), depth, None)
+    assert chain_consistent(item, with_map, "B") is True and chain_consistent(item, with_map, "A") is False
+    assert chain_consistent(item, Prediction("(B)", [], None, None, None), "B") is None
+
+
+def test_intervention_codes_and_prefix_by_hand():
+    from perceptio_dist.eval.faithfulness import chain_prefix, intervention_codes
+    from perceptio_dist.eval.generate import Prediction
+
+    ids = SpatialTokenIds(seg=10, depth_start=11, depth_end=12, code_start=13, num_codes=4, num_depth_tokens=3)
+    items = [_item("a", [[1, 1]]), _item("a", [[2, 2]]), _item("b", [[3, 3]]), _item("a", [[4, 4]])]
+    own = {0: [1, 1, 1], 1: [2, 2, 2], 2: [3, 3, 3]}  # item 3's answer had no depth block
+    truth = {1: [0, 3, 0]}
+    codes = lambda name, i: intervention_codes(name, i, items, own, truth, 4, 3, seed=5)  # noqa: E731
+    assert codes("own", 1) == [2, 2, 2] and codes("constant", 0) == [0, 0, 0]
+    assert codes("ground_truth", 1) == [0, 3, 0] and codes("ground_truth", 0) is None
+    assert codes("other_image", 0) == [2, 2, 2] and codes("other_image", 1) == [1, 1, 1]  # cyclic in group a
+    assert codes("other_image", 2) is None and codes("constant", 3) is None  # alone in b; no own block
+    random_codes = codes("random", 0)
+    assert random_codes == codes("random", 0) and all(0 <= c < 4 for c in random_codes) and len(random_codes) == 3
+    prediction = Prediction("(A)", [10, 11, 13, 14, 15, 12, 7, 8], [0, 1, 2], None, None)
+    assert chain_prefix(prediction, [3, 3, 0], ids) == [10, 11, 16, 16, 13, 12]
+
+
+def test_intervention_and_consistency_metrics_by_hand():
+    from perceptio_dist.eval.generate import Prediction
+    from perceptio_dist.eval.run import faithfulness_table, score
+
+    depth = np.zeros((4, 4), np.float32)
+    depth[0, 0] = 1.0  # the point at the top left is nearest
+    points = [[5.0, 5.0], [70.0, 35.0]]
+    items = [_item("synthetic_depth_2", points, "(A)"), _item("synthetic_depth_2", points, "(B)"),
+             _item("synthetic_depth_2", points, "(A)")]
+    own = [Prediction("(A)", [], [0] * 16, depth, None), Prediction("(A)", [], [0] * 16, depth, None),
+           Prediction("(B)", [], [0] * 16, depth, None)]
+    interventions = {"random": {0: Prediction("(B)", [], [1] * 16, None, None),
+                                1: Prediction("(B)", [], [1] * 16, None, None),
+                                2: Prediction("(B)", [], [1] * 16, None, None)},
+                     "ground_truth": {1: Prediction("(B)", [], [2] * 16, None, None)}}
+    metrics, rows = score(items, own, interventions)
+    m = metrics["synthetic_depth_2"]
+    assert m["accuracy"] == pytest.approx(1 / 3)  # only the first answer is right
+    # random: (B) everywhere, right only for the second item; ground truth: only item 1, right
+    assert m["interventions"] == {"own": pytest.approx(1 / 3), "random": pytest.approx(1 / 3), "ground_truth": 1.0}
+    assert m["intervention_counts"] == {"own": 3, "random": 3, "ground_truth": 1}
+    assert m["chain_consistency"] == pytest.approx(2 / 3)  # answers A, A, B; the map says A every time
+    assert rows[1]["interventions"]["random"] == {"prediction": "(B)", "parsed": "B", "correct": True,
+                                                  "codes": [1] * 16}
+    table = "\n".join(faithfulness_table(metrics))
+    assert "| synthetic_depth_2 | 33.3 (3) | 100.0 (1) | 33.3 (3) | – | – | 66.7 (3) |" in table

@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--depth-policy", default="auto", choices=["auto", "force", "forbid", "free"],
                         help="auto: force the depth block when the model was trained with depth tokens")
-    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--max-new-tokens", type=int, default=160,
+                        help="text tokens per answer; the spatial tokens the chain needs ([SEG], N + 2) come on top")
+    parser.add_argument("--no-interventions", dest="interventions", action="store_false",
+                        help="skip the depth interventions (answers again after ground-truth, random, constant "
+                             "and another image's codes)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)

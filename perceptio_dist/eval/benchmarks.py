@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from ..data.shards import npy_load
 from ..preprocess.config import SourceConfig
 from ..preprocess.stages import decode_row
 from ..preprocess.records import Record
@@ -35,6 +36,8 @@ class EvalItem:
     task: str  # relative_depth | referring_seg | multiple_choice
     num_choices: int = 0
     mask: np.ndarray | None = None  # H x W bool (referring segmentation)
+    points: list[list[float]] | None = None  # marker centres (x, y) in this image's pixels, labelled A, B, ...
+    gt_depth: np.ndarray | None = None  # ground-truth metric depth aligned with the image (synthetic scenes)
 
 
 def _item_from_record(record: Record, group: str) -> EvalItem:
@@ -46,7 +49,9 @@ def _item_from_record(record: Record, group: str) -> EvalItem:
     question, answer = record.turns[0]
     points = record.meta.get("num_points") or (len(record.points) if record.points else 0)
     task = "relative_depth" if record.task == "relative_depth" else "referring_seg"
-    return EvalItem(group, record.key, image, question, answer, task, int(points), mask)
+    drawn = json.loads(row["record"]).get("points")  # scaled with the image when it was downscaled
+    gt_depth = npy_load(row["gt_depth"]).astype(np.float32) if row["gt_depth"] else None
+    return EvalItem(group, record.key, image, question, answer, task, int(points), mask, drawn, gt_depth)
 
 
 def hardblink_items(path: str | Path) -> Iterator[EvalItem]:

@@ -72,7 +72,7 @@ class SpatialConstraint(LogitsProcessor):
 
 @dataclass
 class GenerationSettings:
-    max_new_tokens: int = 160
+    max_new_tokens: int = 160  # text tokens; the spatial tokens the policy allows come on top
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -109,10 +109,11 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], pixel_values: list[t
     input_ids, attention = _pad_left(prompts, pad)
     pixels = torch.cat(pixel_values).to(model.backbone.dtype)
     torch.manual_seed(settings.seed)
+    spatial = (0 if policy.seg == "forbid" else 1) + (0 if policy.depth == "forbid" else ids.num_depth_tokens + 2)
     out = model.backbone.generate(
         input_ids=input_ids, attention_mask=attention, pixel_values=pixels,
         logits_processor=LogitsProcessorList([SpatialConstraint(ids, input_ids.shape[1], policy)]),
-        max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+        max_new_tokens=settings.max_new_tokens + spatial, do_sample=settings.do_sample,
         temperature=settings.temperature if settings.do_sample else None,
         top_p=settings.top_p if settings.do_sample else None, top_k=None,
         eos_token_id=end_id, pad_token_id=pad, use_cache=True,

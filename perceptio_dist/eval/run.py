@@ -19,8 +19,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .benchmarks import EvalItem, hardblink_items, mmbench_items, refcoco_items, synthetic_items
+from .faithfulness import INTERVENTIONS, chain_consistent, chain_prefix, ground_truth_codes, intervention_codes
 from .generate import GenerationSettings, Prediction, SpatialPolicy, generate
 from .scoring import MaskScores, accuracy, parse_choice_letter
 
@@ -28,13 +30,19 @@ log = logging.getLogger("perceptio_dist.eval")
 EXIT_USAGE = 2
 
 
-def _policy(task: str, depth_tokens: bool, depth_policy: str) -> SpatialPolicy:
-    depth = depth_policy if depth_policy != "auto" else ("force" if depth_tokens else "forbid")
-    if task == "referring_seg":
-        return SpatialPolicy(seg="force", depth=depth)
-    if task == "multiple_choice":
-        return SpatialPolicy(seg="forbid", depth="forbid" if depth_policy == "auto" else depth)
-    return SpatialPolicy(seg="forbid", depth=depth)
+# The training task whose answers an evaluation task's answers look like.
+TRAINING_TASK = {"relative_depth": "relative_depth", "referring_seg": "referring_seg", "multiple_choice": "vqa"}
+
+
+def _policy(task: str, chain: dict | None, depth_tokens: bool, depth_policy: str) -> SpatialPolicy:
+    """Force the parts of the chain the task's training answers carried (chain.json of the export), forbid the
+    others; ``depth_policy`` other than 'auto' overrides the depth block. Without a recorded chain: [SEG] for
+    referring, the depth block for relative depth when the model was trained with depth tokens."""
+    trained = (chain or {}).get(TRAINING_TASK[task])
+    if trained is None:
+        trained = {"seg": "force" if task == "referring_seg" else "forbid",
+                   "depth": "force" if task == "relative_depth" and depth_tokens else "forbid"}
+    return SpatialPolicy(seg=trained["seg"], depth=trained["depth"] if depth_policy == "auto" else depth_policy)
 
 
 def plan_batches(items: list[EvalItem], batch_size: int) -> list[list[int]]:
@@ -47,34 +55,82 @@ def plan_batches(items: list[EvalItem], batch_size: int) -> list[list[int]]:
 
 
 def predict(model, tokenizer, builder, items: list[EvalItem], batches: list[list[int]], depth_tokens: bool,
-            depth_policy: str, settings: GenerationSettings, progress: bool) -> dict[int, Prediction]:
+            depth_policy: str, settings: GenerationSettings, progress: bool,
+            chain: dict | None = None) -> dict[int, Prediction]:
     from tqdm import tqdm
-
-    from ..data.conversation import encode_prompt
-    from ..data.images import resize_normalised, to_tensor
 
     out: dict[int, Prediction] = {}
     with tqdm(total=sum(map(len, batches)), desc="eval", unit="item", disable=not progress) as bar:
         for chunk in batches:
-            prompts, pixels, sam, sizes = [], [], [], []
-            for i in chunk:
-                item = items[i]
-                tiles = builder.tiles(item.image)
-                prompts.append(encode_prompt(tokenizer, builder.image_tokens, tiles.shape[0], item.question))
-                pixels.append(tiles)
-                sam.append(resize_normalised(to_tensor(item.image), builder.geo.sam_size))
-                sizes.append(item.image.shape[:2])
-            policy = _policy(items[chunk[0]].task, depth_tokens, depth_policy)
+            prompts, pixels, sam, sizes = _generation_inputs(tokenizer, builder, items, chunk)
+            policy = _policy(items[chunk[0]].task, chain, depth_tokens, depth_policy)
             for i, prediction in zip(chunk, generate(model, tokenizer, prompts, pixels, sam, sizes, policy, settings)):
                 out[i] = prediction
             bar.update(len(chunk))
     return out
 
 
-def score(items: list[EvalItem], predictions: list[Prediction]) -> tuple[dict, list[dict]]:
+def _generation_inputs(tokenizer, builder, items: list[EvalItem], chunk: list[int]):
+    """Prompts (up to the assistant header), tiles, SAM2 images and image sizes of a batch of items."""
+    from ..data.conversation import encode_prompt
+    from ..data.images import resize_normalised, to_tensor
+
+    prompts, pixels, sam, sizes = [], [], [], []
+    for i in chunk:
+        item = items[i]
+        tiles = builder.tiles(item.image)
+        prompts.append(encode_prompt(tokenizer, builder.image_tokens, tiles.shape[0], item.question))
+        pixels.append(tiles)
+        sam.append(resize_normalised(to_tensor(item.image), builder.geo.sam_size))
+        sizes.append(item.image.shape[:2])
+    return prompts, pixels, sam, sizes
+
+
+def intervene(model, tokenizer, builder, items: list[EvalItem], batches: list[list[int]],
+              own: dict[int, Prediction], settings: GenerationSettings,
+              progress: bool) -> dict[str, dict[int, Prediction]]:
+    """Per intervention (eval/faithfulness.py), the answers generated after the same chain with other codes, for
+    the relative-depth items of ``batches`` whose own answer has a depth block. Ranks take whole batches."""
+    from tqdm import tqdm
+
+    ids = model.token_ids
+    own_codes = {i: p.depth_codes for i, p in own.items()
+                 if items[i].task == "relative_depth" and p.depth_codes is not None}
+    mine = [[i for i in chunk if i in own_codes] for chunk in batches]
+    truth = {i: c for i in (j for chunk in mine for j in chunk) if (c := ground_truth_codes(model, items[i]))}
+    text_only = SpatialPolicy(seg="forbid", depth="forbid")  # the chain is in the prompt now
+    out: dict[str, dict[int, Prediction]] = {name: {} for name in INTERVENTIONS[1:]}
+    total = sum(map(len, mine)) * len(out)
+    with tqdm(total=total, desc="interventions", unit="answer", disable=not progress or not total) as bar:
+        for name in out:
+            for chunk in mine:
+                chosen, prompts, pixels, sam, sizes = [], [], [], [], []
+                base = _generation_inputs(tokenizer, builder, items, chunk) if chunk else ([], [], [], [])
+                for k, i in enumerate(chunk):
+                    codes = intervention_codes(name, i, items, own_codes, truth, ids.num_codes, ids.num_depth_tokens)
+                    prefix = None if codes is None else chain_prefix(own[i], codes, ids)
+                    if prefix is None:
+                        continue
+                    chosen.append(i)
+                    prompts.append(torch.cat([base[0][k], torch.tensor(prefix, dtype=torch.long)]))
+                    pixels.append(base[1][k])
+                    sam.append(base[2][k])
+                    sizes.append(base[3][k])
+                if chosen:
+                    answers = generate(model, tokenizer, prompts, pixels, sam, sizes, text_only, settings)
+                    for i, prediction in zip(chosen, answers):
+                        prediction.depth_codes = intervention_codes(name, i, items, own_codes, truth, ids.num_codes,
+                                                                    ids.num_depth_tokens)
+                        out[name][i] = prediction
+                bar.update(len(chunk))
+    return out
+
+
+def score(items: list[EvalItem], predictions: list[Prediction],
+          interventions: dict[str, dict[int, Prediction]] | None = None) -> tuple[dict, list[dict]]:
     groups: dict[str, dict] = {}
     rows = []
-    for item, pred in zip(items, predictions):
+    for index, (item, pred) in enumerate(zip(items, predictions)):
         row = {"group": item.group, "key": item.key, "question": item.question, "answer": item.answer,
                "prediction": pred.text, "depth_codes": pred.depth_codes, "has_mask": pred.mask is not None}
         g = groups.setdefault(item.group, {"correct": [], "masks": MaskScores()})
@@ -85,6 +141,19 @@ def score(items: list[EvalItem], predictions: list[Prediction]) -> tuple[dict, l
             expected = parse_choice_letter(item.answer, item.num_choices)
             row["parsed"], row["correct"] = letter, letter is not None and letter == expected
             g["correct"].append(row["correct"])
+            consistent = chain_consistent(item, pred, letter)
+            if consistent is not None:
+                row["chain_consistent"] = consistent
+                g.setdefault("consistent", []).append(consistent)
+            if interventions and pred.depth_codes is not None:
+                g.setdefault("intervened", {}).setdefault("own", []).append(row["correct"])
+            for name, answers in (interventions or {}).items():
+                if index in answers:
+                    other = parse_choice_letter(answers[index].text, item.num_choices)
+                    row.setdefault("interventions", {})[name] = {
+                        "prediction": answers[index].text, "parsed": other, "correct": other == expected,
+                        "codes": answers[index].depth_codes}
+                    g["intervened"].setdefault(name, []).append(other == expected)
         rows.append(row)
     metrics: dict = {}
     for name, g in sorted(groups.items()):
@@ -92,11 +161,36 @@ def score(items: list[EvalItem], predictions: list[Prediction]) -> tuple[dict, l
             metrics[name] = {"ciou": g["masks"].ciou, "giou": g["masks"].giou, "count": len(g["masks"].per_sample)}
         else:
             metrics[name] = {"accuracy": accuracy(g["correct"]), "count": len(g["correct"])}
+        if "consistent" in g:
+            metrics[name]["chain_consistency"] = accuracy(g["consistent"])
+            metrics[name]["chain_count"] = len(g["consistent"])
+        if "intervened" in g:  # own: every answer with a depth block; the others on the items they apply to
+            metrics[name]["interventions"] = {k: accuracy(v) for k, v in g["intervened"].items()}
+            metrics[name]["intervention_counts"] = {k: len(v) for k, v in g["intervened"].items()}
     for prefix in ("hardblink", "synthetic_depth"):
         parts = [metrics[f"{prefix}_{n}"]["accuracy"] for n in (3, 4, 5) if f"{prefix}_{n}" in metrics]
         if parts:
             metrics[f"{prefix}_mean"] = {"accuracy": float(np.mean(parts)), "splits": len(parts)}
     return metrics, rows
+
+
+def faithfulness_table(metrics: dict) -> list[str]:
+    """Markdown: per group, accuracy after each depth intervention and the chain consistency (eval/faithfulness.py)."""
+    groups = [(name, m) for name, m in metrics.items() if "interventions" in m or "chain_consistency" in m]
+    if not groups:
+        return []
+    lines = ["", "## Does the answer use the depth chain?", "",
+             "Accuracy (%) when the answer follows the model's own depth codes, the ground truth's, random codes, a "
+             "constant code or another image's codes; chain consistency: answers naming the point the model's own "
+             "depth map puts nearest. Items per column in brackets.", "",
+             "| group | " + " | ".join(INTERVENTIONS) + " | chain consistency |",
+             "| --- |" + " ---: |" * (len(INTERVENTIONS) + 1)]
+    for name, m in groups:
+        acc, counts = m.get("interventions", {}), m.get("intervention_counts", {})
+        cells = [f"{100 * acc[k]:.1f} ({counts[k]})" if k in acc else "–" for k in INTERVENTIONS]
+        consistency = f"{100 * m['chain_consistency']:.1f} ({m['chain_count']})" if "chain_consistency" in m else "–"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {consistency} |")
+    return lines
 
 
 def write_report(out: Path, items: list[EvalItem], predictions: list[Prediction], rows: list[dict], metrics: dict,
@@ -112,6 +206,7 @@ def write_report(out: Path, items: list[EvalItem], predictions: list[Prediction]
         for key in ("accuracy", "ciou", "giou"):
             if key in m:
                 lines.append(f"| {name} | {key} | {100 * m[key]:.1f} | {m.get('count', m.get('splits'))} |")
+    lines += faithfulness_table(metrics)
     groups: dict[str, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(item.group, []).append(i)
@@ -179,7 +274,7 @@ def run_evaluation(args) -> None:
     import torch.distributed as dist
 
     from ..data.training_data import build_sample_builder
-    from ..export import exported_config, load_exported
+    from ..export import exported_chain, exported_config, load_exported
     from ..train.checkpoint import is_complete
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -201,16 +296,26 @@ def run_evaluation(args) -> None:
     items = load_items(args)
     batches = plan_batches(items, args.batch_size)
     settings = GenerationSettings(args.max_new_tokens, args.sample, args.temperature, args.top_p)
+    chain = exported_chain(folder)
     mine = predict(model, tokenizer, builder, items, batches[rank::world], cfg.data.depth_tokens, args.depth_policy,
-                   settings, progress=rank == 0)
-    gathered = list(mine.items())
-    if distributed:
+                   settings, progress=rank == 0, chain=chain)
+
+    def gather(part: dict) -> dict:
+        if not distributed:
+            return dict(part)
         everything: list = [None] * world
-        dist.all_gather_object(everything, gathered)
-        gathered = [pair for part in everything for pair in part]
+        dist.all_gather_object(everything, list(part.items()))
+        return {i: p for piece in everything for i, p in piece}
+
+    own = gather(mine)  # every rank: "other image" codes may come from another rank's items
+    interventions = {}
+    if args.interventions:
+        interventions = {name: gather(part) for name, part in intervene(model, tokenizer, builder, items,
+                                                                        batches[rank::world], own, settings,
+                                                                        progress=rank == 0).items()}
     if rank == 0:
-        ordered = [p for _, p in sorted(gathered, key=lambda pair: pair[0])]
-        metrics, rows = score(items, ordered)
+        ordered = [own[i] for i in range(len(items))]
+        metrics, rows = score(items, ordered, interventions)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -219,8 +324,10 @@ def run_evaluation(args) -> None:
                 f.write(json.dumps(row) + "\n")
         report = write_report(out, items, ordered, rows, metrics)
         for name, m in metrics.items():
-            values = ", ".join(f"{k} {100 * v:.1f}" for k, v in m.items() if k in ("accuracy", "ciou", "giou"))
-            print(f"{name:24s} {values}")
+            values = ", ".join(f"{k} {100 * v:.1f}" for k, v in m.items()
+                               if k in ("accuracy", "ciou", "giou", "chain_consistency"))
+            after = ", ".join(f"{k} {100 * v:.1f}" for k, v in m.get("interventions", {}).items())
+            print(f"{name:24s} {values}" + (f" | after codes: {after}" if after else ""))
         print(f"report: {report}")
     if distributed:
         dist.barrier()

@@ -9,23 +9,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Most explicit first: "(B)", then "point/option/answer (is) B", then a lone capital letter.
+# Most explicit first: "(B)"; then "point/option/answer/choice (is) B" (a lowercase letter there only when nothing
+# follows it: "answer: b", not "the answer is a point"); the whole answer a letter; a lone capital last, but not
+# "A" or "I" followed by a word other than is/was/seems/looks/appears (an article or a pronoun: "A point on the
+# left", "I think"; "A is closest" is a choice).
 _PARENTHESISED = re.compile(r"\(\s*([A-Za-z])\s*\)")
-_NAMED = re.compile(r"\b(?:point|option|answer|choice)\s*(?:is\s*)?:?\s*\(?([A-Za-z])\b\)?", re.IGNORECASE)
-_LONE_CAPITAL = re.compile(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])")
+_NAMED = re.compile(r"(?i:\b(?:point|option|answer|choice)\s*(?:is\s*)?:?\s*)"
+                    r"(?:([A-Z])(?![A-Za-z])|([a-z])(?=\s*(?:$|[.,;!?])))")
+_LONE_CAPITAL = re.compile(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])(?!(?<=[AI])\s+(?!(?:is|was|seems|looks|appears)\b)[a-z])")
 
 
 def parse_choice_letter(text: str, num_choices: int) -> str | None:
-    """The letter a free-text answer picks among A.. (num_choices letters), or None.
+    """The letter a free-text answer picks among A.. (num_choices letters), or None when no letter is meant.
 
-    "(B)", "B", "b.", "Point B is closest", "The answer is C" all parse; "I" and "A" inside words or
-    sentences ("A point ...") only count as a last resort and must be a valid choice."""
+    "(B)", "B", "b.", "Point B is closest", "The answer is C", "answer: c" parse; "The answer is a point ..." and
+    "A point is closest" do not (an article, not a choice)."""
     valid = set(string.ascii_uppercase[:num_choices])
-    for pattern in (_PARENTHESISED, _NAMED):
-        for match in pattern.finditer(text):
-            letter = match.group(1).upper()
-            if letter in valid:
-                return letter
+    for match in _PARENTHESISED.finditer(text):
+        if match.group(1).upper() in valid:
+            return match.group(1).upper()
+    for match in _NAMED.finditer(text):
+        letter = (match.group(1) or match.group(2)).upper()
+        if letter in valid:
+            return letter
     stripped = text.strip().rstrip(".):").lstrip("(").strip()
     if len(stripped) == 1 and stripped.upper() in valid:
         return stripped.upper()

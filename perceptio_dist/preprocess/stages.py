@@ -295,6 +295,9 @@ def write_shard_group(batch: dict, out_dir: str) -> dict:
         "shard": shard, "task": shard.split("/")[0], "num_samples": len(samples), "sha256": sha,
         "plan": plan_hash([json.loads(r["record"])["key"] for r in rows]),
         "keys": [s.key for s in samples], "sources": counts, "quarantined": quarantined, "written": time.time(),
+        # what the answers carry (training and evaluation force only the chain a task was trained with)
+        "chain": {"with_seg": sum(bool(s.info["with_seg"]) for s in samples),
+                  "with_depth": sum(bool(s.info["with_depth"]) for s in samples)},
     }
     sidecar_path(out, shard).write_text(json.dumps(stats))
     return {"shard": [shard], "stats": [json.dumps(stats)]}
