@@ -20,6 +20,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# What a shell inside an interactive allocation (salloc) on a cluster looks like: an outer SLURM job with other
+# tasks, one thread per process, no visible GPU. None of it describes the run perceptio-train starts.
+CLUSTER_SHELL = {
+    "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "SLURM_JOB_ID": "4242", "SLURM_JOBID": "4242",
+    "SLURM_NTASKS": "8", "SLURM_NPROCS": "8", "SLURM_NNODES": "2", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NODELIST": "node[01-02]",
+    "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_CPUS_ON_NODE": "1", "SLURM_STEP_ID": "0", "SLURM_SUBMIT_DIR": "/tmp",
+}
+
+
 _LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -1,12 +1,16 @@
-"""The main job's quick mode end to end: every stage leaves its outputs, and a second run reuses them."""
+"""The main job's quick mode end to end: every stage leaves its outputs, and a second run reuses them.
+
+It runs from the shell a cluster user has inside an interactive allocation (OMP_NUM_THREADS=1, an empty
+CUDA_VISIBLE_DEVICES, the outer job's SLURM_* variables): none of it may change what the demo does."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
-from .conftest import ROOT
+from .conftest import CLUSTER_SHELL, ROOT, without_launcher_variables
 
 STAGES = ("scenes", "tokenizer", "shards", "train", "ablation", "evaluate", "report")
 
@@ -14,7 +18,8 @@ STAGES = ("scenes", "tokenizer", "shards", "train", "ablation", "evaluate", "rep
 def test_quick_demo_runs_every_stage_then_reuses_them(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "perceptio_dist.cli.demo", "--quick", "--out", str(out)]
-    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    env = {**without_launcher_variables(dict(os.environ)), **CLUSTER_SHELL}
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     assert len(list((out / "scenes").glob("scene_*/meta.json"))) == 12
@@ -39,11 +44,12 @@ def test_quick_demo_runs_every_stage_then_reuses_them(tmp_path):
     assert all(p["depth_codes"] is None for p in predictions)  # the ablation never writes a depth block
     report = (out / "report.md").read_text()
     assert "| with depth tokens | without (ablation) |" in report and (out / "loss_curves.png").stat().st_size
+    assert "## Depth model: does the answer use the depth chain?" in report  # interventions and consistency
     for line in report.splitlines():
         if line.startswith("![") and "(" in line:
             assert (out / line[line.index("(") + 1:-1]).exists(), line
 
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     for stage in STAGES:
         assert f"{stage}: done in an earlier run" in second.stdout, stage

@@ -42,7 +42,8 @@ def slurm(tmp_path_factory):
     port = free_port()
     while port > 65000:
         port = free_port()
-    env = {**os.environ, "LOCAL_SLURM_PORT": str(port)}
+    # Started from the shell cluster users have (torchrun exports it too): the node must still get every CPU.
+    env = {**os.environ, "LOCAL_SLURM_PORT": str(port), "OMP_NUM_THREADS": "1"}
     start = subprocess.run([str(ROOT / "tools" / "local_slurm.sh"), "start", str(state)], env=env,
                            capture_output=True, text=True, timeout=600)
     assert start.returncode == 0, start.stderr[-3000:]
@@ -70,12 +71,23 @@ def _job_field(env: dict, job: str, field: str) -> str:
     return ""
 
 
+# Pending reasons no wait resolves on this one-node cluster: the request does not fit the partition or node.
+HOPELESS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidQOS",
+            "InvalidAccount", "ReqNodeNotAvail"}
+
+
 def _wait_for_state(env: dict, job: str, states: set[str], timeout: float, on_pending=None) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
         state = _job_field(env, job, "JobState")
         if state in states:
             return state
+        if state == "PENDING" and _job_field(env, job, "Reason") in HOPELESS:
+            node = subprocess.run(["scontrol", "show", "node", "localhost"], env=env, capture_output=True,
+                                  text=True).stdout.split()
+            raise AssertionError(f"job {job} can never start: pending with Reason={_job_field(env, job, 'Reason')} "
+                                 f"(it asks NumCPUs={_job_field(env, job, 'NumCPUs')}; the node has "
+                                 f"{' '.join(t for t in node if t.startswith(('CPUTot=', 'RealMemory=')))})")
         if state == "PENDING" and on_pending is not None:
             on_pending()
         time.sleep(2)
@@ -196,3 +208,29 @@ def test_preprocess_ray_script_makes_the_same_shards_as_a_direct_ray_job_submit(
     manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (slurm, direct)]
     for key in ("num_samples", "counts", "identities", "shards", "depth"):
         assert manifests[0][key] == manifests[1][key], key
+
+
+def test_a_job_that_can_never_start_fails_at_once_with_the_reason(slurm, tmp_path):
+    """A request the partition refuses stays PENDING forever (EnforcePartLimits=NO): the helper says so with
+    SLURM's reason within seconds instead of waiting for its timeout."""
+    scontrol = ["scontrol", "update", "PartitionName=debug"]
+    assert subprocess.run([*scontrol, "MaxTime=1"], env=slurm, capture_output=True).returncode == 0
+    job = None
+    try:
+        job = _sbatch(slurm, "slurm/eval.sh", ["--gres=none", "--nodes=1", "--time=00:20:00", "--cpus-per-task=1",
+                                               "--mem=1G"],
+                      {"PERCEPTIO_MODEL": str(tmp_path)})
+        start = time.time()
+        with pytest.raises(AssertionError, match="can never start: pending with Reason=Partition(Config|TimeLimit)"):
+            _wait_for_state(slurm, job, {"COMPLETED", "FAILED"}, timeout=300)
+        assert time.time() - start < 30
+    finally:
+        subprocess.run([*scontrol, "MaxTime=INFINITE"], env=slurm, capture_output=True)
+        if job:
+            subprocess.run(["scancel", job], env=slurm, capture_output=True)
+
+
+def test_local_cluster_counts_cpus_whatever_omp_num_threads_says(slurm):
+    node = subprocess.run(["scontrol", "show", "node", "localhost"], env=slurm, capture_output=True, text=True).stdout
+    expected = len(os.sched_getaffinity(0))
+    assert f"CPUTot={expected}" in node, node

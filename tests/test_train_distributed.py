@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import NO_TOKENIZER, ROOT, read_metrics, run_ranks, without_launcher_variables
+from .conftest import CLUSTER_SHELL, NO_TOKENIZER, ROOT, read_metrics, run_ranks, without_launcher_variables
 
 HELPER = str(ROOT / "tests/helpers/train_with_rank_overrides.py")
 TERMS = ("text", "marker", "token", "count", "reconstruction", "mask")
@@ -242,3 +242,23 @@ def test_logged_loss_is_the_whole_batch_through_the_reference_path(split_runs, t
         total, _, _ = module(**batch.as_dict())
     logged = read_metrics(split_runs["2 ranks, micro 1 x accum 1"])[0]["loss"]
     assert logged == pytest.approx(total.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("nproc", [None, 2])
+def test_training_ignores_the_outer_allocation_of_the_users_shell(tmp_path, tiny_shards, nproc):
+    """perceptio-train in a salloc shell: one process is a world of one, --nproc-per-node 2 a world of two; the
+    SLURM_* variables of the allocation, OMP_NUM_THREADS=1 and an empty CUDA_VISIBLE_DEVICES change nothing."""
+    run_dir = tmp_path / "run"
+    exe = shutil.which("perceptio-train", path=str(Path(sys.executable).parent))
+    launch = ["--nproc-per-node", str(nproc)] if nproc else []
+    proc = subprocess.run(
+        [exe, *launch, "--recipe", "tiny_cpu", "train.max_steps=2", "train.warmup_steps=0", f"data.shards={tiny_shards}",
+         NO_TOKENIZER,
+         f"logging.output_dir={run_dir}", "logging.wandb=disabled", "train.micro_batch_size=1",
+         f"train.grad_accum_steps={2 // (nproc or 1)}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**without_launcher_variables(dict(os.environ)), **CLUSTER_SHELL})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == (nproc or 1) and summary["steps"] == 2
+    assert f"ranks: {nproc or 1} (cpu)" in proc.stderr

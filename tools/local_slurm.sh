@@ -36,7 +36,8 @@ install_packages() {
 
 write_config() {
     local cpus memory_mb user
-    cpus=$(nproc)
+    # nproc honours OMP_NUM_THREADS (clusters and torchrun export it as 1): count the CPUs this process may use.
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     memory_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
     user=$(id -un)
     cat > "$DIR/slurm.conf" <<EOF
