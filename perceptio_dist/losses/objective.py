@@ -16,7 +16,8 @@ the K depth-code ids, lse_t = logsumexp_V s_t and clse_t = logsumexp_C s_t:
             the block's span. It sees where the block ends: a block shifted by one, ending early or
             late scores higher than the right one (DESIGN's |E_b - N| / N on the summed mass could
             not tell them apart), and its gradient on the logits, k (softmax - softmax_C) with k = 1
-            or -m/(1-m), is as large as a cross-entropy's at initialisation (|E_b - N|'s was m ~ K/V).
+            or -m/(1-m), is about 1/sqrt(K) of a cross-entropy's whatever the mass (|E_b - N|'s was
+            m ~ K/V of it at initialisation). m saturates at 1 - 1e-4 (lm_head_terms.MAX_LOG_CODE_MASS).
 * reconstruction  mean over blocks of  mean |D_b - T_b|: D_b = VQ-VAE soft_decode of the
             restricted softmax p_t = softmax_C s_t at the block's N code rows (soft merge:
             sum_k p_tk * codebook[k] per cell, through the frozen decoder); T_b = the teacher depth
