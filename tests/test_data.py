@@ -257,3 +257,168 @@ def test_the_export_records_the_chain_each_task_was_trained_with(tiny_cfg, tmp_p
     assert all(c["depth"] == "forbid" for c in trained_chain(ablation).values())
     gone = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, shards=str(tmp_path / "gone")))
     assert trained_chain(gone) is None
+
+
+# ---------------------------------------------------------------------------------- loader
+
+
+def _loader(cfg, tokenizer, rank, world, **changes):
+    from dataclasses import replace
+
+    from perceptio_dist.model.perceptio import build_perceptio
+
+    cfg = replace(cfg, train=replace(cfg.train, **changes.pop("train", {})),
+                  data=replace(cfg.data, **changes.pop("data", {})))
+    model = build_perceptio(cfg.model, tokenizer)
+    return build_loader(cfg, tokenizer, model.token_ids, rank, world)
+
+
+def _keys(loader, n):
+    it = iter(loader)
+    return [next(it).keys for _ in range(n)]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_loader_resumes_exactly_with_two_ranks_and_two_workers(tiny_cfg, tiny_tokenizer, rank):
+    changes = {"data": {"num_workers": 2}}
+    loader = _loader(tiny_cfg, tiny_tokenizer, rank, 2, **changes)
+    first = _keys(loader, 5)  # k = 5 batches (odd: the next one comes from the second worker)
+    state = loader.state_dict()
+    following = _keys(loader, 6)  # m = 6 more
+    fresh = _loader(tiny_cfg, tiny_tokenizer, rank, 2, **changes)
+    fresh.load_state_dict(json.loads(json.dumps(state)))  # the state survives JSON (it goes into checkpoints)
+    assert _keys(fresh, 6) == following
+    assert first != following[:5]
+    other = _loader(tiny_cfg, tiny_tokenizer, 1 - rank, 2, **changes)
+    assert not set(k for b in _keys(other, 5) for k in b) & set(k for b in first for k in b)  # ranks disjoint
+
+
+def test_one_rank_with_accumulation_reads_what_two_ranks_read(tiny_cfg, tiny_tokenizer):
+    two = [_keys(_loader(tiny_cfg, tiny_tokenizer, r, 2), 4) for r in range(2)]
+    one = _keys(_loader(tiny_cfg, tiny_tokenizer, 0, 1, train={"grad_accum_steps": 2}), 8)
+    for step in range(4):  # step t = micro-batches 2t, 2t+1 of one rank = micro-batch t of ranks 0 and 1
+        assert one[2 * step] == two[0][step] and one[2 * step + 1] == two[1][step]
+
+
+def test_every_sample_is_read_once_per_epoch(tiny_shards):
+    from perceptio_dist.data.loader import ShardEntry, TaskSlotIndex
+
+    shards = [ShardEntry(Path(f"s{i}"), "t", n) for i, n in enumerate([5, 3, 8])]
+    for slots in (2, 5):  # fewer slots than shards, and more
+        for epoch in (0, 1):
+            seen = [(shard, int(i)) for s in range(slots)
+                    for shard, idx in TaskSlotIndex(shards, 7, 0, s, slots).epoch_plan(epoch) for i in idx]
+            assert sorted(seen) == sorted((k, i) for k, n in enumerate([5, 3, 8]) for i in range(n))
+
+
+def test_task_weights_and_the_no_depth_ablation(tiny_cfg, tiny_tokenizer):
+    only_vqa = _loader(tiny_cfg, tiny_tokenizer, 0, 1, data={"task_weights": {"vqa": 1.0, "depth": 0.0}})
+    batches = [next(iter(only_vqa)) for _ in range(1)]
+    assert all("vqa" in k for b in batches for k in b.keys)
+    mixed = _loader(tiny_cfg, tiny_tokenizer, 0, 1, data={"task_weights": {"vqa": 3.0, "depth": 1.0}},
+                    train={"micro_batch_size": 8})
+    keys = [k for b in _keys(mixed, 10) for k in b]
+    share = sum("vqa" in k for k in keys) / len(keys)
+    assert 0.6 < share < 0.9  # 0.75 expected
+    ids = add_spatial_tokens(tiny_tokenizer, tiny_cfg.model.tokens)
+    with_depth = next(iter(_loader(tiny_cfg, tiny_tokenizer, 0, 1, data={"task_weights": {"depth": 1.0}})))
+    assert int((with_depth.labels == ids.depth_start).sum()) == with_depth.num_samples
+    ablation = next(iter(_loader(tiny_cfg, tiny_tokenizer, 0, 1,
+                                 data={"task_weights": {"depth": 1.0}, "depth_tokens": False})))
+    assert ablation.keys == with_depth.keys
+    assert int((ablation.labels == ids.depth_start).sum()) == 0 and ablation.teacher_depth.shape[0] == 0
+
+
+def test_loader_batches_are_well_formed(tiny_cfg, tiny_tokenizer):
+    loader = _loader(tiny_cfg, tiny_tokenizer, 0, 1, train={"micro_batch_size": 6})
+    ids = add_spatial_tokens(tiny_tokenizer, tiny_cfg.model.tokens)
+    for batch, _ in zip(loader, range(4)):
+        for row in range(batch.num_samples):
+            labels = batch.labels[row][1:]
+            find_depth_blocks(labels[labels != IGNORE_INDEX], ids)
+        assert batch.seg_masks.shape[0] == int((batch.input_ids == ids.seg).sum())
+        assert batch.teacher_depth.shape[0] == int((batch.labels == ids.depth_start).sum())
+        assert batch.pixel_values.shape[1:] == (3, 64, 64) and batch.sam_images.shape[1:] == (3, 128, 128)
+
+
+def test_corrupt_samples_are_dropped_and_counted(tiny_cfg, tiny_tokenizer, monkeypatch):
+    loader = _loader(tiny_cfg, tiny_tokenizer, 0, 1, train={"micro_batch_size": 4})
+    clean = next(iter(loader))
+    broken_key = clean.keys[1]
+    original = loader._cache.get
+
+    def corrupt(path):
+        return [ShardSample(s.key, b"garbage", s.image_ext, s.info, s.mask_png, s.depth_npy, s.codes_npy)
+                if s.key == broken_key else s for s in original(path)]
+
+    fresh = _loader(tiny_cfg, tiny_tokenizer, 0, 1, train={"micro_batch_size": 4})
+    monkeypatch.setattr(fresh._cache, "get", corrupt)
+    batch = next(iter(fresh))
+    assert batch.keys == tuple(k for k in clean.keys if k != broken_key) and fresh.skipped == 1
+
+
+def test_loader_state_from_another_global_batch_is_refused(tiny_cfg, tiny_tokenizer):
+    state = _loader(tiny_cfg, tiny_tokenizer, 0, 1).state_dict()
+    other = _loader(tiny_cfg, tiny_tokenizer, 0, 1, train={"micro_batch_size": 3})
+    with pytest.raises(ValueError, match="global batch=2"):
+        other.load_state_dict(state)
+
+
+def test_elastic_resume_keeps_the_global_batch_sequence(tiny_cfg, tiny_tokenizer):
+    """Saved by 2 ranks x micro 1 x accum 2 after 3 steps; resumed by 1 rank x accum 4 and 4 ranks x accum 1."""
+    layouts = {2: {"micro_batch_size": 1, "grad_accum_steps": 2}, 1: {"micro_batch_size": 1, "grad_accum_steps": 4},
+               4: {"micro_batch_size": 1, "grad_accum_steps": 1}}
+
+    def step_keys(world, steps, state=None):
+        """Keys of each step's global batch, gathered from every rank of a layout."""
+        per_step = [[] for _ in range(steps)]
+        for rank in range(world):
+            loader = _loader(tiny_cfg, tiny_tokenizer, rank, world, train=layouts[world])
+            if state is not None:
+                loader.load_state_dict(state)
+            accum = layouts[world]["grad_accum_steps"]
+            it = iter(loader)
+            for i in range(steps * accum):
+                per_step[i // accum] += list(next(it).keys)
+        return [sorted(k) for k in per_step]
+
+    saver = _loader(tiny_cfg, tiny_tokenizer, 0, 2, train=layouts[2])
+    it = iter(saver)
+    for _ in range(3 * 2):
+        next(it)
+    state = saver.state_dict()
+    reference = step_keys(2, 5)
+    for world in (1, 4):
+        assert step_keys(world, 2, state) == reference[3:5]
+
+
+def test_teacher_output_and_ground_truth_target(tmp_path):
+    from perceptio_dist.teachers.depth_anything import DepthAnythingTeacher, inverse_depth_target
+
+    from .fixtures import save_tiny_depth_anything
+
+    teacher = DepthAnythingTeacher(str(save_tiny_depth_anything(tmp_path / "da")), input_size=56)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (30, 50, 3), dtype=np.uint8), rng.integers(0, 255, (64, 40, 3), dtype=np.uint8)]
+    maps = teacher(images, out_size=16)
+    assert [m.shape for m in maps] == [(16, 16), (16, 16)]
+    assert all(m.min() == 0.0 and m.max() == pytest.approx(1.0) for m in maps)
+    assert teacher.identity.startswith("depth_anything:da:")
+    depth = np.ones((8, 8), np.float32)
+    depth[:, 4:] = 2.0  # right half twice as far: inverse 0.5 -> normalised 0
+    target = inverse_depth_target(depth, 4)
+    assert target[:, :2].tolist() == [[1.0, 1.0]] * 4 and target[:, 2:].tolist() == [[0.0, 0.0]] * 4
+
+
+def test_every_registered_source_type_has_its_adapter():
+    """Source types are registered once (preprocess/config.SOURCE_TYPES); the config type and the adapters follow."""
+    import typing
+
+    from perceptio_dist.preprocess.config import SOURCE_TYPES, SourceConfig
+    from perceptio_dist.preprocess.sources import adapter
+
+    assert typing.get_args(typing.get_type_hints(SourceConfig)["type"]) == SOURCE_TYPES
+    for name in SOURCE_TYPES:
+        assert callable(adapter(name)), name
+    with pytest.raises(ValueError, match="unknown source type 'tfrecord'"):
+        adapter("tfrecord")
