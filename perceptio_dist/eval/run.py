@@ -100,28 +100,27 @@ def intervene(model, tokenizer, builder, items: list[EvalItem], batches: list[li
     truth = {i: c for i in (j for chunk in mine for j in chunk) if (c := ground_truth_codes(model, items[i]))}
     text_only = SpatialPolicy(seg="forbid", depth="forbid")  # the chain is in the prompt now
     out: dict[str, dict[int, Prediction]] = {name: {} for name in INTERVENTIONS[1:]}
-    total = sum(map(len, mine)) * len(out)
-    with tqdm(total=total, desc="interventions", unit="answer", disable=not progress or not total) as bar:
-        for name in out:
-            for chunk in mine:
-                chosen, prompts, pixels, sam, sizes = [], [], [], [], []
-                base = _generation_inputs(tokenizer, builder, items, chunk) if chunk else ([], [], [], [])
+    with tqdm(total=sum(map(len, mine)) * len(out), desc="interventions", unit="answer",
+              disable=not progress or not any(mine)) as bar:
+        for chunk in mine:
+            if not chunk:
+                continue
+            base = _generation_inputs(tokenizer, builder, items, chunk)  # once per batch, for every intervention
+            for name in out:
+                chosen, codes_of, prompts = [], [], []
                 for k, i in enumerate(chunk):
                     codes = intervention_codes(name, i, items, own_codes, truth, ids.num_codes, ids.num_depth_tokens)
                     prefix = None if codes is None else chain_prefix(own[i], codes, ids)
-                    if prefix is None:
-                        continue
-                    chosen.append(i)
-                    prompts.append(torch.cat([base[0][k], torch.tensor(prefix, dtype=torch.long)]))
-                    pixels.append(base[1][k])
-                    sam.append(base[2][k])
-                    sizes.append(base[3][k])
+                    if prefix is not None:
+                        chosen.append(k)
+                        codes_of.append(codes)
+                        prompts.append(torch.cat([base[0][k], torch.tensor(prefix, dtype=torch.long)]))
                 if chosen:
+                    pixels, sam, sizes = ([part[k] for k in chosen] for part in base[1:])
                     answers = generate(model, tokenizer, prompts, pixels, sam, sizes, text_only, settings)
-                    for i, prediction in zip(chosen, answers):
-                        prediction.depth_codes = intervention_codes(name, i, items, own_codes, truth, ids.num_codes,
-                                                                    ids.num_depth_tokens)
-                        out[name][i] = prediction
+                    for k, codes, prediction in zip(chosen, codes_of, answers):
+                        prediction.depth_codes = codes
+                        out[name][chunk[k]] = prediction
                 bar.update(len(chunk))
     return out
 
