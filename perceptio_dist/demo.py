@@ -220,8 +220,11 @@ def write_demo_report(out: Path) -> Path:
                 fa = f"{100 * a[key]:.1f}" if key in a else "-"
                 fb = f"{100 * b[key]:.1f}" if key in b else "-"
                 lines.append(f"| {group} | {key} | {fa} | {fb} | {a.get('count', a.get('splits', ''))} |")
+    from .eval.baselines import baselines_table
     from .eval.run import faithfulness_table
 
+    for name, label in (("depth_model", "Depth model"), ("ablation", "Ablation")):
+        lines += [line.replace("## Baselines", f"## {label}: baselines") for line in baselines_table(metrics[name])]
     lines += [line.replace("## Does", "## Depth model: does") for line in faithfulness_table(metrics["depth_model"])]
     timings = {p.name[1:-5]: json.loads(p.read_text()).get("seconds") for p in sorted(out.glob(".*.done"))}
     lines += ["", f"Stage times (s, this run or the one that made them): {json.dumps(timings)}", "",

@@ -333,3 +333,24 @@ def test_intervention_and_consistency_metrics_by_hand():
                                                   "codes": [1] * 16}
     table = "\n".join(faithfulness_table(metrics))
     assert "| synthetic_depth_2 | 33.3 (3) | 100.0 (1) | 33.3 (3) | – | – | 66.7 (3) |" in table
+
+
+def test_relative_depth_baselines_and_legibility_by_hand():
+    from perceptio_dist.eval.baselines import baselines_table, legibility, relative_depth_baselines
+    from perceptio_dist.eval.generate import Prediction
+    from perceptio_dist.eval.run import score
+
+    # images 240 x 320 (H x W); labels 11 px tall there (0.035 x 320), 64 / 240 of that on a 64-px tile
+    size = (240, 320)
+    items = [_item("synthetic_depth_3", [[10, 100], [200, 130], [300, 110]], "(B)", size=size),  # lowest: B
+             _item("synthetic_depth_3", [[10, 140], [100, 120], [300, 110]], "(A)", size=size),  # lowest: A
+             _item("synthetic_depth_3", [[10, 100], [30, 110], [300, 130]], "(B)", size=size)]  # lowest: C
+    b = relative_depth_baselines(items)
+    assert b == {"chance": pytest.approx(1 / 3), "lowest_marker": pytest.approx(2 / 3),
+                 "most_frequent_letter": pytest.approx(2 / 3)}
+    leg = legibility(items, tile_size=64, depth_grid=4)  # cells 80 px wide, 60 px high
+    assert leg["label_px_at_input"] == pytest.approx(11 * 64 / 240)
+    assert leg["shared_cell"] == pytest.approx(1 / 3)  # only the third: (10, 100) and (30, 110) share cell (0, 1)
+    metrics, _ = score(items, [Prediction("(B)", [], None, None, None)] * 3, geometry=(64, 4))
+    assert metrics["synthetic_depth_3"]["baselines"] == b and metrics["synthetic_depth_3"]["legibility"] == leg
+    assert "| synthetic_depth_3 | 66.7 | 33.3 | 66.7 | 66.7 | 2.9 | 33.3 |" in "\n".join(baselines_table(metrics))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .benchmarks import EvalItem, hardblink_items, mmbench_items, refcoco_items, synthetic_items
+from .baselines import baselines_table, legibility, relative_depth_baselines
 from .faithfulness import INTERVENTIONS, chain_consistent, chain_prefix, ground_truth_codes, intervention_codes
 from .generate import GenerationSettings, Prediction, SpatialPolicy, generate
 from .scoring import MaskScores, accuracy, parse_choice_letter
@@ -126,7 +127,9 @@ def intervene(model, tokenizer, builder, items: list[EvalItem], batches: list[li
 
 
 def score(items: list[EvalItem], predictions: list[Prediction],
-          interventions: dict[str, dict[int, Prediction]] | None = None) -> tuple[dict, list[dict]]:
+          interventions: dict[str, dict[int, Prediction]] | None = None,
+          geometry: tuple[int, int] | None = None) -> tuple[dict, list[dict]]:
+    """(metrics per group, one row per item). ``geometry`` (tile size, depth grid) adds the legibility numbers."""
     groups: dict[str, dict] = {}
     rows = []
     for index, (item, pred) in enumerate(zip(items, predictions)):
@@ -163,6 +166,12 @@ def score(items: list[EvalItem], predictions: list[Prediction],
         if "consistent" in g:
             metrics[name]["chain_consistency"] = accuracy(g["consistent"])
             metrics[name]["chain_count"] = len(g["consistent"])
+        in_group = [item for item in items if item.group == name]
+        if in_group[0].task == "relative_depth":
+            metrics[name]["baselines"] = relative_depth_baselines(in_group)
+            readable = legibility(in_group, *geometry) if geometry else None
+            if readable:
+                metrics[name]["legibility"] = readable
         if "intervened" in g:  # own: every answer with a depth block; the others on the items they apply to
             metrics[name]["interventions"] = {k: accuracy(v) for k, v in g["intervened"].items()}
             metrics[name]["intervention_counts"] = {k: len(v) for k, v in g["intervened"].items()}
@@ -205,6 +214,7 @@ def write_report(out: Path, items: list[EvalItem], predictions: list[Prediction]
         for key in ("accuracy", "ciou", "giou"):
             if key in m:
                 lines.append(f"| {name} | {key} | {100 * m[key]:.1f} | {m.get('count', m.get('splits'))} |")
+    lines += baselines_table(metrics)
     lines += faithfulness_table(metrics)
     groups: dict[str, list[int]] = {}
     for i, item in enumerate(items):
@@ -314,7 +324,8 @@ def run_evaluation(args) -> None:
                                                                         progress=rank == 0).items()}
     if rank == 0:
         ordered = [own[i] for i in range(len(items))]
-        metrics, rows = score(items, ordered, interventions)
+        grid = int(round(model.token_ids.num_depth_tokens ** 0.5))
+        metrics, rows = score(items, ordered, interventions, (builder.geo.tile_size, grid))
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -60,13 +60,18 @@ def plan_shards(records: list[Record], shard_size: int) -> list[ShardPlan]:
 # ------------------------------------------------------------------------------ decoding
 
 
+def marker_label_size(image_width: int) -> int:
+    """Font size in pixels of a marker's letter on an image this wide (the letter is about this tall)."""
+    return max(9, round(0.035 * image_width))
+
+
 def draw_markers(image: Image.Image, points: list[list[float]]) -> Image.Image:
     """HardBLINK-style markers: a red circle per point, its letter in white on black beside it."""
     image = image.copy()
     draw = ImageDraw.Draw(image)
     w = image.width
     radius = max(3, round(0.012 * w))
-    font = ImageFont.load_default(size=max(9, round(0.035 * w)))
+    font = ImageFont.load_default(size=marker_label_size(w))
     for letter, (x, y) in zip(LETTERS, points):
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], outline=(255, 0, 0), width=max(1, radius // 2))
         left, top, right, bottom = draw.textbbox((0, 0), letter, font=font)
