@@ -77,16 +77,20 @@ class PerceptioObjective:
         # Set by the parallel strategy before each optimizer step's first forward (None: each call its own step).
         self.normaliser: StepNormaliser | None = None
 
+    @staticmethod
+    def target_positions(labels: torch.Tensor) -> torch.Tensor:
+        """[B, T-1] bool: the positions that predict a target (position t predicts labels[t + 1])."""
+        return labels[:, 1:] != IGNORE_INDEX
+
     def select_targets(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [P, d] of the positions that predict a target, and those targets [P]."""
-        shifted = labels[:, 1:]
-        keep = shifted != IGNORE_INDEX
-        return hidden[:, :-1][keep], shifted[keep]
+        keep = self.target_positions(labels)
+        return hidden[:, :-1][keep], labels[:, 1:][keep]
 
     def target_layout(self, labels: torch.Tensor) -> TargetLayout:
         """The rows' categories and blocks, with the text weighting's per-row weights."""
+        keep = self.target_positions(labels)
         shifted = labels[:, 1:]
-        keep = shifted != IGNORE_INDEX
         layout = build_layout(shifted[keep], self.ids)
         row_sample = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(shifted)[keep]
         layout.text_weights = text_row_weights(row_sample, layout.is_text, labels.shape[0], self.cfg.text_weighting)
@@ -110,8 +114,8 @@ class PerceptioObjective:
         has_teacher_depth: torch.Tensor,
     ) -> ObjectiveOutput:
         ids, cfg = self.ids, self.cfg
-        h_sel, targets = self.select_targets(hidden, labels)
         layout = self.target_layout(labels)
+        h_sel, targets = hidden[:, :-1][self.target_positions(labels)], layout.targets
         counts = self.item_counts_of(layout, num_seg)
         norm = self.normaliser or StepNormaliser.local(counts)
         lm_weights = LMHeadWeights(cfg.text_weight, cfg.marker_weight, cfg.count_weight, cfg.z_loss_weight,
