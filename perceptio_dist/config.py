@@ -152,6 +152,11 @@ class SpatialTokensConfig:
     depth_start_token: str = doc_field("Token opening a depth block.", "<DEPTH_START>")
     depth_end_token: str = doc_field("Token closing a depth block.", "<DEPTH_END>")
     depth_code_template: str = doc_field("Format of the K code tokens; '{}' is replaced by the code index.", "<DEPTH_{}>")
+    code_embedding_init: Literal["mean", "depth_order"] = doc_field(
+        "How a fresh model's code-token rows (input embedding and LM head) start. mean: the mean of the other rows "
+        "(transformers' resizing). depth_order: plus a shared direction scaled by the depth each code decodes to, "
+        "so nearer/farther is readable from the first step (model/code_embeddings.py). A checkpoint's rows win.",
+        "mean")
 
     @property
     def num_depth_tokens(self) -> int:

@@ -2,14 +2,16 @@
 
     python -m perceptio_dist.cli.demo [--quick] [--out DIR] [section.key=value ...]   (./run_demo.sh calls this)
 
-The default folder is runs/tiny_data, where the tiny recipes (tiny_cpu, preprocess_tiny, vqvae_tiny) find
-the scenes, the depth tokenizer and the shards afterwards.
+The default folder is runs/toy_data, where the toy-spatial recipes (toy_spatial, preprocess_toy, vqvae_toy) find
+the scenes, the depth tokenizer and the shards afterwards. The toy world is made so the relative-depth question can
+be read by a tiny model (issue 16): a 128-px tile of 8x8 image tokens on the 8x8 depth grid, markers drawn as discs
+in their letter's own colour, each in its own depth cell, four questions per scene.
 
 Stages (each reuses what an earlier run finished; a marker file per stage says it is done):
   1. scenes      render training scenes and held-out scenes (other seeds) with pybullet
   2. tokenizer   train the depth VQ-VAE on the training scenes' exact depth
   3. shards      start a local Ray head (loopback, token auth), `ray job submit` the preprocessing, stop it
-  4. train       the tiny Perceptio on 2 CPU ranks with DeepSpeed ZeRO-3, a checkpoint midway, --resume auto
+  4. train       the toy Perceptio on 2 CPU ranks with DeepSpeed ZeRO-3, a checkpoint midway, --resume auto
   5. ablation    the same model, data and budget without depth tokens (data.depth_tokens=false)
   6. eval        export both; score them on the held-out scenes (relative depth 3/4/5, referring cIoU)
                  and on the real HardBLINK files when ../shared/data/hardblink exists
@@ -44,8 +46,8 @@ class DemoSize:
     shard_size: int
 
 
-FULL = DemoSize(train_scenes=160, heldout_scenes=40, tokenizer_steps=600, train_steps=400, eval_limit=None,
-                shard_size=32)
+FULL = DemoSize(train_scenes=1200, heldout_scenes=200, tokenizer_steps=600, train_steps=1500, eval_limit=None,
+                shard_size=256)
 QUICK = DemoSize(train_scenes=12, heldout_scenes=3, tokenizer_steps=20, train_steps=6, eval_limit=2, shard_size=8)
 
 
@@ -97,7 +99,7 @@ class Demo:
         return {"train": self.size.train_scenes, "heldout": self.size.heldout_scenes}
 
     def tokenizer(self) -> dict:
-        _run([str(BIN / "perceptio-vqvae"), "train", "--config", "vqvae_tiny", f"output_dir={self.out / 'depth_vqvae'}",
+        _run([str(BIN / "perceptio-vqvae"), "train", "--config", "vqvae_toy", f"output_dir={self.out / 'depth_vqvae'}",
               f"data.scenes={self.out / 'scenes'}", f"steps={self.size.tokenizer_steps}",
               f"warmup_steps={min(30, self.size.tokenizer_steps // 2)}",
               f"save_every={self.size.tokenizer_steps}"], self.logs / "tokenizer.log")
@@ -111,7 +113,7 @@ class Demo:
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         dashboard = free_port()
-        job = ["python", "-m", "ray_jobs.preprocess", "--config", "preprocess_tiny",
+        job = ["python", "-m", "ray_jobs.preprocess", "--config", "preprocess_toy",
                f"sources.0.path={self.out / 'scenes'}", f"output_dir={self.out / 'shards'}",
                f"shard_size={self.size.shard_size}",
                f"depth_vqvae.checkpoint={self.out / 'depth_vqvae' / 'tokenizer.safetensors'}"]
@@ -138,8 +140,8 @@ class Demo:
     def _train(self, name: str, extra: list[str]) -> dict:
         run = self.out / name
         steps = self.size.train_steps
-        cmd = [str(BIN / "perceptio-train"), "--nproc-per-node", "2", "--resume", "auto", "--recipe", "tiny_cpu",
-               f"train.max_steps={steps}", f"train.warmup_steps={min(10, steps // 3)}",
+        cmd = [str(BIN / "perceptio-train"), "--nproc-per-node", "2", "--resume", "auto", "--recipe", "toy_spatial",
+               f"train.max_steps={steps}", f"train.warmup_steps={min(50, steps // 3)}",
                f"checkpoint.save_every_steps={max(1, steps // 2)}",
                f"data.shards={self.out / 'shards'}", f"logging.output_dir={run}", "logging.wandb=offline",
                f"model.depth_vqvae.checkpoint={self.out / 'depth_vqvae' / 'tokenizer.safetensors'}",
@@ -165,7 +167,7 @@ class Demo:
             export_checkpoint(checkpoints / (checkpoints / "latest").read_text().strip(), export)
             cmd = [sys.executable, "-m", "perceptio_dist.cli.eval", "--model", str(export), "--out",
                    str(self.out / name / "eval"), "--synthetic-scenes", str(self.out / "heldout_scenes"),
-                   "--max-new-tokens", "40", "--batch-size", "8"]
+                   "--batch-size", "16"]
             if DEFAULT_HARDBLINK.exists():
                 cmd += ["--benchmark", "hardblink"]
             if self.size.eval_limit:
@@ -208,7 +210,7 @@ def write_demo_report(out: Path) -> Path:
     metrics = json.loads((out / "metrics.json").read_text())
     groups = sorted(set(metrics["depth_model"]) | set(metrics["ablation"]))
     lines = ["# Perceptio demo report", "",
-             "Two tiny Perceptio models trained on the same synthetic scenes, steps and seed: one answers after "
+             "Two toy-spatial Perceptio models trained on the same synthetic scenes, steps and seed: one answers after "
              "generating depth tokens (the spatial chain of thought), the ablation answers directly. Scores on "
              "held-out scenes (other seeds) and, where present, the real HardBLINK files. Chance: 1/3, 1/4, 1/5 "
              "for 3/4/5 points.", "",

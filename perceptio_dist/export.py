@@ -23,6 +23,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -94,6 +95,15 @@ def write_exported(model, tokenizer, cfg: PerceptioConfig, out: Path, source: st
         depth_vqvae=dataclasses.replace(vq, checkpoint="depth_vqvae.safetensors"),
     )
     (out / "perceptio.yaml").write_text(dump_yaml(dataclasses.replace(cfg, model=exported)))
+    if cfg.data.shards and Path(cfg.data.shards).exists():
+        from .eval.depth_dependence import MEAN_DEPTH_FILE, training_mean_depth
+
+        mean_map = training_mean_depth(cfg.data.shards)
+        if mean_map is not None:
+            np.save(out / MEAN_DEPTH_FILE, mean_map)
+    questions = trained_questions(cfg)
+    if questions is not None:
+        (out / QUESTIONS_FILE).write_text(json.dumps(questions, indent=1))
     chain = trained_chain(cfg)
     if chain is not None:
         (out / CHAIN_FILE).write_text(json.dumps(chain, indent=1))
@@ -104,6 +114,30 @@ def write_exported(model, tokenizer, cfg: PerceptioConfig, out: Path, source: st
 
 
 CHAIN_FILE = "chain.json"
+QUESTIONS_FILE = "questions.json"
+# The synthetic source's fields that say how relative-depth questions look (preprocess SourceConfig): evaluation
+# on held-out scenes asks them the way training did.
+QUESTION_FIELDS = ("questions_per_scene", "point_counts", "marker_style", "marker_grid", "marker_step")
+
+
+def trained_questions(cfg: PerceptioConfig) -> dict | None:
+    """How the training shards' synthetic relative-depth questions were made (their manifest's config)."""
+    from .data.shards import read_manifest
+
+    try:
+        sources = read_manifest(Path(cfg.data.shards)).get("config", {}).get("sources", []) if cfg.data.shards else []
+    except FileNotFoundError:
+        return None
+    synthetic = [s for s in sources if s.get("type") == "synthetic"]
+    if not synthetic:
+        return None
+    return {name: synthetic[0][name] for name in QUESTION_FIELDS if name in synthetic[0]}
+
+
+def exported_questions(folder: str | Path) -> dict:
+    """The question fields of an exported folder ({} when it has none: the defaults)."""
+    path = Path(folder) / QUESTIONS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def trained_chain(cfg: PerceptioConfig) -> dict | None:

@@ -37,6 +37,10 @@ def test_quick_demo_runs_every_stage_then_reuses_them(tmp_path):
         assert (run / "export" / "perceptio.yaml").exists()
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
         assert "synthetic_refer" in metrics and any(k.startswith("synthetic_depth_") for k in metrics)
+    # the toy world: evaluation asks the questions the way training did, and the mean map is there to compare
+    questions = json.loads((out / "depth_model" / "export" / "questions.json").read_text())
+    assert questions["marker_style"] == "colour" and questions["marker_grid"] == 8
+    assert (out / "depth_model" / "export" / "mean_depth.npy").exists()
     ablation_config = (out / "ablation" / "config.yaml").read_text()
     assert "depth_tokens: false" in ablation_config
     predictions = [json.loads(line) for line in (out / "ablation" / "eval" / "predictions.jsonl").read_text()
@@ -45,6 +49,7 @@ def test_quick_demo_runs_every_stage_then_reuses_them(tmp_path):
     report = (out / "report.md").read_text()
     assert "| with depth tokens | without (ablation) |" in report and (out / "loss_curves.png").stat().st_size
     assert "## Depth model: does the answer use the depth chain?" in report  # interventions and consistency
+    assert "## Do the generated depth maps follow the image?" in report
     for line in report.splitlines():
         if line.startswith("![") and "(" in line:
             assert (out / line[line.index("(") + 1:-1]).exists(), line

@@ -353,4 +353,41 @@ def test_relative_depth_baselines_and_legibility_by_hand():
     assert leg["shared_cell"] == pytest.approx(1 / 3)  # only the third: (10, 100) and (30, 110) share cell (0, 1)
     metrics, _ = score(items, [Prediction("(B)", [], None, None, None)] * 3, geometry=(64, 4))
     assert metrics["synthetic_depth_3"]["baselines"] == b and metrics["synthetic_depth_3"]["legibility"] == leg
-    assert "| synthetic_depth_3 | 66.7 | 33.3 | 66.7 | 66.7 | 2.9 | 33.3 |" in "\n".join(baselines_table(metrics))
+    assert metrics["synthetic_depth_3"]["answer_letters"] == {"B": 3}
+    assert "| synthetic_depth_3 | 66.7 | 33.3 | 66.7 | 66.7 | 2.9 | 33.3 | B 3 |" in "\n".join(baselines_table(metrics))
+
+
+def test_depth_dependence_by_hand():
+    """A map that is an affine function of the true inverse depth aligns to it exactly (AbsRel 0); the training
+    mean map (a constant here) does not; the ratio says which follows the image."""
+    from perceptio_dist.eval.depth_dependence import aligned_abs_rel, depth_dependence
+
+    rng = np.random.default_rng(0)
+    depth = rng.uniform(1.0, 4.0, (8, 8)).astype(np.float32).repeat(4, 0).repeat(4, 1)  # 32x32, constant 4x4 cells
+    inverse = 1.0 / depth[::4, ::4]
+    assert aligned_abs_rel((3.0 * inverse + 0.5).astype(np.float32), depth) < 1e-5
+    flat = np.full((8, 8), 0.5, np.float32)
+    # a constant aligns to the single best inverse depth: its error is that of the mean inverse depth, by hand
+    truth = depth[::4, ::4].astype(np.float64)
+    expected = np.mean(np.abs(1.0 / np.mean(1.0 / truth) - truth) / truth)
+    assert aligned_abs_rel(flat, depth) == pytest.approx(expected, rel=1e-5)
+    out = depth_dependence([((3.0 * inverse + 0.5).astype(np.float32), depth), (flat, depth)], flat)
+    assert out["count"] == 2 and out["mean_map_absrel"] == pytest.approx(expected, rel=1e-5)
+    assert out["generated_absrel"] == pytest.approx(expected / 2, rel=1e-4)
+    assert out["ratio"] == pytest.approx(0.5, rel=1e-4)
+
+
+def test_training_mean_depth_is_the_mean_of_the_stored_targets(tiny_shards):
+    """Read back with tarfile and numpy, independently of the shard reader."""
+    import tarfile
+
+    from perceptio_dist.eval.depth_dependence import training_mean_depth
+
+    maps = []
+    for path in sorted(tiny_shards.glob("*/*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".depth.npy"):
+                    maps.append(np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False))
+    assert maps
+    np.testing.assert_allclose(training_mean_depth(tiny_shards), np.mean(np.asarray(maps, np.float64), axis=0), rtol=1e-5, atol=1e-6)  # stored as float16

@@ -10,6 +10,7 @@ the packages below. A config mistake prints one paragraph and exits with status 
     perceptio-export      cli/export.py    checkpoint -> inference folder
     perceptio-eval        cli/eval.py      benchmarks (`torchrun ... -m perceptio_dist.cli.eval` over ranks)
     perceptio-demo        cli/demo.py      the main job (./run_demo.sh)
+    perceptio-sweep       cli/sweep.py     train a list of configurations briefly, one table
 """
 
 from __future__ import annotations

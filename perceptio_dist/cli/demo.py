@@ -16,11 +16,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="perceptio-demo", description="The main job: the whole Perceptio workflow at toy scale on this machine.")
     parser.add_argument("--quick", action="store_true", help="a few minutes: same stages, fewer scenes and steps")
     parser.add_argument("--out", default=None,
-                        help="demo folder (default runs/tiny_data, where the tiny recipes look; --quick: runs/demo_quick)")
+                        help="demo folder (default runs/toy_data, where the toy-spatial recipes look; --quick: runs/demo_quick)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="training overrides (both models)")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
-    out = Path(args.out or (ROOT / "runs" / ("demo_quick" if args.quick else "tiny_data"))).resolve()
+    out = Path(args.out or (ROOT / "runs" / ("demo_quick" if args.quick else "toy_data"))).resolve()
     if shutil.which("perceptio-train", path=str(BIN)) is None:
         sys.exit("[demo] perceptio-train is not installed in this environment: run ./run_demo.sh")
     demo = Demo(out, size, args.overrides)

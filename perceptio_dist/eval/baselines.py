@@ -5,7 +5,7 @@ Baselines per group (reference answers only, no model): ``chance`` (1 / number o
 nearest) and ``most_frequent_letter`` (always the group's most frequent reference letter).
 
 Legibility per group (items with marker positions): ``label_px_at_input``, the median height in pixels
-of a marker's letter once the image is resized onto one tile (the whole image at max_tiles 1, the
+of what identifies a marker (its letter, or its coloured disc) once the image is resized onto one tile (the whole image at max_tiles 1, the
 thumbnail otherwise), and ``shared_cell``, the share of items in which two markers fall into the same
 cell of the depth grid (then even perfect depth tokens cannot say which of them is nearer).
 """
@@ -41,7 +41,7 @@ def legibility(items: list[EvalItem], tile_size: int, depth_grid: int) -> dict[s
     heights, shared = [], []
     for item in with_points:
         height, width = item.image.shape[:2]
-        heights.append(marker_label_size(width) * tile_size / height)
+        heights.append(marker_label_size(width, item.marker_style) * tile_size / height)
         cells = {(int(x * depth_grid / width), int(y * depth_grid / height)) for x, y in item.points}
         shared.append(len(cells) < len(item.points))
     return {"label_px_at_input": float(np.median(heights)), "shared_cell": float(np.mean(shared))}
@@ -55,13 +55,14 @@ def baselines_table(metrics: dict) -> list[str]:
     lines = ["", "## Baselines and legibility", "",
              "Accuracy (%) against answering by chance, always the lowest marker, always the most frequent "
              "letter; the marker letters' height in pixels at the model's input and the share of questions with "
-             "two markers in one depth-grid cell.", "",
-             "| group | model | chance | lowest marker | most frequent letter | label px at input | shared cell |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "two markers in one depth-grid cell; the model's answers counted by letter.", "",
+             "| group | model | chance | lowest marker | most frequent letter | label px at input | shared cell | "
+             "answers by letter |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, m in groups:
         b, leg = m["baselines"], m.get("legibility") or {}
         cell = lambda d, k, scale=100, fmt=".1f": f"{scale * d[k]:{fmt}}" if k in d else "–"  # noqa: E731
         lines.append(f"| {name} | {100 * m['accuracy']:.1f} | {cell(b, 'chance')} | {cell(b, 'lowest_marker')} | "
                      f"{cell(b, 'most_frequent_letter')} | {cell(leg, 'label_px_at_input', 1)} | "
-                     f"{cell(leg, 'shared_cell')} |")
+                     f"{cell(leg, 'shared_cell')} | "
+                     f"{' '.join(f'{k} {v}' for k, v in (m.get('answer_letters') or {}).items()) or '–'} |")
     return lines

@@ -38,6 +38,7 @@ class EvalItem:
     mask: np.ndarray | None = None  # H x W bool (referring segmentation)
     points: list[list[float]] | None = None  # marker centres (x, y) in this image's pixels, labelled A, B, ...
     gt_depth: np.ndarray | None = None  # ground-truth metric depth aligned with the image (synthetic scenes)
+    marker_style: str = "hardblink"  # how the points were drawn (preprocess/records.MARKER_STYLES)
 
 
 def _item_from_record(record: Record, group: str) -> EvalItem:
@@ -51,7 +52,8 @@ def _item_from_record(record: Record, group: str) -> EvalItem:
     task = "relative_depth" if record.task == "relative_depth" else "referring_seg"
     drawn = json.loads(row["record"]).get("points")  # scaled with the image when it was downscaled
     gt_depth = npy_load(row["gt_depth"]).astype(np.float32) if row["gt_depth"] else None
-    return EvalItem(group, record.key, image, question, answer, task, int(points), mask, drawn, gt_depth)
+    return EvalItem(group, record.key, image, question, answer, task, int(points), mask, drawn, gt_depth,
+                    record.marker_style)
 
 
 def hardblink_items(path: str | Path) -> Iterator[EvalItem]:
@@ -61,11 +63,15 @@ def hardblink_items(path: str | Path) -> Iterator[EvalItem]:
         yield _item_from_record(record, f"hardblink_{record.meta['num_points']}")
 
 
-def synthetic_items(scenes: str | Path) -> Iterator[EvalItem]:
-    """Relative depth (3/4/5 points) and referring segmentation from rendered scenes (held-out seeds)."""
+def synthetic_items(scenes: str | Path, questions: dict | None = None) -> Iterator[EvalItem]:
+    """Relative depth (3/4/5 points) and referring segmentation from rendered scenes (held-out seeds).
+
+    ``questions``: the synthetic source's question fields the model was trained with (export's questions.json:
+    marker style, grid, sets per scene, point counts); none: the defaults."""
     from ..preprocess.sources.synthetic import iter_synthetic
 
-    spec = SourceConfig(type="synthetic", path=str(scenes), tasks=["relative_depth", "referring_seg"])
+    spec = SourceConfig(type="synthetic", path=str(scenes), tasks=["relative_depth", "referring_seg"],
+                        **(questions or {}))
     for record in iter_synthetic(spec):
         if record.task == "relative_depth":
             yield _item_from_record(record, f"synthetic_depth_{len(record.points)}")

@@ -14,6 +14,7 @@ decoded depth map, question, answer and whether it was right.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import logging
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 
 from .benchmarks import EvalItem, hardblink_items, mmbench_items, refcoco_items, synthetic_items
 from .baselines import baselines_table, legibility, relative_depth_baselines
+from .depth_dependence import MEAN_DEPTH_FILE, depth_dependence
 from .faithfulness import INTERVENTIONS, chain_consistent, chain_prefix, ground_truth_codes, intervention_codes
 from .generate import GenerationSettings, Prediction, SpatialPolicy, generate
 from .scoring import MaskScores, accuracy, parse_choice_letter
@@ -128,8 +130,9 @@ def intervene(model, tokenizer, builder, items: list[EvalItem], batches: list[li
 
 def score(items: list[EvalItem], predictions: list[Prediction],
           interventions: dict[str, dict[int, Prediction]] | None = None,
-          geometry: tuple[int, int] | None = None) -> tuple[dict, list[dict]]:
-    """(metrics per group, one row per item). ``geometry`` (tile size, depth grid) adds the legibility numbers."""
+          geometry: tuple[int, int] | None = None, mean_depth: np.ndarray | None = None) -> tuple[dict, list[dict]]:
+    """(metrics per group, one row per item). ``geometry`` (tile size, depth grid) adds the legibility numbers;
+    ``mean_depth`` (the training set's mean map) the reference for the generated maps' error."""
     groups: dict[str, dict] = {}
     rows = []
     for index, (item, pred) in enumerate(zip(items, predictions)):
@@ -143,6 +146,9 @@ def score(items: list[EvalItem], predictions: list[Prediction],
             expected = parse_choice_letter(item.answer, item.num_choices)
             row["parsed"], row["correct"] = letter, letter is not None and letter == expected
             g["correct"].append(row["correct"])
+            g.setdefault("letters", []).append(letter or "none")
+            if pred.depth is not None and item.gt_depth is not None:
+                g.setdefault("maps", []).append((pred.depth, item.gt_depth))
             consistent = chain_consistent(item, pred, letter)
             if consistent is not None:
                 row["chain_consistent"] = consistent
@@ -163,6 +169,8 @@ def score(items: list[EvalItem], predictions: list[Prediction],
             metrics[name] = {"ciou": g["masks"].ciou, "giou": g["masks"].giou, "count": len(g["masks"].per_sample)}
         else:
             metrics[name] = {"accuracy": accuracy(g["correct"]), "count": len(g["correct"])}
+            if g.get("letters"):  # a constant answer shows at once
+                metrics[name]["answer_letters"] = dict(sorted(Counter(g["letters"]).items()))
         if "consistent" in g:
             metrics[name]["chain_consistency"] = accuracy(g["consistent"])
             metrics[name]["chain_count"] = len(g["consistent"])
@@ -172,6 +180,8 @@ def score(items: list[EvalItem], predictions: list[Prediction],
             readable = legibility(in_group, *geometry) if geometry else None
             if readable:
                 metrics[name]["legibility"] = readable
+        if g.get("maps"):
+            metrics[name]["depth_dependence"] = depth_dependence(g["maps"], mean_depth)
         if "intervened" in g:  # own: every answer with a depth block; the others on the items they apply to
             metrics[name]["interventions"] = {k: accuracy(v) for k, v in g["intervened"].items()}
             metrics[name]["intervention_counts"] = {k: len(v) for k, v in g["intervened"].items()}
@@ -198,6 +208,22 @@ def faithfulness_table(metrics: dict) -> list[str]:
         cells = [f"{100 * acc[k]:.1f} ({counts[k]})" if k in acc else "–" for k in INTERVENTIONS]
         consistency = f"{100 * m['chain_consistency']:.1f} ({m['chain_count']})" if "chain_consistency" in m else "–"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {consistency} |")
+    return lines + depth_dependence_table(metrics)
+
+
+def depth_dependence_table(metrics: dict) -> list[str]:
+    """Markdown: per group, the generated depth maps' error beside the training-set mean map's (eval/depth_dependence.py)."""
+    groups = [(name, m["depth_dependence"]) for name, m in metrics.items() if m.get("depth_dependence")]
+    if not groups:
+        return []
+    lines = ["", "## Do the generated depth maps follow the image?", "",
+             "AbsRel against the true depth after a per-image scale and shift, of the model's own decoded depth map "
+             "and of the training set's mean map on the same items; a ratio under 1 means the maps depend on the "
+             "image.", "", "| group | generated | training mean map | ratio | items |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, d in groups:
+        mean = f"{d['mean_map_absrel']:.3f}" if "mean_map_absrel" in d else "–"
+        ratio = f"{d['ratio']:.2f}" if "ratio" in d else "–"
+        lines.append(f"| {name} | {d['generated_absrel']:.3f} | {mean} | {ratio} | {d['count']} |")
     return lines
 
 
@@ -256,12 +282,13 @@ def write_report(out: Path, items: list[EvalItem], predictions: list[Prediction]
     return report
 
 
-def load_items(args) -> list[EvalItem]:
+def load_items(args, questions: dict | None = None) -> list[EvalItem]:
+    """``questions``: how the model's training asked synthetic relative-depth questions (export's questions.json)."""
     items: list[EvalItem] = []
     if args.hardblink:
         items += list(hardblink_items(args.hardblink))
     if args.synthetic_scenes:
-        items += list(synthetic_items(args.synthetic_scenes))
+        items += list(synthetic_items(args.synthetic_scenes, questions))
     if args.refcoco:
         items += list(refcoco_items(args.refcoco, args.refcoco_dataset, args.refcoco_split_by, args.refcoco_splits,
                                     args.refcoco_images))
@@ -283,7 +310,7 @@ def run_evaluation(args) -> None:
     import torch.distributed as dist
 
     from ..data.training_data import build_sample_builder
-    from ..export import exported_chain, exported_config, load_exported
+    from ..export import exported_chain, exported_config, exported_questions, load_exported
     from ..train.checkpoint import is_complete
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -302,7 +329,7 @@ def run_evaluation(args) -> None:
     model, tokenizer = load_exported(folder)
     cfg = exported_config(folder)
     builder = build_sample_builder(cfg, tokenizer, model.token_ids)
-    items = load_items(args)
+    items = load_items(args, exported_questions(folder))
     batches = plan_batches(items, args.batch_size)
     settings = GenerationSettings(args.max_new_tokens, args.sample, args.temperature, args.top_p)
     chain = exported_chain(folder)
@@ -325,7 +352,9 @@ def run_evaluation(args) -> None:
     if rank == 0:
         ordered = [own[i] for i in range(len(items))]
         grid = int(round(model.token_ids.num_depth_tokens ** 0.5))
-        metrics, rows = score(items, ordered, interventions, (builder.geo.tile_size, grid))
+        mean_path = folder / MEAN_DEPTH_FILE
+        mean_depth = np.load(mean_path, allow_pickle=False) if mean_path.exists() else None
+        metrics, rows = score(items, ordered, interventions, (builder.geo.tile_size, grid), mean_depth)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -150,6 +150,10 @@ def build_perceptio(
             torch.manual_seed(seed + 2)
             vqvae = DepthVQVAE(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid)
     vqvae = vqvae.to(dtype)
+    if cfg.tokens.code_embedding_init == "depth_order":
+        from .code_embeddings import order_code_rows
+
+        order_code_rows(backbone.get_input_embeddings(), backbone.lm_head, vqvae, token_ids, seed + 3)
     return PerceptioModel(
         backbone, seg_head, vqvae, token_ids, base_vocab, b.freeze_vision_tower, b.freeze_language_model
     )

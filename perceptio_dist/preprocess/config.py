@@ -37,6 +37,32 @@ class SourceConfig:
     splits: list[str] = doc_field("refcoco: which refer splits to keep.", default_factory=lambda: ["train"])
     tasks: list[str] = doc_field("synthetic: which tasks to generate from each scene.", default_factory=lambda: list(TASKS))
     max_records: Optional[int] = doc_field("Keep at most this many records of the source (in its order); null: all.", None)
+    questions_per_scene: int = doc_field(
+        "synthetic: relative-depth questions (marker sets) per scene. Each is its own sample; more sets are cheap "
+        "data for the one task a tiny model has the least of.", 1)
+    point_counts: list[int] = doc_field("synthetic: numbers of points a relative-depth question may have (2-5), "
+                                        "drawn uniformly.", default_factory=lambda: [3, 4, 5])
+    marker_style: Literal["hardblink", "colour"] = doc_field(
+        "synthetic: how markers are drawn. hardblink: as the benchmark (red ring, white letter on black). colour: a "
+        "toy-only simplification legible at a tiny model's input (a disc in the letter's own colour, the letter on "
+        "it); models trained on it see HardBLINK's style only at evaluation.", "hardblink")
+    marker_grid: Optional[int] = doc_field(
+        "synthetic: every marker in its own cell of this grid (set it to the depth grid) and the closest point "
+        "also closest by its cell's mean depth, so perfect depth tokens answer the question; null: not enforced.",
+        None)
+    marker_step: bool = doc_field(
+        "synthetic: relative-depth answers first read each marker out of the depth map ('A at 3,5 near 7; B at "
+        "3,1 near 3. (A)': depth-grid cell, nearness 0-9), then answer; needs marker_grid. A chain-of-thought "
+        "option after AURORA (marker coordinates, then depth); the ablation without depth tokens gets the same "
+        "text.", False)
+
+    def question_rules(self):
+        """The synthetic relative-depth question rules these fields describe (preprocess/scenes/tasks.py)."""
+        from .scenes.tasks import PointRules, QuestionRules
+
+        return QuestionRules(per_scene=self.questions_per_scene, counts=tuple(self.point_counts),
+                             marker_style=self.marker_style, points=PointRules(grid=self.marker_grid),
+                             marker_step=self.marker_step)
 
 
 @dataclass
@@ -85,6 +111,14 @@ def validate_preprocess(cfg: PreprocessConfig) -> None:
         bad = sorted(set(src.tasks) - set(TASKS))
         if bad:
             raise err(f"sources[{i}].tasks", f"unknown task(s) {bad}; tasks are {list(TASKS)}.")
+        if src.questions_per_scene < 1:
+            raise err(f"sources[{i}].questions_per_scene", "must be at least 1.")
+        if not src.point_counts or any(not 2 <= n <= 5 for n in src.point_counts):
+            raise err(f"sources[{i}].point_counts", f"each count must be 2-5 (letters A-E), got {src.point_counts}.")
+        if src.marker_grid is not None and src.marker_grid < 1:
+            raise err(f"sources[{i}].marker_grid", "must be a positive grid size or null.")
+        if src.marker_step and src.marker_grid is None:
+            raise err(f"sources[{i}].marker_step", "reads markers out of depth-grid cells: set marker_grid too.")
         if cfg.split == "train" and src.type == "hardblink":
             raise err(f"sources[{i}].type", "HardBLINK is evaluation data: never train on it (use split: eval).")
     check_depth_downsampling(cfg.depth_vqvae.input_size, cfg.tokens.depth_grid, "depth_vqvae.input_size")

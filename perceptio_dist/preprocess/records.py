@@ -19,6 +19,10 @@ CLOSEST_POINT_QUESTION = (
     "Multiple points are circled on the image, labeled by letters beside each circle. "
     "Which point is the closest to the camera?"
 )
+# How relative-depth markers are drawn (preprocess/stages.draw_markers): "hardblink" as the benchmark does
+# (a red ring, the letter in white on black above it); "colour", a toy-only simplification for tiny models
+# at low resolution: a filled disc in the letter's own colour (MARKER_COLOURS) with the letter on it.
+MARKER_STYLES = ("hardblink", "colour")
 DEPTH_QUESTION = "Estimate the depth of this image."
 DEPTH_ANSWER = "Here is the depth map."
 
@@ -41,6 +45,7 @@ class Record:
     #                              | {"png": path, "value": k} (pixels equal to k)
     depth: Optional[str] = None  # ground-truth metric depth (.npy, metres) aligned with the image
     points: Optional[list[list[float]]] = None  # marker centres (x, y) in pixels, drawn and labelled A, B, ...
+    marker_style: str = "hardblink"  # how the points are drawn, one of MARKER_STYLES
     split: str = "train"  # "eval" sources (HardBLINK) are refused by training jobs
     meta: dict = field(default_factory=dict)
 
@@ -51,6 +56,8 @@ class Record:
             raise ValueError(f"record {self.key}: with_seg needs a mask")
         if not self.turns:
             raise ValueError(f"record {self.key}: no conversation turns")
+        if self.marker_style not in MARKER_STYLES:
+            raise ValueError(f"record {self.key}: unknown marker_style {self.marker_style!r}; one of {MARKER_STYLES}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -60,16 +60,31 @@ def plan_shards(records: list[Record], shard_size: int) -> list[ShardPlan]:
 # ------------------------------------------------------------------------------ decoding
 
 
-def marker_label_size(image_width: int) -> int:
-    """Font size in pixels of a marker's letter on an image this wide (the letter is about this tall)."""
+# The toy "colour" style's letter colours (records.MARKER_STYLES): far apart in hue, none a scene colour's twin.
+MARKER_COLOURS = {"A": (255, 0, 0), "B": (0, 255, 0), "C": (0, 90, 255), "D": (255, 255, 0), "E": (255, 0, 255)}
+
+
+def marker_label_size(image_width: int, style: str = "hardblink") -> int:
+    """Height in pixels of what identifies a marker on an image this wide: the letter (hardblink) or the
+    coloured disc (colour)."""
+    if style == "colour":
+        return max(9, round(0.07 * image_width))
     return max(9, round(0.035 * image_width))
 
 
-def draw_markers(image: Image.Image, points: list[list[float]]) -> Image.Image:
-    """HardBLINK-style markers: a red circle per point, its letter in white on black beside it."""
+def draw_markers(image: Image.Image, points: list[list[float]], style: str = "hardblink") -> Image.Image:
+    """Markers labelled A, B, ... in ``style`` (records.MARKER_STYLES)."""
     image = image.copy()
     draw = ImageDraw.Draw(image)
     w = image.width
+    if style == "colour":  # a disc in the letter's colour, ringed in black, the letter in black on it
+        radius = marker_label_size(w, style) / 2
+        font = ImageFont.load_default(size=max(8, round(1.2 * radius)))
+        for letter, (x, y) in zip(LETTERS, points):
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=MARKER_COLOURS[letter],
+                         outline=(0, 0, 0), width=max(1, round(radius / 5)))
+            draw.text((x, y), letter, fill=(0, 0, 0), font=font, anchor="mm")
+        return image
     radius = max(3, round(0.012 * w))
     font = ImageFont.load_default(size=marker_label_size(w))
     for letter, (x, y) in zip(LETTERS, points):
@@ -144,7 +159,7 @@ def decode_row(row: dict, max_image_side: int = 1024) -> dict:
             depth = None if depth is None else np.asarray(Image.fromarray(depth).resize(size, Image.NEAREST))
             points = None if points is None else [[x * scale, y * scale] for x, y in points]
         if points:
-            image = draw_markers(image, points)
+            image = draw_markers(image, points, record.marker_style)
         if points or scale < 1.0 or fmt not in ("JPEG", "PNG"):
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")

@@ -5,7 +5,14 @@
   carries both spatial parts ([SEG], then the depth block): the scene's depth is exact.
 * relative_depth: HardBLINK-style. 3, 4 or 5 points at mid-image height, at least
   ``min_separation`` of the width apart, on visible surfaces, the closest at least ``min_gap``
-  nearer than the next; drawn as labelled red circles at preprocessing time. Answer "(B)".
+  nearer than the next; drawn as labelled markers at preprocessing time. Answer "(B)". With
+  ``QuestionRules.grid`` every marker has its own cell of that grid (the depth grid), and the
+  ordering also holds for the cells' mean depth, so the depth tokens can answer the question.
+  ``QuestionRules.per_scene`` marker sets (questions) are drawn per scene. With
+  ``QuestionRules.marker_step`` the answer first reads every marker out of the depth map, then answers:
+  "A at 3,5 near 7; B at 3,1 near 3; C at 4,6 near 5. (A)" (cell row,column of the depth grid, nearness
+  0-9 = the cell's mean normalised inverse depth in tenths); only sets whose closest marker has the strictly
+  highest nearness are kept. A documented option after AURORA's best chain (marker coordinates, then depth).
 * depth: depth-only generation.
 * vqa: object count, or the colour of the only object of a kind.
 """
@@ -35,6 +42,18 @@ class PointRules:
     min_gap: float = 0.10  # the closest point is at least this much (relative) nearer than the next
     band: tuple[float, float] = (0.42, 0.58)  # rows (fractions of the height) where points are placed
     margin: float = 0.06  # fraction of the width kept free at the left and right edges
+    grid: Optional[int] = None  # every marker in its own cell of this grid, ordering true for cell means too
+
+
+@dataclass(frozen=True)
+class QuestionRules:
+    """How the relative-depth questions of a scene are made (preprocess SourceConfig fields of the same names)."""
+
+    per_scene: int = 1  # marker sets, i.e. questions, per scene
+    counts: tuple[int, ...] = (3, 4, 5)  # number of points, drawn uniformly
+    marker_style: str = "hardblink"  # records.MARKER_STYLES
+    points: PointRules = PointRules()
+    marker_step: bool = False  # answers read each marker's cell and nearness first (needs points.grid)
 
 
 def describe(obj: dict) -> str:
@@ -68,11 +87,60 @@ def closest_point_markers(depth: np.ndarray, count: int, rng: np.random.Generato
         order = np.argsort(values)
         if values[order[1]] < (1 + rules.min_gap) * values[order[0]]:
             continue
+        if rules.grid is not None:
+            cells = [(int(y * rules.grid / h), int(x * rules.grid / w)) for x, y in zip(xs, ys)]
+            if len(set(cells)) < count:
+                continue
+            means = cell_means(depth, rules.grid)
+            cell_values = np.array([means[c] for c in cells])
+            cell_order = np.argsort(cell_values)
+            if cell_order[0] != order[0] or cell_values[cell_order[1]] < (1 + rules.min_gap) * cell_values[cell_order[0]]:
+                continue
         return [[float(x), float(y)] for x, y in zip(xs, ys)], int(order[0])
     return None
 
 
-def scene_records(folder: Path, meta: dict, depth: np.ndarray, tasks: list[str]) -> list[Record]:
+def cell_means(depth: np.ndarray, grid: int) -> np.ndarray:
+    """grid x grid mean depth over the cells that split the image evenly (the depth tokens' view of it)."""
+    h, w = depth.shape
+    rows = np.minimum((np.arange(h) * grid) // h, grid - 1)
+    cols = np.minimum((np.arange(w) * grid) // w, grid - 1)
+    sums = np.zeros((grid, grid))
+    np.add.at(sums, (rows[:, None], cols[None, :]), depth)
+    counts = np.zeros((grid, grid))
+    np.add.at(counts, (rows[:, None], cols[None, :]), 1)
+    return sums / counts
+
+
+NEARNESS_LEVELS = 10
+
+
+def marker_readout(depth: np.ndarray, points: list[list[float]], grid: int) -> list[tuple[int, int, int]]:
+    """(row, column, nearness 0-9) of each point's depth-grid cell; nearness from the cell's mean of the
+    per-image min-max normalised inverse depth (the map the depth tokenizer encodes: larger is nearer)."""
+    h, w = depth.shape
+    valid = np.isfinite(depth) & (depth > 0)
+    inverse = 1.0 / np.where(valid, depth, np.median(depth[valid]))
+    normalised = (inverse - inverse.min()) / max(float(inverse.max() - inverse.min()), 1e-12)
+    means = cell_means(normalised, grid)
+    out = []
+    for x, y in points:
+        row, col = min(grid - 1, int(y * grid / h)), min(grid - 1, int(x * grid / w))
+        out.append((row, col, min(NEARNESS_LEVELS - 1, int(NEARNESS_LEVELS * means[row, col]))))
+    return out
+
+
+def marker_step_answer(readout: list[tuple[int, int, int]], closest: int) -> Optional[str]:
+    """The answer with its marker step, or None when the nearness levels do not single out ``closest``."""
+    levels = [level for _, _, level in readout]
+    if any(level >= levels[closest] for i, level in enumerate(levels) if i != closest):
+        return None
+    steps = "; ".join(f"{LETTERS[i]} at {r},{c} near {level}" for i, (r, c, level) in enumerate(readout))
+    return f"{steps}. ({LETTERS[closest]})"
+
+
+def scene_records(folder: Path, meta: dict, depth: np.ndarray, tasks: list[str],
+                  questions: QuestionRules = QuestionRules()) -> list[Record]:
     """All records of one scene folder (rgb.png, depth.npy, instances.png, meta.json)."""
     seed = meta["seed"]
     rng = np.random.default_rng([seed, 11])
@@ -94,13 +162,28 @@ def scene_records(folder: Path, meta: dict, depth: np.ndarray, tasks: list[str])
                 **{**base, "meta": {**base["meta"], "expression": expression}},
             ))
     if "relative_depth" in tasks:
-        count = int(rng.integers(3, 6))
-        found = closest_point_markers(depth, count, rng)
-        if found is not None:
-            points, closest = found
+        # The first set draws from the scene's own generator as it always did, so one set per scene (the
+        # default) keeps every earlier scene's question; further sets draw from their own generators.
+        for index in range(questions.per_scene):
+            draw = rng if index == 0 else np.random.default_rng([seed, 13, index])
+            count = int(questions.counts[int(draw.integers(len(questions.counts)))])
+            answer = None
+            for _ in range(20 if questions.marker_step else 1):
+                found = closest_point_markers(depth, count, draw, questions.points)
+                if found is None:
+                    break
+                points, closest = found
+                answer = f"({LETTERS[closest]})" if not questions.marker_step else \
+                    marker_step_answer(marker_readout(depth, points, questions.points.grid), closest)
+                if answer is not None:
+                    break
+            if answer is None:
+                continue
+            key = safe_key("synthetic", seed, "reldepth", count) if index == 0 else \
+                safe_key("synthetic", seed, "reldepth", count, index)
             records.append(Record(
-                key=safe_key("synthetic", seed, "reldepth", count), task="relative_depth",
-                turns=[[CLOSEST_POINT_QUESTION, f"({LETTERS[closest]})"]], with_depth=True, points=points,
+                key=key, task="relative_depth", turns=[[CLOSEST_POINT_QUESTION, answer]],
+                with_depth=True, points=points, marker_style=questions.marker_style,
                 **{**base, "meta": {**base["meta"], "num_points": count}},
             ))
     if "depth" in tasks:

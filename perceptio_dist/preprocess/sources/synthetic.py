@@ -15,6 +15,7 @@ from ..scenes.tasks import scene_records
 
 def iter_synthetic(spec: SourceConfig) -> Iterator[Record]:
     root = Path(spec.path)
+    rules = spec.question_rules()
     for folder in sorted(p for p in root.iterdir() if (p / "meta.json").exists()):
         depth = np.load(folder / "depth.npy", allow_pickle=False)
-        yield from scene_records(folder, load_scene_meta(folder), depth, spec.tasks)
+        yield from scene_records(folder, load_scene_meta(folder), depth, spec.tasks, rules)

@@ -1,0 +1,234 @@
+"""The toy world of the main job (issue 16): relative-depth questions a tiny model can read, depth grids in which
+every marker has its own cell, several question sets per scene, code rows ordered by depth, and the sweep file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from perceptio_dist.config import ConfigError, load_config
+from perceptio_dist.eval.baselines import legibility
+from perceptio_dist.eval.benchmarks import EvalItem
+from perceptio_dist.model.perceptio import build_perceptio
+from perceptio_dist.model.tokenizer import load_tokenizer
+from perceptio_dist.preprocess.config import load_preprocess_config
+from perceptio_dist.preprocess.scenes.render import render_scene, write_scene
+from perceptio_dist.preprocess.scenes.tasks import PointRules, QuestionRules, closest_point_markers, scene_records
+from perceptio_dist.preprocess.stages import MARKER_COLOURS, draw_markers
+from perceptio_dist.sweep import load_sweep, table_lines
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """Three rendered scenes in their folders: (folder, meta, depth)."""
+    out = []
+    for seed in (3, 4, 5):
+        folder = tmp_path_factory.mktemp("scene") / f"scene_{seed}"
+        scene = render_scene(seed)
+        write_scene(scene, folder)
+        out.append((folder, json.loads((folder / "meta.json").read_text()), scene.depth))
+    return out
+
+
+def measured_marker_height(image: np.ndarray, letter: str) -> int:
+    """Rows of ``image`` holding pixels of ``letter``'s colour: the disc's height, counted, not computed."""
+    colour = np.array(MARKER_COLOURS[letter], dtype=np.int16)
+    close = np.abs(image.astype(np.int16) - colour).max(axis=2) < 60
+    rows = np.nonzero(close.any(axis=1))[0]
+    return 0 if rows.size == 0 else int(rows.max() - rows.min() + 1)
+
+
+def toy_questions():
+    source = load_preprocess_config("preprocess_toy").sources[0]
+    return source.question_rules()
+
+
+def test_toy_recipe_matches_its_preprocessing_and_tokenizer():
+    train = load_config("toy_spatial")
+    pre = load_preprocess_config("preprocess_toy")
+    assert (pre.tokens.num_depth_codes, pre.tokens.depth_grid) == (train.model.tokens.num_depth_codes,
+                                                                    train.model.tokens.depth_grid)
+    assert pre.sources[0].marker_grid == train.model.tokens.depth_grid
+    assert pre.depth_vqvae.input_size == train.model.depth_vqvae.input_size
+    from perceptio_dist.train.vqvae_config import load_vqvae_config
+
+    tokenizer = load_vqvae_config("vqvae_toy")
+    assert tokenizer.tokens == pre.tokens
+    for name in ("input_size", "code_dim", "base_channels", "max_channels", "num_res_blocks"):
+        assert getattr(tokenizer.depth_vqvae, name) == getattr(pre.depth_vqvae, name) == \
+            getattr(train.model.depth_vqvae, name), name
+    # one image token per depth cell: the tile's token grid is the depth grid
+    b = train.model.backbone
+    tokens_side = int(b.vision.image_size / b.vision.patch_size * b.downsample_ratio)
+    assert tokens_side == train.model.tokens.depth_grid and b.max_tiles == 1
+
+
+def test_toy_markers_are_legible_at_the_models_input(rendered):
+    """Each letter's disc, drawn on a rendered scene and resized onto the toy recipe's tile as the model sees it,
+    is at least 6 pixels tall (counted by colour), and legibility() reports what was counted; the HardBLINK
+    style at the tiny recipe's 64-px tile is not (its letters are under 4 pixels)."""
+    rules = toy_questions()
+    tile = load_config("toy_spatial").model.backbone.vision.image_size
+    folder, meta, depth = rendered[0]
+    records = [r for r in scene_records(folder, meta, depth, ["relative_depth"], rules)]
+    assert records
+    for record in records:
+        image = draw_markers(Image.open(record.image).convert("RGB"), record.points, record.marker_style)
+        at_input = np.asarray(image.resize((tile, tile), Image.BILINEAR))
+        heights = [measured_marker_height(at_input, letter) for letter in "ABCDE"[:len(record.points)]]
+        assert min(heights) >= 6, heights
+        item = EvalItem("g", record.key, np.asarray(image), "q", "(A)", "relative_depth", len(record.points),
+                        points=record.points, marker_style=record.marker_style)
+        estimate = legibility([item], tile, 8)["label_px_at_input"]
+        assert abs(estimate - np.median(heights)) <= 2.5, (estimate, heights)
+    # the old style at the tiny recipe's tile: the letter's height at input, from its white pixels
+    hard = draw_markers(Image.fromarray(np.full((240, 320, 3), 90, np.uint8)), [[160.0, 120.0]], "hardblink")
+    small = np.asarray(hard.resize((64, 64), Image.BILINEAR)).astype(int)
+    white_rows = np.nonzero((small.min(axis=2) > 200).any(axis=1))[0]
+    assert white_rows.size == 0 or white_rows.max() - white_rows.min() + 1 < 4
+
+
+def test_every_marker_has_its_own_depth_cell_and_the_cells_agree(rendered):
+    rules = toy_questions()
+    grid = rules.points.grid
+    for folder, meta, depth in rendered:
+        records = scene_records(folder, meta, depth, ["relative_depth"], rules)
+        assert len(records) >= 2  # several question sets per scene
+        assert len({r.key for r in records}) == len(records)
+        h, w = depth.shape
+        for record in records:
+            cells = [(int(y * grid / h), int(x * grid / w)) for x, y in record.points]
+            assert len(set(cells)) == len(cells)
+            # the closest point is also the closest by its cell's mean depth, computed here by slicing
+            means = [depth[r * h // grid:(r + 1) * h // grid, c * w // grid:(c + 1) * w // grid].mean()
+                     for r, c in cells]
+            letter = record.turns[0][1][1]
+            assert int(np.argmin(means)) == "ABCDE".index(letter)
+
+
+def test_grid_rule_refuses_what_only_point_depth_separates():
+    """Two markers whose points differ in depth but fall in one cell: allowed without a grid, never with one."""
+    depth = np.tile(np.linspace(4.0, 1.0, 160)[None], (80, 1)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    shared = 0
+    for _ in range(30):
+        found = closest_point_markers(depth, 5, rng, PointRules(min_separation=0.05))
+        if found:
+            cells = {int(x * 2 / 160) for x, _ in found[0]}
+            shared += len(cells) < 5
+    assert shared > 0  # with a 2-wide grid, five points always share cells
+    assert closest_point_markers(depth, 5, rng, PointRules(min_separation=0.05, grid=2)) is None
+    points, closest = closest_point_markers(depth, 2, rng, PointRules(min_separation=0.05, grid=2))
+    assert len({int(x * 2 / 160) for x, _ in points}) == 2
+
+
+def test_one_set_per_scene_keeps_the_historical_question(rendered):
+    folder, meta, depth = rendered[1]
+    old = [r for r in scene_records(folder, meta, depth, ["relative_depth"]) if r.task == "relative_depth"]
+    many = scene_records(folder, meta, depth, ["relative_depth"], QuestionRules(per_scene=4))
+    assert old and many[0].to_dict() == old[0].to_dict()
+    assert all(r.marker_style == "hardblink" for r in many)
+
+
+def test_question_fields_are_validated():
+    with pytest.raises(ConfigError, match="point_counts"):
+        load_preprocess_config("preprocess_toy", ["sources.0.point_counts=[3,6]"])
+    with pytest.raises(ConfigError, match="questions_per_scene"):
+        load_preprocess_config("preprocess_toy", ["sources.0.questions_per_scene=0"])
+    with pytest.raises(ConfigError, match="marker_style"):
+        load_preprocess_config("preprocess_toy", ["sources.0.marker_style=neon"])
+
+
+def test_depth_ordered_code_rows(tiny_cfg):
+    """depth_order adds one rank-1 term to the code rows whose coefficients follow the depth each code decodes
+    to, decoded here one code at a time; every other row is untouched."""
+    torch.manual_seed(0)  # the backbone draws from the global generator; each build gets a fresh tokenizer
+    plain = build_perceptio(tiny_cfg.model, load_tokenizer(tiny_cfg.model.backbone), seed=5)
+    ordered_cfg = dataclasses.replace(tiny_cfg.model, tokens=dataclasses.replace(
+        tiny_cfg.model.tokens, code_embedding_init="depth_order"))
+    torch.manual_seed(0)
+    ordered = build_perceptio(ordered_cfg, load_tokenizer(tiny_cfg.model.backbone), seed=5)
+    ids = plain.token_ids
+    values = []
+    with torch.no_grad():
+        for k in range(ids.num_codes):
+            values.append(float(plain.depth_vqvae.decode(torch.full((1, ids.num_depth_tokens), k)).mean()))
+    values = np.array(values)
+    for get in (lambda m: m.backbone.get_input_embeddings().weight, lambda m: m.lm_head.weight):
+        a, b = get(plain).detach(), get(ordered).detach()
+        assert torch.equal(a[:ids.code_start], b[:ids.code_start])
+        delta = (b - a)[ids.code_start:ids.code_end].double().numpy()
+        u, s, _ = np.linalg.svd(delta, full_matrices=False)
+        assert s[1] < 1e-5 * s[0]  # rank one
+        coefficients = u[:, 0] * s[0]
+        assert abs(np.corrcoef(coefficients, values)[0, 1]) > 0.999
+
+
+def test_sweep_file_is_checked_before_anything_trains(tmp_path):
+    scenes = tmp_path / "heldout"
+    scenes.mkdir()
+    good = {"recipe": "toy_spatial", "heldout_scenes": str(scenes),
+            "configurations": [{"name": "base"}, {"name": "lr", "overrides": ["train.lr=1e-3"], "ablation": False}]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps(good))
+    sweep = load_sweep(path)
+    assert [e.slug for e in sweep.configurations] == ["base", "lr"] and not sweep.configurations[1].ablation
+    for bad, match in (({**good, "recipes": "x"}, "unknown field"), ({**good, "heldout_scenes": str(tmp_path / "no")},
+                                                                     "does not exist"),
+                       ({**good, "configurations": [{"name": "x", "overrides": ["train.lr=-1"]}]}, "'x'"),
+                       ({**good, "configurations": [{"name": "a b"}, {"name": "a-b"}]}, "must differ")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=match):
+            load_sweep(path)
+
+
+def test_sweep_table_by_hand(tmp_path):
+    scenes = tmp_path / "heldout"
+    scenes.mkdir()
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps({"recipe": "toy_spatial", "heldout_scenes": str(scenes),
+                                "configurations": [{"name": "base"}]}))
+    sweep = load_sweep(path)
+    depth = {"synthetic_depth_3": {"accuracy": 0.6, "chain_consistency": 0.85, "depth_dependence": {"ratio": 0.614},
+                                   "interventions": {"random": 0.3, "ground_truth": 0.62}},
+             "synthetic_depth_4": {"accuracy": 0.5}, "train_seconds": 100}
+    ablation = {"synthetic_depth_3": {"accuracy": 0.4}, "synthetic_depth_5": {"accuracy": 0.2}, "train_seconds": 90}
+    rows = table_lines(sweep, [{"name": "base", "depth": depth, "ablation": ablation}])
+    assert rows[-1] == "| base | 60.0 / 50.0 / – | 40.0 / – / 20.0 | 30.0 | 62.0 | 85 | 0.61 | 190 |"
+
+
+def test_marker_step_reads_cells_and_nearness_by_hand():
+    from perceptio_dist.preprocess.scenes.tasks import marker_readout, marker_step_answer
+
+    # 4x4 cells of 10x10 px; cell (r, c) at depth 1 + r + c metres: inverse 1/(1+r+c), normalised by hand
+    depth = np.fromfunction(lambda y, x: 1.0 + y // 10 + x // 10, (40, 40)).astype(np.float32)
+    inverse = 1.0 / np.array([[1.0 + r + c for c in range(4)] for r in range(4)])
+    normalised = (inverse - inverse.min()) / (inverse.max() - inverse.min())
+    points = [[5.0, 5.0], [35.0, 15.0], [25.0, 35.0]]  # cells (0,0), (1,3), (3,2)
+    readout = marker_readout(depth, points, 4)
+    assert readout == [(0, 0, 9), (1, 3, int(10 * normalised[1, 3])), (3, 2, int(10 * normalised[3, 2]))]
+    assert marker_step_answer(readout, 0) == (f"A at 0,0 near 9; B at 1,3 near {readout[1][2]}; "
+                                              f"C at 3,2 near {readout[2][2]}. (A)")
+    assert marker_step_answer([(0, 0, 5), (0, 1, 5)], 0) is None  # a tie does not single out the closest
+    with pytest.raises(ConfigError, match="marker_grid"):
+        load_preprocess_config("preprocess_toy", ["sources.0.marker_step=true", "sources.0.marker_grid=null"])
+
+
+def test_marker_step_answers_parse_to_their_closest_letter(rendered):
+    from perceptio_dist.eval.scoring import parse_choice_letter
+
+    folder, meta, depth = rendered[2]
+    rules = dataclasses.replace(toy_questions(), marker_step=True)
+    records = scene_records(folder, meta, depth, ["relative_depth"], rules)
+    assert records
+    for record in records:
+        answer = record.turns[0][1]
+        levels = [int(part.rsplit(" ", 1)[1]) for part in answer.split(". (")[0].split("; ")]
+        letter = parse_choice_letter(answer, len(record.points))
+        assert letter == "ABCDE"[int(np.argmax(levels))]
+        assert sorted(levels)[-1] > sorted(levels)[-2]
