@@ -84,6 +84,10 @@ class VisionArchitecture:
     patch_size: int = doc_field("Patch size in pixels.", 14)
     norm_type: Literal["layer_norm", "rms_norm"] = doc_field("Normalisation layer of the vision tower.", "layer_norm")
     use_qk_norm: bool = doc_field("Normalise queries and keys (InternViT-6B uses it, InternViT-300M does not).", False)
+    position_init: Literal["random", "sincos_2d"] = doc_field(
+        "Start of a random-weight tower's patch position embeddings (a checkpoint's win). random: transformers' "
+        "init. sincos_2d: fixed-frequency 2D sines and cosines of row and column (as MAE), so where a patch is "
+        "can be read out linearly from the first step; they stay trainable.", "random")
 
 
 @dataclass

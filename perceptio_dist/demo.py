@@ -46,7 +46,7 @@ class DemoSize:
     shard_size: int
 
 
-FULL = DemoSize(train_scenes=1200, heldout_scenes=200, tokenizer_steps=600, train_steps=1500, eval_limit=None,
+FULL = DemoSize(train_scenes=1200, heldout_scenes=200, tokenizer_steps=600, train_steps=1500, eval_limit=200,
                 shard_size=256)
 QUICK = DemoSize(train_scenes=12, heldout_scenes=3, tokenizer_steps=20, train_steps=6, eval_limit=2, shard_size=8)
 

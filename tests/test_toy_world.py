@@ -232,3 +232,63 @@ def test_marker_step_answers_parse_to_their_closest_letter(rendered):
         letter = parse_choice_letter(answer, len(record.points))
         assert letter == "ABCDE"[int(np.argmax(levels))]
         assert sorted(levels)[-1] > sorted(levels)[-2]
+
+
+def test_sincos_positions_by_hand():
+    """Patch (r, c) of a 16-wide grid: channels [0, q) sin(r f_k), [q, 2q) cos(r f_k), then the same of c, with
+    f_k = 10000^(-k/q); the built tower carries exactly that table after its [CLS] row."""
+    from perceptio_dist.model.backbone import build_backbone
+
+    cfg = load_config("toy_spatial", ["model.backbone.vision.position_init=sincos_2d"])
+    vision = cfg.model.backbone.vision
+    model = build_backbone(cfg.model.backbone, 700, 5, "sdpa", torch.float32)
+    table = model.model.vision_tower.embeddings.position_embeddings.detach()[0]
+    side, q = vision.image_size // vision.patch_size, vision.hidden_size // 4
+    for r, c in ((0, 0), (3, 11), (15, 2)):
+        row = table[1 + r * side + c].double().numpy()
+        k = np.arange(q)
+        f = 10000.0 ** (-k / q)
+        expected = np.concatenate([np.sin(r * f), np.cos(r * f), np.sin(c * f), np.cos(c * f)])
+        np.testing.assert_allclose(row, expected, atol=1e-6)
+    assert torch.count_nonzero(table[0]) == 0
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        build_backbone(load_config("toy_spatial", ["model.backbone.vision.position_init=sincos_2d",
+                                                   "model.backbone.vision.hidden_size=66",
+                                                   "model.backbone.vision.num_heads=2"]).model.backbone,
+                       700, 5, "sdpa", torch.float32)
+
+
+def test_sweep_trains_evaluates_and_resumes(tmp_path, tiny_shards):
+    """perceptio-sweep end to end on the tiny recipe (2 steps, 1 rank): each model trains, exports and is
+    evaluated; the table's cells are the evaluations' own metrics; a second run trains nothing."""
+    import subprocess
+    import sys
+
+    from .conftest import NO_TOKENIZER, ROOT
+
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(json.dumps({
+        "recipe": "tiny_cpu", "heldout_scenes": str(tiny_shards.parent / "scenes"), "nproc_per_node": 1,
+        "eval_limit": 2, "eval_batch_size": 4,
+        "common": [f"data.shards={tiny_shards}", NO_TOKENIZER, "train.max_steps=2", "train.warmup_steps=0"],
+        "configurations": [{"name": "two steps"}]}))
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "perceptio_dist.cli.sweep", "--sweep", str(sweep_file), "--out", str(out)]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    rows = json.loads((out / "sweep.json").read_text())
+    for model in ("depth_model", "ablation"):
+        metrics = json.loads((out / "two_steps" / model / "eval" / "metrics.json").read_text())
+        assert rows[0]["depth" if model == "depth_model" else "ablation"]["synthetic_depth_3"]["accuracy"] == \
+            metrics["synthetic_depth_3"]["accuracy"]
+    assert "depth_tokens: false" in (out / "two_steps" / "ablation" / "run" / "config.yaml").read_text()
+    table = (out / "sweep.md").read_text()
+    assert "| two steps |" in table
+    logs = {p: p.stat().st_mtime_ns for p in out.glob("two_steps/*/*.log")}
+    assert len(logs) == 4  # train and eval, both models
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in logs} == logs  # nothing trained or evaluated again
+    assert (out / "sweep.md").read_text() == table
+    bad = subprocess.run([*cmd[:-2], "--out", str(out), "--only", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "names no configuration" in bad.stderr

@@ -8,13 +8,12 @@ only), so "nearer" is a direction from the first step. The rows stay trainable.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from .depth_vqvae import DepthVQVAE
 from .spatial_tokens import SpatialTokenIds
+from .zero_params import editable
 
 
 @torch.no_grad()
@@ -22,15 +21,6 @@ def code_depth_values(vqvae: DepthVQVAE) -> torch.Tensor:
     """[K] mean decoded value (normalised inverse depth: larger is nearer) of a map made of code k alone."""
     codes = torch.arange(vqvae.num_codes)[:, None].expand(-1, vqvae.num_tokens)
     return vqvae.decode(codes).float().mean(dim=(1, 2, 3))
-
-
-def _gathered(params: list[nn.Parameter]):
-    """Full rows under ZeRO-3 (rank 0's edit is broadcast); a no-op otherwise."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -42,7 +32,7 @@ def order_code_rows(embeddings: nn.Embedding, lm_head: nn.Linear, vqvae: DepthVQ
     z = (values - values.mean()) / values.std().clamp_min(1e-6)
     rows = slice(ids.code_start, ids.code_end)
     generator = torch.Generator().manual_seed(seed)
-    with _gathered([embeddings.weight, lm_head.weight]):
+    with editable([embeddings.weight, lm_head.weight]):
         for weight in (embeddings.weight, lm_head.weight):
             u = torch.randn(weight.shape[1], generator=generator)
             u = u / u.norm()
