@@ -144,6 +144,7 @@ class Demo:
                f"train.max_steps={steps}", f"train.warmup_steps={min(50, steps // 3)}",
                f"checkpoint.save_every_steps={max(1, steps // 2)}",
                f"data.shards={self.out / 'shards'}", f"logging.output_dir={run}", "logging.wandb=offline",
+               f"logging.log_every_steps={max(1, steps // 300)}",  # ~300 points per loss curve
                f"model.depth_vqvae.checkpoint={self.out / 'depth_vqvae' / 'tokenizer.safetensors'}",
                "logging.progress_bar=false", *extra, *self.overrides]
         _run(cmd, self.logs / f"{name}.log")

@@ -14,6 +14,7 @@ from PIL import Image
 from perceptio_dist.config import ConfigError, load_config
 from perceptio_dist.eval.baselines import legibility
 from perceptio_dist.eval.benchmarks import EvalItem
+from perceptio_dist.eval.scoring import parse_choice_letter
 from perceptio_dist.model.perceptio import build_perceptio
 from perceptio_dist.model.tokenizer import load_tokenizer
 from perceptio_dist.preprocess.config import load_preprocess_config
@@ -107,7 +108,7 @@ def test_every_marker_has_its_own_depth_cell_and_the_cells_agree(rendered):
             # the closest point is also the closest by its cell's mean depth, computed here by slicing
             means = [depth[r * h // grid:(r + 1) * h // grid, c * w // grid:(c + 1) * w // grid].mean()
                      for r, c in cells]
-            letter = record.turns[0][1][1]
+            letter = parse_choice_letter(record.turns[0][1], len(record.points))
             assert int(np.argmin(means)) == "ABCDE".index(letter)
 
 
@@ -220,8 +221,6 @@ def test_marker_step_reads_cells_and_nearness_by_hand():
 
 
 def test_marker_step_answers_parse_to_their_closest_letter(rendered):
-    from perceptio_dist.eval.scoring import parse_choice_letter
-
     folder, meta, depth = rendered[2]
     rules = dataclasses.replace(toy_questions(), marker_step=True)
     records = scene_records(folder, meta, depth, ["relative_depth"], rules)

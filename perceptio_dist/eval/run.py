@@ -14,9 +14,10 @@ decoded depth map, question, answer and whether it was right.
 from __future__ import annotations
 
 import json
-from collections import Counter
 import logging
 import os
+import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -252,8 +253,10 @@ def write_report(out: Path, items: list[EvalItem], predictions: list[Prediction]
             item, pred, row = items[i], predictions[i], rows[i]
             row_axes[0].imshow(item.image)
             verdict = (f"IoU {row['iou']:.2f}" if "iou" in row else ("right" if row["correct"] else "wrong"))
-            row_axes[0].set_title(f"{item.question[:60]}\nref {item.answer[:30]} | got {pred.text[:30]!r} | {verdict}",
-                                  fontsize=7)
+            # whole answers (a marker step is long), wrapped, left-aligned over the first two panels
+            text = "\n".join([item.question[:90], *textwrap.wrap(f"ref: {item.answer}", 110),
+                              *textwrap.wrap(f"got: {pred.text!r} | {verdict}", 110)])
+            row_axes[0].set_title(text, fontsize=6, loc="left")
             overlay = item.image.astype(float) / 255
             if item.mask is not None or pred.mask is not None:
                 tint = overlay.copy()
