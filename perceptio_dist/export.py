@@ -120,14 +120,19 @@ QUESTIONS_FILE = "questions.json"
 QUESTION_FIELDS = ("questions_per_scene", "point_counts", "marker_style", "marker_grid", "marker_step")
 
 
-def trained_questions(cfg: PerceptioConfig) -> dict | None:
-    """How the training shards' synthetic relative-depth questions were made (their manifest's config)."""
+def training_manifest(cfg: PerceptioConfig) -> dict:
+    """The training shards' manifest ({} when data.shards is unset or gone)."""
     from .data.shards import read_manifest
 
     try:
-        sources = read_manifest(Path(cfg.data.shards)).get("config", {}).get("sources", []) if cfg.data.shards else []
+        return read_manifest(Path(cfg.data.shards)) if cfg.data.shards else {}
     except FileNotFoundError:
-        return None
+        return {}
+
+
+def trained_questions(cfg: PerceptioConfig) -> dict | None:
+    """How the training shards' synthetic relative-depth questions were made (their manifest's config)."""
+    sources = training_manifest(cfg).get("config", {}).get("sources", [])
     synthetic = [s for s in sources if s.get("type") == "synthetic"]
     if not synthetic:
         return None
@@ -142,12 +147,7 @@ def exported_questions(folder: str | Path) -> dict:
 
 def trained_chain(cfg: PerceptioConfig) -> dict | None:
     """Per training task, whether its answers carried [SEG] and a depth block: 'force', 'forbid' or 'free'."""
-    from .data.shards import read_manifest
-
-    try:
-        chain = read_manifest(Path(cfg.data.shards)).get("chain") if cfg.data.shards else None
-    except FileNotFoundError:
-        return None
+    chain = training_manifest(cfg).get("chain")
     if not chain:
         return None
 

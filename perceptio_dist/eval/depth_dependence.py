@@ -18,13 +18,18 @@ from .depth_metrics import abs_rel, align_to_depth
 MEAN_DEPTH_FILE = "mean_depth.npy"
 
 
-def training_mean_depth(shards: str | Path) -> np.ndarray | None:
-    """Per-pixel mean of the depth targets stored with the training shards' depth samples (None: none stored)."""
+def training_mean_depth(shards: str | Path, max_samples: int = 4000) -> np.ndarray | None:
+    """Per-pixel mean of the depth targets stored with the training shards (None: none stored), over at most
+    ``max_samples`` of them in shard order, so exporting an 8B run does not read its whole training set."""
     from ..data.shards import npy_load, read_shard
 
     total, count = None, 0
     for path in sorted(Path(shards).glob("*/*.tar")):
+        if count >= max_samples:
+            break
         for sample in read_shard(path):
+            if count >= max_samples:
+                break
             if not sample.depth_npy:
                 continue
             depth = npy_load(sample.depth_npy).astype(np.float64)
