@@ -170,6 +170,21 @@ def test_depth_ordered_code_rows(tiny_cfg):
         assert abs(np.corrcoef(coefficients, values)[0, 1]) > 0.999
 
 
+def test_an_export_keeps_its_trained_code_rows(tiny_cfg, tmp_path):
+    """Loading a depth_order model back must not add the initialisation term again: the export's tokenizer knows
+    the spatial tokens, so their rows are trained weights (this once perturbed every evaluated model)."""
+    from perceptio_dist.export import load_exported, write_exported
+
+    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, tokens=dataclasses.replace(
+        tiny_cfg.model.tokens, code_embedding_init="depth_order")))
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    model = build_perceptio(cfg.model, tokenizer, seed=5).eval()
+    write_exported(model, tokenizer, cfg, tmp_path / "export", "a random depth_order model")
+    loaded, _ = load_exported(tmp_path / "export")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[name]), name
+
+
 def test_sweep_file_is_checked_before_anything_trains(tmp_path):
     scenes = tmp_path / "heldout"
     scenes.mkdir()

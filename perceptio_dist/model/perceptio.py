@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from .backbone import build_backbone, choose_attention_implementation, internvl_config, resize_for_tokenizer
 from .depth_vqvae import DepthVQVAE, load_depth_vqvae
 from .seg_head import SegHead, build_seg_head
-from .spatial_tokens import SpatialTokenIds, add_spatial_tokens, spatial_token_strings
+from .spatial_tokens import SpatialTokenIds, add_spatial_tokens, spatial_token_strings, spatial_tokens_known
 
 
 class PerceptioOutput(NamedTuple):  # a tuple, so DeepSpeed's ZeRO-3 hooks see the tensors
@@ -131,6 +131,9 @@ def build_perceptio(
     """
     b = cfg.backbone
     base_vocab = b.text.vocab_size or len(tokenizer)
+    # A checkpoint whose tokenizer already knows the spatial tokens (an export, a fine-tune of a Perceptio run)
+    # holds trained rows for them: initialisations of those rows apply only to rows this build creates.
+    fresh_spatial_rows = b.pretrained_path is None or not spatial_tokens_known(tokenizer, cfg.tokens)
     token_ids = add_spatial_tokens(tokenizer, cfg.tokens)
     attn = choose_attention_implementation(b.attn_implementation)
     image_token_id = tokenizer.convert_tokens_to_ids(b.image_token)
@@ -150,7 +153,7 @@ def build_perceptio(
             torch.manual_seed(seed + 2)
             vqvae = DepthVQVAE(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid)
     vqvae = vqvae.to(dtype)
-    if cfg.tokens.code_embedding_init == "depth_order":
+    if cfg.tokens.code_embedding_init == "depth_order" and fresh_spatial_rows:
         from .code_embeddings import order_code_rows
 
         order_code_rows(backbone.get_input_embeddings(), backbone.lm_head, vqvae, token_ids, seed + 3)

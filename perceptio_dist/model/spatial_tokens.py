@@ -44,6 +44,12 @@ def spatial_token_strings(cfg: SpatialTokensConfig) -> list[str]:
     ]
 
 
+def spatial_tokens_known(tokenizer: PreTrainedTokenizerBase, cfg: SpatialTokensConfig) -> bool:
+    """Whether ``tokenizer`` already has every spatial token (saved by a run that trained their rows)."""
+    vocab = tokenizer.get_vocab()
+    return all(s in vocab for s in spatial_token_strings(cfg))
+
+
 def add_spatial_tokens(tokenizer: PreTrainedTokenizerBase, cfg: SpatialTokensConfig) -> SpatialTokenIds:
     """Add the spatial tokens to ``tokenizer`` (idempotent) and return their ids.
 
