@@ -267,6 +267,11 @@ class DataConfig:
         "Put the depth block into assistant turns that have one. false: the no-depth-token ablation (same samples, "
         "the answer follows directly).", True
     )
+    depth_context_noise: float = doc_field(
+        "Training only: probability that each depth code in a block's *input* is replaced by a random code (the "
+        "labels keep the true codes), so the block cannot be predicted from its own earlier codes alone and must "
+        "be read from the image (the toy lever of issue 16; drawn per sample key, so resume stays exact). 0: off.",
+        0.0)
 
 
 # ----------------------------------------------------------------------------- train
@@ -648,6 +653,8 @@ def validate(cfg: PerceptioConfig) -> None:
         raise err("data.task_weights", f"unknown task(s) {unknown}; tasks are {list(TASKS)}.")
     if any(w < 0 for w in cfg.data.task_weights.values()) or not any(w > 0 for w in cfg.data.task_weights.values()):
         raise err("data.task_weights", "weights must be >= 0 with at least one positive.")
+    if not 0.0 <= cfg.data.depth_context_noise <= 1.0:
+        raise err("data.depth_context_noise", f"must be in [0, 1], got {cfg.data.depth_context_noise}.")
     if cfg.data.num_workers < 0:
         raise err("data.num_workers", "must be >= 0.")
     t = cfg.train

@@ -61,6 +61,7 @@ def test_yaml_file_recipe(tmp_path):
         ("objective.mask_weight=-1", ["'objective.mask_weight'", ">= 0"]),
         ("data.task_weights={vqa: 1, ocr: 1}", ["'data.task_weights'", "'ocr'"]),
         ("data.task_weights={vqa: 0}", ["'data.task_weights'", "at least one positive"]),
+        ("data.depth_context_noise=1.5", ["'data.depth_context_noise'", "[0, 1]"]),
         ("trainlr", ["section.key=value"]),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from perceptio_dist.data.conversation import ImageTokens, encode_conversation, spatial_answer_ids
@@ -327,6 +329,31 @@ def test_task_weights_and_the_no_depth_ablation(tiny_cfg, tiny_tokenizer):
                                  data={"task_weights": {"depth": 1.0}, "depth_tokens": False})))
     assert ablation.keys == with_depth.keys
     assert int((ablation.labels == ids.depth_start).sum()) == 0 and ablation.teacher_depth.shape[0] == 0
+
+
+def test_depth_context_noise_corrupts_only_the_input_codes(tiny_cfg, tiny_tokenizer):
+    """data.depth_context_noise: the same samples, the same labels; inputs differ only at depth-code positions,
+    by about the configured share, with codes; drawn from the sample key (two loaders agree); evaluation's
+    builder never adds it."""
+    from perceptio_dist.data.training_data import build_sample_builder
+
+    ids = add_spatial_tokens(tiny_tokenizer, tiny_cfg.model.tokens)
+    weights = {"task_weights": {"depth": 1.0}}
+    clean = _loader(tiny_cfg, tiny_tokenizer, 0, 1, data=weights, train={"micro_batch_size": 8})
+    noisy = [_loader(tiny_cfg, tiny_tokenizer, 0, 1, data={**weights, "depth_context_noise": 0.5},
+                     train={"micro_batch_size": 8}) for _ in range(2)]
+    a, b, c = (next(iter(loader)) for loader in (clean, *noisy))
+    assert a.keys == b.keys and torch.equal(a.labels, b.labels) and torch.equal(b.input_ids, c.input_ids)
+    is_code = (a.labels >= ids.code_start) & (a.labels < ids.code_end)
+    changed = a.input_ids != b.input_ids
+    assert not (changed & ~is_code).any()
+    assert ((b.input_ids >= ids.code_start) & (b.input_ids < ids.code_end))[is_code].all()
+    # a replaced code is uniform over K, so 1/K of the draws land on the true code
+    share = changed[is_code].float().mean().item() / (1 - 1 / ids.num_codes)
+    assert 0.35 < share < 0.65, share
+    noisy_cfg = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, depth_context_noise=0.5))
+    assert build_sample_builder(noisy_cfg, tiny_tokenizer, ids).context_noise == 0.0
+    assert build_sample_builder(noisy_cfg, tiny_tokenizer, ids, training=True).context_noise == 0.5
 
 
 def test_loader_batches_are_well_formed(tiny_cfg, tiny_tokenizer):

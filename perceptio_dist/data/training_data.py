@@ -29,19 +29,21 @@ def check_manifest_matches(manifest: dict, cfg: PerceptioConfig, folder: str) ->
 
 
 def build_sample_builder(cfg: PerceptioConfig, tokenizer: PreTrainedTokenizerBase,
-                         token_ids: SpatialTokenIds) -> SampleBuilder:
-    """Stored sample -> model inputs, with the model's tiling and token layout (training and evaluation)."""
+                         token_ids: SpatialTokenIds, training: bool = False) -> SampleBuilder:
+    """Stored sample -> model inputs, with the model's tiling and token layout (training and evaluation;
+    ``training`` adds the training-only input noise, data.depth_context_noise)."""
     b = cfg.model.backbone
     geometry = sample_geometry(cfg.model)
     image_tokens = ImageTokens(b.image_start_token, b.image_token, b.image_end_token, geometry.image_tokens_per_tile)
-    return SampleBuilder(tokenizer, token_ids, image_tokens, geometry, cfg.data.max_seq_len, cfg.data.depth_tokens)
+    return SampleBuilder(tokenizer, token_ids, image_tokens, geometry, cfg.data.max_seq_len, cfg.data.depth_tokens,
+                         context_noise=cfg.data.depth_context_noise if training else 0.0, noise_seed=cfg.data.seed)
 
 
 def build_loader(cfg: PerceptioConfig, tokenizer: PreTrainedTokenizerBase, token_ids: SpatialTokenIds,
                  rank: int, world_size: int) -> ShardLoader:
     folder = cfg.data.shards  # resolved when the config was loaded
     check_manifest_matches(read_manifest(Path(folder)), cfg, folder)
-    builder = build_sample_builder(cfg, tokenizer, token_ids)
+    builder = build_sample_builder(cfg, tokenizer, token_ids, training=True)
     try:
         return ShardLoader(folder, cfg.data.task_weights, cfg.data.seed, rank, world_size, cfg.train.grad_accum_steps,
                            cfg.train.micro_batch_size, builder, cfg.data.num_workers, tokenizer.pad_token_id)
