@@ -24,6 +24,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 
+SHARD_URL_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://", "file://", "az://", "abfs://")
+
+
 class ConfigError(ValueError):
     """A user mistake in a recipe or an override. The message is meant to be read as is."""
 
@@ -250,11 +253,28 @@ TASKS = ("referring_seg", "relative_depth", "depth", "vqa")
 @dataclass
 class DataConfig:
     shards: Optional[str] = path_field(
-        "Folder written by the preprocessing job (ray_jobs/preprocess.py): manifest.json and <task>/*.tar shards.", None,
+        "Folder written by the preprocessing job (ray_jobs/preprocess.py): manifest.json and <task>/*.tar shards; "
+        "or a URL of that folder (https://, s3://, gs://, file://: anything fsspec opens), whose shards are fetched "
+        "whole into data.cache_dir and checked against the manifest's sha256.", None,
         purpose="the folder of preprocessed training shards (manifest.json and <task>/*.tar)", folder=True,
+        prefixes=SHARD_URL_SCHEMES,
         remedy="Write the shards with `python -m ray_jobs.preprocess --config <preprocess recipe>` and set "
                "data.shards to that job's output_dir.",
     )
+    cache_dir: Optional[str] = path_field(
+        "Where shards of a URL data.shards are kept once fetched (a subfolder per URL); null: "
+        "~/.cache/perceptio_dist/shards. Unused for a local folder.", None, kind="output")
+    shuffle_window: int = doc_field(
+        "Shards whose samples are shuffled together within an epoch (shards are visited in a new random order "
+        "every epoch). A step reads from one window per task, so a rank keeps about 2 x this many shards per task "
+        "open; the shard count of the largest task gives a full shuffle.", 4)
+    damaged_shards: Literal["stop", "skip"] = doc_field(
+        "A shard whose bytes do not match the manifest (size, or sha256 with data.verify=sha256 or a URL). stop: "
+        "the run stops with a message naming the shard. skip: its samples are dropped and counted in "
+        "data/skipped_samples. A malformed sample inside a good shard is always dropped and counted.", "stop")
+    verify: Literal["size", "sha256"] = doc_field(
+        "Check of a local shard when a worker opens it: size (a stat, also done by every rank at start) or sha256 "
+        "(reads the whole shard once per worker). Shards fetched from a URL are always checked by sha256.", "size")
     task_weights: dict[str, float] = doc_field(
         "Relative sampling weight per task (referring_seg, relative_depth, depth, vqa); tasks missing from the "
         "shards or weighted 0 are not drawn.",
@@ -653,6 +673,8 @@ def validate(cfg: PerceptioConfig) -> None:
         raise err("data.task_weights", f"unknown task(s) {unknown}; tasks are {list(TASKS)}.")
     if any(w < 0 for w in cfg.data.task_weights.values()) or not any(w > 0 for w in cfg.data.task_weights.values()):
         raise err("data.task_weights", "weights must be >= 0 with at least one positive.")
+    if cfg.data.shuffle_window < 1:
+        raise err("data.shuffle_window", f"must be >= 1 shard, got {cfg.data.shuffle_window}.")
     if not 0.0 <= cfg.data.depth_context_noise <= 1.0:
         raise err("data.depth_context_noise", f"must be in [0, 1], got {cfg.data.depth_context_noise}.")
     if cfg.data.num_workers < 0:

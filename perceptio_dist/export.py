@@ -95,10 +95,11 @@ def write_exported(model, tokenizer, cfg: PerceptioConfig, out: Path, source: st
         depth_vqvae=dataclasses.replace(vq, checkpoint="depth_vqvae.safetensors"),
     )
     (out / "perceptio.yaml").write_text(dump_yaml(dataclasses.replace(cfg, model=exported)))
-    if cfg.data.shards and Path(cfg.data.shards).exists():
+    store = training_store(cfg)
+    if store is not None:
         from .eval.depth_dependence import MEAN_DEPTH_FILE, training_mean_depth
 
-        mean_map = training_mean_depth(cfg.data.shards)
+        mean_map = training_mean_depth(store)
         if mean_map is not None:
             np.save(out / MEAN_DEPTH_FILE, mean_map)
     questions = trained_questions(cfg)
@@ -120,14 +121,22 @@ QUESTIONS_FILE = "questions.json"
 QUESTION_FIELDS = ("questions_per_scene", "point_counts", "marker_style", "marker_grid", "marker_step")
 
 
+def training_store(cfg: PerceptioConfig):
+    """The training shards (data/shard_access.ShardStore: a folder or a URL), None when unset or gone."""
+    from .data.shard_access import ShardStore
+
+    if not cfg.data.shards:
+        return None
+    try:
+        return ShardStore(cfg.data.shards, cfg.data.cache_dir)
+    except (FileNotFoundError, ConfigError):
+        return None
+
+
 def training_manifest(cfg: PerceptioConfig) -> dict:
     """The training shards' manifest ({} when data.shards is unset or gone)."""
-    from .data.shards import read_manifest
-
-    try:
-        return read_manifest(Path(cfg.data.shards)) if cfg.data.shards else {}
-    except FileNotFoundError:
-        return {}
+    store = training_store(cfg)
+    return store.manifest if store is not None else {}
 
 
 def trained_questions(cfg: PerceptioConfig) -> dict | None:

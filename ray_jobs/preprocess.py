@@ -108,7 +108,7 @@ def write_manifest(cfg: PreprocessConfig, plans, out: Path, elapsed: float) -> d
     for plan in plans:
         stats = json.loads(sidecar_path(out, plan.name).read_text())
         shards.append({"path": f"{plan.name}.tar", "task": plan.task, "num_samples": stats["num_samples"],
-                       "sha256": stats["sha256"], "keys": stats["keys"]})
+                       "sha256": stats["sha256"], "bytes": stats.get("bytes"), "keys": stats["keys"]})
         per_task[plan.task] = per_task.get(plan.task, 0) + stats["num_samples"]
         if "chain" in stats:  # shards written before the chain was recorded have no counts
             entry = chain.setdefault(plan.task, {"samples": 0, "with_seg": 0, "with_depth": 0})

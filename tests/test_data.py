@@ -302,17 +302,6 @@ def test_one_rank_with_accumulation_reads_what_two_ranks_read(tiny_cfg, tiny_tok
         assert one[2 * step] == two[0][step] and one[2 * step + 1] == two[1][step]
 
 
-def test_every_sample_is_read_once_per_epoch(tiny_shards):
-    from perceptio_dist.data.loader import ShardEntry, TaskSlotIndex
-
-    shards = [ShardEntry(Path(f"s{i}"), "t", n) for i, n in enumerate([5, 3, 8])]
-    for slots in (2, 5):  # fewer slots than shards, and more
-        for epoch in (0, 1):
-            seen = [(shard, int(i)) for s in range(slots)
-                    for shard, idx in TaskSlotIndex(shards, 7, 0, s, slots).epoch_plan(epoch) for i in idx]
-            assert sorted(seen) == sorted((k, i) for k, n in enumerate([5, 3, 8]) for i in range(n))
-
-
 def test_task_weights_and_the_no_depth_ablation(tiny_cfg, tiny_tokenizer):
     only_vqa = _loader(tiny_cfg, tiny_tokenizer, 0, 1, data={"task_weights": {"vqa": 1.0, "depth": 0.0}})
     batches = [next(iter(only_vqa)) for _ in range(1)]
@@ -372,14 +361,17 @@ def test_corrupt_samples_are_dropped_and_counted(tiny_cfg, tiny_tokenizer, monke
     loader = _loader(tiny_cfg, tiny_tokenizer, 0, 1, train={"micro_batch_size": 4})
     clean = next(iter(loader))
     broken_key = clean.keys[1]
-    original = loader._cache.get
+    from perceptio_dist.data.shard_access import OpenShards
 
-    def corrupt(path):
-        return [ShardSample(s.key, b"garbage", s.image_ext, s.info, s.mask_png, s.depth_npy, s.codes_npy)
-                if s.key == broken_key else s for s in original(path)]
+    original = OpenShards.sample
+
+    def corrupt(self, entry, index):
+        s = original(self, entry, index)
+        return ShardSample(s.key, b"garbage", s.image_ext, s.info, s.mask_png, s.depth_npy, s.codes_npy) \
+            if s.key == broken_key else s
 
     fresh = _loader(tiny_cfg, tiny_tokenizer, 0, 1, train={"micro_batch_size": 4})
-    monkeypatch.setattr(fresh._cache, "get", corrupt)
+    monkeypatch.setattr(OpenShards, "sample", corrupt)
     batch = next(iter(fresh))
     assert batch.keys == tuple(k for k in clean.keys if k != broken_key) and fresh.skipped == 1
 

@@ -42,6 +42,6 @@ def load_or_exit(recipe: str, overrides: list[str]) -> PerceptioConfig:
 
 def config_error_exit(exc: ConfigError) -> None:
     # Under torchrun every rank fails the same way; one message is enough.
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") == "0" or getattr(exc, "every_rank", False):  # a data error: where it was found
         print(str(exc), file=sys.stderr)
     raise SystemExit(CONFIG_ERROR_EXIT)

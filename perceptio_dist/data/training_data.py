@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from pathlib import Path
-
 from ..config import ConfigError, PerceptioConfig
 from ..model.geometry import sample_geometry
 from ..model.spatial_tokens import SpatialTokenIds
 from .conversation import ImageTokens
 from .loader import ShardLoader
 from .sample_builder import SampleBuilder
-from .shards import read_manifest
 
 
 def check_manifest_matches(manifest: dict, cfg: PerceptioConfig, folder: str) -> None:
@@ -41,11 +38,17 @@ def build_sample_builder(cfg: PerceptioConfig, tokenizer: PreTrainedTokenizerBas
 
 def build_loader(cfg: PerceptioConfig, tokenizer: PreTrainedTokenizerBase, token_ids: SpatialTokenIds,
                  rank: int, world_size: int) -> ShardLoader:
-    folder = cfg.data.shards  # resolved when the config was loaded
-    check_manifest_matches(read_manifest(Path(folder)), cfg, folder)
+    folder = cfg.data.shards  # resolved when the config was loaded (a folder or a URL)
     builder = build_sample_builder(cfg, tokenizer, token_ids, training=True)
+    d = cfg.data
     try:
-        return ShardLoader(folder, cfg.data.task_weights, cfg.data.seed, rank, world_size, cfg.train.grad_accum_steps,
-                           cfg.train.micro_batch_size, builder, cfg.data.num_workers, tokenizer.pad_token_id)
+        loader = ShardLoader(folder, d.task_weights, d.seed, rank, world_size, cfg.train.grad_accum_steps,
+                             cfg.train.micro_batch_size, builder, d.num_workers, tokenizer.pad_token_id,
+                             shuffle_window=d.shuffle_window, damaged_shards=d.damaged_shards, verify=d.verify,
+                             cache_dir=d.cache_dir)
+    except ConfigError:
+        raise
     except ValueError as exc:
         raise ConfigError(f"Config error at 'data.task_weights': {exc}") from None
+    check_manifest_matches(loader.manifest, cfg, folder)
+    return loader

@@ -18,16 +18,19 @@ from .depth_metrics import abs_rel, align_to_depth
 MEAN_DEPTH_FILE = "mean_depth.npy"
 
 
-def training_mean_depth(shards: str | Path, max_samples: int = 4000) -> np.ndarray | None:
-    """Per-pixel mean of the depth targets stored with the training shards (None: none stored), over at most
-    ``max_samples`` of them in shard order, so exporting an 8B run does not read its whole training set."""
+def training_mean_depth(store, max_samples: int = 4000) -> np.ndarray | None:
+    """Per-pixel mean of the depth targets stored with the training shards (``store``: a ShardStore or a
+    folder; None: none stored), over at most ``max_samples`` of them in shard order, so exporting an 8B run does
+    not read its whole training set."""
+    from ..data.shard_access import ShardStore
     from ..data.shards import npy_load, read_shard
 
+    store = store if isinstance(store, ShardStore) else ShardStore(store)
     total, count = None, 0
-    for path in sorted(Path(shards).glob("*/*.tar")):
+    for entry in sorted(store.manifest["shards"], key=lambda e: e["path"]):
         if count >= max_samples:
             break
-        for sample in read_shard(path):
+        for sample in read_shard(store.local_path(entry)):
             if count >= max_samples:
                 break
             if not sample.depth_npy:

@@ -313,6 +313,7 @@ def write_shard_group(batch: dict, out_dir: str) -> dict:
         counts[s.info["source"]] = counts.get(s.info["source"], 0) + 1
     stats = {
         "shard": shard, "task": shard.split("/")[0], "num_samples": len(samples), "sha256": sha,
+        "bytes": (out / f"{shard}.tar").stat().st_size,
         "plan": plan_hash([json.loads(r["record"])["key"] for r in rows]),
         "keys": [s.key for s in samples], "sources": counts, "quarantined": quarantined, "written": time.time(),
         # what the answers carry (training and evaluation force only the chain a task was trained with)
