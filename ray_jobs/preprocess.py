@@ -9,7 +9,8 @@ config should be absolute when submitting (the job runs in a copy of the working
 Pipeline (Ray Data): records are planned into shards on the driver (deterministic per task), shards
 already complete from an earlier run are skipped, the rest flow through
 decode/validate (tasks) -> depth: ground truth or Depth Anything V2 (actor pool, `teacher.concurrency`
-actors with `teacher.num_gpus` each) -> VQ-VAE codes (actor) -> one writer per shard (groupby).
+actors with `teacher.num_gpus` each) -> VQ-VAE codes (actor) -> the driver writes each shard as soon as its
+last row arrives (no shuffle: the stages stream and overlap, and the writes overlap with them).
 Bad records go to quarantine with their reason; the job never fails on data. Progress: Ray Data's
 progress bars in the job log and the Ray dashboard.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from perceptio_dist.config import ConfigError
 from perceptio_dist.preprocess.config import PreprocessConfig, check_preprocess_paths, load_preprocess_config
-from perceptio_dist.preprocess.stages import CodeStage, DepthStage, decode_batch, plan_shards, write_shard_group
+from perceptio_dist.preprocess.stages import CodeStage, DepthStage, batch_rows, decode_batch, plan_shards, write_shard_rows
 from perceptio_dist.data.shards import MANIFEST, QUARANTINE, file_sha256, shard_complete, sidecar_path
 from perceptio_dist.preprocess.sources import iter_source
 
@@ -85,9 +86,21 @@ def run_pipeline(cfg: PreprocessConfig, pending, out: Path) -> None:
                                    grid=cfg.tokens.depth_grid, checkpoint=cfg.depth_vqvae.checkpoint,
                                    seed=cfg.vqvae_seed),
     )
-    ds = ds.groupby("shard", num_partitions=max(1, min(len(pending), 64))).map_groups(write_shard_group, fn_kwargs={"out_dir": str(out)}, batch_format="numpy")
-    written = ds.take_all()
-    log.info("wrote %d shards", len(written))
+    # Every record yields one row (a bad one carries its error), so a shard is complete when its planned count of
+    # rows has arrived. Rows stream in roughly input order, so only a few shards are partly buffered at a time.
+    expected = {p.name: len(p.records) for p in pending}
+    buffered: dict[str, list[dict]] = {}
+    written = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for row in batch_rows(batch):
+            rows = buffered.setdefault(row["shard"], [])
+            rows.append(row)
+            if len(rows) == expected[row["shard"]]:
+                write_shard_rows(buffered.pop(row["shard"]), str(out))
+                written += 1
+    if buffered:
+        raise RuntimeError(f"the pipeline lost rows of shards {sorted(buffered)[:5]}: planned counts not reached")
+    log.info("wrote %d shards", written)
 
 
 def _vqvae_arch(cfg: PreprocessConfig) -> dict:

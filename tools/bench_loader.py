@@ -8,6 +8,11 @@ with two sample geometries: the tiny recipe's (64 px tiles, 128 px SAM input) an
 (448 px tiles, up to 12 tiles + thumbnail, 1024 px SAM input). The in-process loader (0 workers) is
 the baseline measured in the same run; ratios are against it.
 
+Sample access, before and after (``--access``): raw sample reads in the order the loader's sampler gives for
+a global batch of 16 slots, each mode in a fresh process so its peak RSS is its own: whole shards in an LRU
+of 4 (the loader before the indexed reader) against one sample at a time through the tar index
+(data/shard_access.py). The whole-shard reader is the baseline; ratios are against it.
+
 The node requirement: per sample FLOPs of the 8B model (perceptio_dist/train/flops.py, PaLM-style,
 from the meta-device model) for the tile count InternVL's tiling gives a 640x480 image at
 max_tiles=12, plus 256 text/spatial tokens; 8 GPUs x 989 TFLOP/s (H100 bf16 dense) x 40% MFU divided
@@ -41,10 +46,10 @@ H100_BF16_TFLOPS = 989.0
 TEXT_AND_SPATIAL_TOKENS = 256
 
 
-def build_shards(folder: Path, scenes: int) -> Path:
+def build_shards(folder: Path, scenes: int, shard_size: int = 16) -> Path:
     write_scenes(folder / "scenes", scenes, width=640, height=480, progress=False)
     cmd = [sys.executable, "-m", "ray_jobs.preprocess", "--config", "preprocess_tiny",
-           f"sources.0.path={folder / 'scenes'}", f"output_dir={folder / 'shards'}", "shard_size=16",
+           f"sources.0.path={folder / 'scenes'}", f"output_dir={folder / 'shards'}", f"shard_size={shard_size}",
            "tokens.num_depth_codes=128", "tokens.depth_grid=10", "depth_vqvae.input_size=320",
            "depth_vqvae.code_dim=64", "depth_vqvae.base_channels=8", "depth_vqvae.max_channels=64"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
@@ -79,6 +84,63 @@ def measure(shards: Path, geometry: SampleGeometry, workers: int, batches: int, 
     return samples / (time.perf_counter() - start)
 
 
+def access_order(shards: Path, reads: int) -> list[tuple[dict, int]]:
+    from perceptio_dist.data.sampling import GlobalSampler
+    from perceptio_dist.data.shards import read_manifest
+
+    entries: dict[str, list[dict]] = {}
+    for entry in read_manifest(shards)["shards"]:
+        entries.setdefault(entry["task"], []).append(entry)
+    tasks = sorted(entries)
+    sampler = GlobalSampler(tasks, np.full(len(tasks), 1 / len(tasks)), {t: [e["num_samples"] for e in entries[t]]
+                                                                         for t in tasks}, 0, 16, 4)
+    refs = [sampler.draw(step, slot) for step in range(reads // 16 + 1) for slot in range(16)][:reads]
+    return [(entries[r.task][r.shard], r.index) for r in refs]
+
+
+def access_worker(shards: Path, mode: str, reads: int) -> dict:
+    """Raw reads in sampler order (this process only): samples/s and peak RSS."""
+    import resource
+    from collections import OrderedDict
+
+    from perceptio_dist.data.shard_access import OpenShards, ShardStore
+    from perceptio_dist.data.shards import read_shard
+
+    order = access_order(shards, reads)
+    whole: OrderedDict = OrderedDict()
+    indexed = OpenShards(ShardStore(shards), max_open=36)
+    start, nbytes = time.perf_counter(), 0
+    for entry, index in order:
+        if mode == "whole_shards":
+            path = shards / entry["path"]
+            if path not in whole:
+                whole[path] = list(read_shard(path))
+                if len(whole) > 4:
+                    whole.popitem(last=False)
+            whole.move_to_end(path)
+            sample = whole[path][index]
+        else:
+            sample = indexed.sample(entry, index)
+        nbytes += len(sample.image) + len(sample.depth_npy)
+    seconds = time.perf_counter() - start
+    return {"samples_per_s": round(len(order) / seconds, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "mb_per_sample": round(nbytes / len(order) / 2**20, 3)}
+
+
+def access_comparison(shards: Path, reads: int) -> dict:
+    out = {}
+    for mode in ("whole_shards", "indexed"):
+        proc = subprocess.run([sys.executable, __file__, "--access-worker", mode, "--shards", str(shards),
+                               "--reads", str(reads)], check=True, capture_output=True, text=True)
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = out["whole_shards"]
+    for r in out.values():
+        r["speed_ratio_vs_whole_shards"] = round(r["samples_per_s"] / base["samples_per_s"], 2)
+        r["rss_ratio_vs_whole_shards"] = round(r["peak_rss_mb"] / base["peak_rss_mb"], 2)
+    return out
+
+
 def node_requirement() -> dict:
     from perceptio_dist.model.perceptio import build_perceptio_meta
     from perceptio_dist.train.flops import flops_model_for
@@ -100,10 +162,18 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=32)
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--shard-size", type=int, default=64, help="samples per shard of the benchmark's shards")
+    parser.add_argument("--reads", type=int, default=400, help="raw reads per mode in the access comparison")
+    parser.add_argument("--access-worker", choices=["whole_shards", "indexed"], help=argparse.SUPPRESS)
+    parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.access_worker:
+        print(json.dumps(access_worker(args.shards, args.access_worker, args.reads)))
+        return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        shards = build_shards(Path(tmp), args.scenes)
+        shards = build_shards(Path(tmp), args.scenes, args.shard_size)
+        access = access_comparison(shards, args.reads)
         for name, geometry in geometries().items():
             rates = {w: measure(shards, geometry, w, args.batches) for w in args.workers}
             base = rates[args.workers[0]]
@@ -114,7 +184,7 @@ def main() -> None:
     best_8b = max(v["per_worker"] for v in results["8b"].values())
     need["dataloader_workers_per_node_at_measured_rate"] = round(need["samples_per_s_per_node_at_40pct_mfu"]
                                                                  / best_8b, 1)
-    print(json.dumps({"loader": results, "8b_node_requirement": need}, indent=2))
+    print(json.dumps({"loader": results, "sample_access": access, "8b_node_requirement": need}, indent=2))
 
 
 if __name__ == "__main__":

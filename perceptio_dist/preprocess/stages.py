@@ -2,7 +2,8 @@
 
 ray_jobs/preprocess.py wires them into a Ray Data pipeline:
 
-    plan (driver) -> decode_row (tasks) -> DepthStage (actor pool) -> CodeStage (actor pool) -> write_shard_group
+    plan (driver) -> decode_row (tasks) -> DepthStage (actor pool) -> CodeStage (actor pool) -> write_shard_rows
+    (the driver, as soon as a shard's last row arrives)
 
 Rows are dicts of strings and bytes (encoded images, PNG masks, .npy arrays), so they move through
 Ray's object store without custom types. A bad record never raises: its row carries ``error``
@@ -295,9 +296,15 @@ def sample_from_row(row: dict) -> ShardSample:
                        mask_png=row["mask"], depth_npy=row["depth"], codes_npy=row["codes"])
 
 
-def write_shard_group(batch: dict, out_dir: str) -> dict:
-    """Write one shard from all of its rows (a Ray Data group) and its completion marker; return its stats."""
-    rows = sorted(_rows(batch), key=lambda r: json.loads(r["record"])["key"])
+def batch_rows(batch: dict) -> list[dict]:
+    """A Ray Data numpy batch as plain rows."""
+    return _rows(batch)
+
+
+def write_shard_rows(rows: list[dict], out_dir: str) -> dict:
+    """Write one shard from all of its rows and its completion marker; return its stats. The rows are sorted by
+    record key first, so the tar's bytes do not depend on the order the pipeline delivered them in."""
+    rows = sorted(rows, key=lambda r: json.loads(r["record"])["key"])
     shard = rows[0]["shard"]
     out = Path(out_dir)
     good = [r for r in rows if not r["error"]]
@@ -321,4 +328,4 @@ def write_shard_group(batch: dict, out_dir: str) -> dict:
                   "with_depth": sum(bool(s.info["with_depth"]) for s in samples)},
     }
     sidecar_path(out, shard).write_text(json.dumps(stats))
-    return {"shard": [shard], "stats": [json.dumps(stats)]}
+    return stats
