@@ -133,6 +133,11 @@ def train_and_evaluate(sweep: Sweep, overrides: list[str], folder: Path) -> dict
           "logging.wandb=disabled", "logging.progress_bar=false", "checkpoint.save_every_steps=0"],
          folder / "train.log")
     seconds = time.time() - start
+    timing = folder / "train_seconds.json"  # a rerun after a finished training resumes in seconds: keep the first
+    if timing.exists():
+        seconds = json.loads(timing.read_text())["seconds"]
+    else:
+        timing.write_text(json.dumps({"seconds": seconds}))
     from .export import export_checkpoint
 
     checkpoints = folder / "run" / "checkpoints"
