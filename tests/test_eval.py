@@ -195,6 +195,42 @@ def test_refcoco_and_mmbench_readers(tmp_path):
     assert item.question.startswith("Look closely.") and item.image.shape == (8, 8, 3)
 
 
+def test_mmbench_circular_evaluation_scored_by_hand(tmp_path):
+    """Two 4-option questions and a 2-option one, each asked once per rotation. Answers chosen by hand: q1
+    right every time, q2 right except in rotation 2, q3 right only in rotation 0. Circular: 1 of 3; single
+    pass (rotation 0): 3 of 3; per pass: 4 + 3 + 1 of 10."""
+    from perceptio_dist.eval.benchmarks import mmbench_items
+    from perceptio_dist.eval.generate import Prediction
+    from perceptio_dist.eval.run import score
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    tsv = tmp_path / "mmbench.tsv"
+    tsv.write_text("index\tquestion\thint\tA\tB\tC\tD\tanswer\timage\n"
+                   f"1\tq1\t\tred\tgreen\tblue\tpink\tC\t{image}\n"
+                   f"2\tq2\t\tone\ttwo\tthree\tfour\tA\t{image}\n"
+                   f"3\tq3\t\tyes\tno\t\t\tB\t{image}\n")
+    items = list(mmbench_items(tsv, circular=True))
+    assert [i.key for i in items] == [f"mmbench_{q}@{k}" for q, n in ((1, 4), (2, 4), (3, 2)) for k in range(n)]
+    # rotation k puts option (i + k) mod n at letter i: q1's "blue" (C) is at C, B, A, D
+    assert [i.answer for i in items[:4]] == ["C", "B", "A", "D"]
+    assert "A. green\nB. blue\nC. pink\nD. red" in items[1].question
+    assert [i.answer for i in items[8:]] == ["B", "A"]
+
+    def answer(item, right):
+        wrong = next(letter for letter in "ABCD" if letter != item.answer)
+        return Prediction(f"({item.answer if right else wrong})", [], None, None, None)
+
+    verdicts = [True] * 4 + [True, True, False, True] + [True, False]
+    metrics, _ = score(items, [answer(i, ok) for i, ok in zip(items, verdicts)])
+    m = metrics["mmbench_circular"]
+    assert m["circular_accuracy"] == pytest.approx(1 / 3) and m["single_pass_accuracy"] == 1.0
+    assert m["accuracy"] == pytest.approx(8 / 10) and m["questions"] == 3
+    single = list(mmbench_items(tsv))
+    assert [i.key for i in single] == ["mmbench_1", "mmbench_2", "mmbench_3"] and single[0].answer == "C"
+
+
 def _eval(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
     # One thread per process in both runs: float reductions, hence mask borders, depend on the thread count.
     env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")},

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refcoco-splits", nargs="+", default=["val", "testA", "testB"])
     parser.add_argument("--refcoco-images", default=None)
     parser.add_argument("--mmbench", help="an MMBench-style TSV with base64 images")
+    parser.add_argument("--mmbench-circular", action="store_true",
+                        help="VLMEvalKit's CircularEval: every question once per rotation of its options, right only "
+                             "if right every time (reported beside the single pass, rotation 0)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many items per group")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--depth-policy", default="auto", choices=["auto", "force", "forbid", "free"],

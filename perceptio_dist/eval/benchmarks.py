@@ -90,8 +90,17 @@ def refcoco_items(path: str | Path, dataset: str, split_by: str, splits: Iterabl
             yield _item_from_record(record, f"{dataset}_{split}")
 
 
-def mmbench_items(tsv: str | Path) -> Iterator[EvalItem]:
-    """MMBench-style TSV: index, question, hint (optional), A, B, C, D (E...), answer, image (base64)."""
+CIRCULAR_GROUP = "mmbench_circular"
+CIRCULAR_SEPARATOR = "@"  # item key: mmbench_<index>@<rotation>
+
+
+def mmbench_items(tsv: str | Path, circular: bool = False) -> Iterator[EvalItem]:
+    """MMBench-style TSV: index, question, hint (optional), A, B, C, D (E...), answer, image (base64).
+
+    ``circular``: VLMEvalKit's CircularEval. A question with n options is asked n times, the option texts
+    rotated by 0..n-1 places under fixed letters (rotation k puts original option (i + k) mod n at letter i, so
+    the right letter moves with it); it counts as right only if every rotation is answered right. The items go
+    to group ``mmbench_circular``; rotation 0 is the single pass (eval/run.py scores both)."""
     csv.field_size_limit(sys.maxsize)
     with open(tsv, newline="") as f:
         for row in csv.DictReader(f, delimiter="\t"):
@@ -99,10 +108,18 @@ def mmbench_items(tsv: str | Path) -> Iterator[EvalItem]:
                        if row.get(letter) not in (None, "", "nan")]
             if not options:
                 raise ValueError(f"{tsv}: row {row.get('index')} has no options A, B, ...")
+            letters = [letter for letter, _ in options]
+            answer = row["answer"].strip()
+            if answer not in letters:
+                raise ValueError(f"{tsv}: row {row.get('index')} answers {answer!r}, not one of {letters}")
             hint = row.get("hint") or ""
-            lines = ([hint] if hint and hint != "nan" else []) + [row["question"]]
-            lines += [f"{letter}. {text}" for letter, text in options]
-            lines.append("Answer with the option's letter from the given choices directly.")
             image = np.asarray(Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB"))
-            yield EvalItem("mmbench", f"mmbench_{row['index']}", image, "\n".join(lines), row["answer"].strip(),
-                           "multiple_choice", len(options))
+            for k in range(len(options) if circular else 1):
+                texts = [options[(i + k) % len(options)][1] for i in range(len(options))]
+                lines = ([hint] if hint and hint != "nan" else []) + [row["question"]]
+                lines += [f"{letter}. {text}" for letter, text in zip(letters, texts)]
+                lines.append("Answer with the option's letter from the given choices directly.")
+                right = letters[(letters.index(answer) - k) % len(options)]
+                group, key = ((CIRCULAR_GROUP, f"mmbench_{row['index']}{CIRCULAR_SEPARATOR}{k}") if circular
+                              else ("mmbench", f"mmbench_{row['index']}"))
+                yield EvalItem(group, key, image, "\n".join(lines), right, "multiple_choice", len(options))

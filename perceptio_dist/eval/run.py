@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .benchmarks import EvalItem, hardblink_items, mmbench_items, refcoco_items, synthetic_items
+from .benchmarks import (CIRCULAR_GROUP, CIRCULAR_SEPARATOR, EvalItem, hardblink_items, mmbench_items,
+                         refcoco_items, synthetic_items)
 from .baselines import baselines_table, legibility, relative_depth_baselines
 from .depth_dependence import MEAN_DEPTH_FILE, depth_dependence
 from .faithfulness import INTERVENTIONS, chain_consistent, chain_prefix, ground_truth_codes, intervention_codes
@@ -186,11 +187,27 @@ def score(items: list[EvalItem], predictions: list[Prediction],
         if "intervened" in g:  # own: every answer with a depth block; the others on the items they apply to
             metrics[name]["interventions"] = {k: accuracy(v) for k, v in g["intervened"].items()}
             metrics[name]["intervention_counts"] = {k: len(v) for k, v in g["intervened"].items()}
+    if CIRCULAR_GROUP in metrics:
+        metrics[CIRCULAR_GROUP].update(circular_scores([r for r in rows if r["group"] == CIRCULAR_GROUP]))
     for prefix in ("hardblink", "synthetic_depth"):
         parts = [metrics[f"{prefix}_{n}"]["accuracy"] for n in (3, 4, 5) if f"{prefix}_{n}" in metrics]
         if parts:
             metrics[f"{prefix}_mean"] = {"accuracy": float(np.mean(parts)), "splits": len(parts)}
     return metrics, rows
+
+
+def circular_scores(rows: list[dict]) -> dict:
+    """VLMEvalKit's CircularEval over one question's rotations (keys <question>@<rotation>): right only if every
+    rotation is right; the single pass is rotation 0 (the options in their original order)."""
+    by_question: dict[str, list[bool]] = {}
+    single = []
+    for row in rows:
+        question, rotation = row["key"].rsplit(CIRCULAR_SEPARATOR, 1)
+        by_question.setdefault(question, []).append(row["correct"])
+        if rotation == "0":
+            single.append(row["correct"])
+    return {"circular_accuracy": accuracy([all(v) for v in by_question.values()]),
+            "single_pass_accuracy": accuracy(single), "questions": len(by_question)}
 
 
 def faithfulness_table(metrics: dict) -> list[str]:
@@ -238,9 +255,10 @@ def write_report(out: Path, items: list[EvalItem], predictions: list[Prediction]
 
     lines = ["# Evaluation report", "", "| group | metric | value | items |", "| --- | --- | ---: | ---: |"]
     for name, m in metrics.items():
-        for key in ("accuracy", "ciou", "giou"):
+        for key in ("accuracy", "single_pass_accuracy", "circular_accuracy", "ciou", "giou"):
             if key in m:
-                lines.append(f"| {name} | {key} | {100 * m[key]:.1f} | {m.get('count', m.get('splits'))} |")
+                count = m.get("questions") if key == "circular_accuracy" else m.get("count", m.get("splits"))
+                lines.append(f"| {name} | {key} | {100 * m[key]:.1f} | {count} |")
     lines += baselines_table(metrics)
     lines += faithfulness_table(metrics)
     groups: dict[str, list[int]] = {}
@@ -296,12 +314,13 @@ def load_items(args, questions: dict | None = None) -> list[EvalItem]:
         items += list(refcoco_items(args.refcoco, args.refcoco_dataset, args.refcoco_split_by, args.refcoco_splits,
                                     args.refcoco_images))
     if args.mmbench:
-        items += list(mmbench_items(args.mmbench))
+        items += list(mmbench_items(args.mmbench, circular=getattr(args, "mmbench_circular", False)))
     if args.limit:
         per_group: dict[str, int] = {}
         kept = []
-        for item in items:
-            per_group[item.group] = per_group.get(item.group, 0) + 1
+        for item in items:  # a circular question counts once, with all its rotations
+            if item.group != CIRCULAR_GROUP or item.key.endswith(f"{CIRCULAR_SEPARATOR}0"):
+                per_group[item.group] = per_group.get(item.group, 0) + 1
             if per_group[item.group] <= args.limit:
                 kept.append(item)
         items = kept
