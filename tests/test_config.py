@@ -191,3 +191,18 @@ def test_depth_downsampling_rule_is_shared():
         recipe = {load_config: "tiny_cpu", load_preprocess_config: "preprocess_tiny", load_vqvae_config: "vqvae_tiny"}[load]
         with pytest.raises(ConfigError, match=f"'{field_name}'.*power of two"):
             load(recipe, [f"{field_name}=96"])
+
+
+def test_a_checkpoint_from_before_a_new_model_field_resumes():
+    """A checkpoint saved before model.backbone.vision.position_init existed was trained with its default: not a
+    different model. Asking for another value than the default still is."""
+    from perceptio_dist.train.trainer import _model_differences, saved_model_fields
+
+    cfg = load_config("tiny_cpu")
+    saved = cfg.to_dict()
+    del saved["model"]["backbone"]["vision"]["position_init"]
+    assert _model_differences(saved["model"], cfg.to_dict()["model"])  # compared raw: refused (what happened)
+    assert _model_differences(saved_model_fields(saved), cfg.to_dict()["model"]) == []
+    other = load_config("tiny_cpu", ["model.backbone.vision.position_init=sincos_2d"]).to_dict()["model"]
+    assert _model_differences(saved_model_fields(saved), other) == [
+        "model.backbone.vision.position_init: checkpoint 'random', recipe 'sincos_2d'"]

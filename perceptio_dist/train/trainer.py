@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..config import ConfigError, PerceptioConfig, dump_yaml, validate_runtime
+from ..config import ConfigError, PerceptioConfig, config_from_dict, dump_yaml, validate_runtime
 from ..data.training_data import build_loader
 from ..logging_setup import configure_logging
 from ..losses.lm_head_module import LMHeadTermsModule
@@ -54,6 +54,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def saved_model_fields(saved: dict) -> dict:
+    """A checkpoint's model config with fields added to the stack since it was saved at their defaults (what the
+    checkpoint was trained with), so an upgrade does not refuse it; a field the recipe sets otherwise still does."""
+    try:
+        return config_from_dict(saved).to_dict()["model"]
+    except ConfigError:
+        return saved["model"]
 
 
 def _model_differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:
@@ -165,7 +174,7 @@ class Trainer:
     def _check_resumable(self, found: Resumable) -> None:
         """Refuse, before building anything, a checkpoint of another model or of a layout this run cannot load."""
         saved = saved_config(found.path)
-        diffs = _model_differences(saved["model"], self.cfg.to_dict()["model"])
+        diffs = _model_differences(saved_model_fields(saved), self.cfg.to_dict()["model"])
         if diffs:
             raise ConfigError(f"Config error at 'checkpoint.resume': {found.path.name} holds a different model "
                               f"({'; '.join(diffs[:5])}). Resume with the recipe it was trained with.")
