@@ -97,26 +97,30 @@ class GlobalSampler:
                  num_slots: int, window: int):
         self.tasks, self.weights, self.seed, self.num_slots = tasks, np.asarray(weights, float), seed, num_slots
         self.orders = [TaskEpochOrder(shard_sizes[t], seed, i, window) for i, t in enumerate(tasks)]
-        self._choices: _LRU = _LRU(4)
+        self._choices_cache: _LRU = _LRU(4)
         self._block_starts = [np.zeros(len(tasks), dtype=np.int64)]  # task reads before each step block
 
+    def _choices(self, b: int) -> np.ndarray:
+        """The task of every slot for the steps of block b: [STEP_BLOCK, G]."""
+        rng = np.random.default_rng([self.seed, 3, b])
+        return rng.choice(len(self.tasks), size=(STEP_BLOCK, self.num_slots), p=self.weights)
+
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """(task of every slot for the block's steps [STEP_BLOCK, G], reads of each task before each step)."""
-        if b not in self._choices:
-            rng = np.random.default_rng([self.seed, 3, b])
-            choices = rng.choice(len(self.tasks), size=(STEP_BLOCK, self.num_slots), p=self.weights)
+        """(block b's task choices, the reads of each task before each of its steps)."""
+        if b not in self._choices_cache:
+            choices = self._choices(b)
             per_step = np.stack([np.bincount(row, minlength=len(self.tasks)) for row in choices])
             before = self.block_start(b) + np.concatenate([np.zeros((1, len(self.tasks)), np.int64),
                                                              np.cumsum(per_step, axis=0)[:-1]])
-            self._choices.put(b, (choices, before))
-        return self._choices[b]
+            self._choices_cache.put(b, (choices, before))
+        return self._choices_cache[b]
 
     def block_start(self, b: int) -> np.ndarray:
-        while len(self._block_starts) <= b:  # counted once, in order, however far a resume jumps
+        """Reads of each task before block b, counted once, in order, however far a resume jumps."""
+        while len(self._block_starts) <= b:
             k = len(self._block_starts) - 1
-            rng = np.random.default_rng([self.seed, 3, k])
-            choices = rng.choice(len(self.tasks), size=(STEP_BLOCK, self.num_slots), p=self.weights)
-            self._block_starts.append(self._block_starts[k] + np.bincount(choices.ravel(), minlength=len(self.tasks)))
+            counts = np.bincount(self._choices(k).ravel(), minlength=len(self.tasks))
+            self._block_starts.append(self._block_starts[k] + counts)
         return self._block_starts[b]
 
     def draw(self, step: int, slot: int) -> SampleRef:
