@@ -26,7 +26,7 @@ from perceptio_dist.preprocess.scenes.folders import write_scenes  # noqa: E402
 def run(scenes: Path, out: Path, workers: int) -> dict:
     cmd = [sys.executable, "-m", "ray_jobs.preprocess", "--config", "preprocess_tiny", f"sources.0.path={scenes}",
            f"output_dir={out}", "shard_size=32", f"decode_concurrency={workers}", f"teacher.concurrency={workers}",
-           "teacher.num_cpus=0.25", "tokenizer_num_cpus=0.25"]
+           "teacher.num_cpus=0.25", "tokenizer_num_cpus=0.25", "depth_vqvae.checkpoint=null"]
     proc = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     line = [x for x in proc.stdout.splitlines() if x.startswith('{"output_dir"')][-1]
     return json.loads(line)
