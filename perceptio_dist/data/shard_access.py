@@ -105,7 +105,8 @@ class ShardStore:
         self.remote = is_url(self.location)
         self.verify = verify
         if self.remote:
-            base = Path(cache_dir or Path.home() / ".cache" / "perceptio_dist" / "shards").expanduser()
+            # data.cache_dir arrives resolved by the config; the default is built here, not expanded
+            base = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "perceptio_dist" / "shards"
             self.cache = base / hashlib.sha256(self.location.encode()).hexdigest()[:16]
         else:
             self.cache = None
@@ -126,7 +127,8 @@ class ShardStore:
             manifest = json.loads(fs.cat_file(path))
         except (FileNotFoundError, OSError, ValueError) as exc:
             raise ConfigError(f"Config error at 'data.shards': cannot read {url} ({type(exc).__name__}: {exc}). "
-                              "Check the URL and that the server serves the preprocessing job's output folder.") from None
+                              "Check the URL and that the server serves the preprocessing job's output "
+                              "folder.") from None
         self.cache.mkdir(parents=True, exist_ok=True)
         (self.cache / MANIFEST).write_text(json.dumps(manifest))  # what the cached shards were checked against
         return manifest
