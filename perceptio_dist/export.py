@@ -102,10 +102,11 @@ def write_exported(model, tokenizer, cfg: PerceptioConfig, out: Path, source: st
         mean_map = training_mean_depth(store)
         if mean_map is not None:
             np.save(out / MEAN_DEPTH_FILE, mean_map)
-    questions = trained_questions(cfg)
+    manifest = store.manifest if store is not None else {}  # read once (a URL's is fetched)
+    questions = trained_questions(cfg, manifest)
     if questions is not None:
         (out / QUESTIONS_FILE).write_text(json.dumps(questions, indent=1))
-    chain = trained_chain(cfg)
+    chain = trained_chain(cfg, manifest)
     if chain is not None:
         (out / CHAIN_FILE).write_text(json.dumps(chain, indent=1))
     else:
@@ -139,9 +140,11 @@ def training_manifest(cfg: PerceptioConfig) -> dict:
     return store.manifest if store is not None else {}
 
 
-def trained_questions(cfg: PerceptioConfig) -> dict | None:
-    """How the training shards' synthetic relative-depth questions were made (their manifest's config)."""
-    sources = training_manifest(cfg).get("config", {}).get("sources", [])
+def trained_questions(cfg: PerceptioConfig, manifest: dict | None = None) -> dict | None:
+    """How the training shards' synthetic relative-depth questions were made (their manifest's config;
+    ``manifest``: already read, else read from data.shards)."""
+    manifest = training_manifest(cfg) if manifest is None else manifest
+    sources = manifest.get("config", {}).get("sources", [])
     synthetic = [s for s in sources if s.get("type") == "synthetic"]
     if not synthetic:
         return None
@@ -154,9 +157,10 @@ def exported_questions(folder: str | Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def trained_chain(cfg: PerceptioConfig) -> dict | None:
-    """Per training task, whether its answers carried [SEG] and a depth block: 'force', 'forbid' or 'free'."""
-    chain = training_manifest(cfg).get("chain")
+def trained_chain(cfg: PerceptioConfig, manifest: dict | None = None) -> dict | None:
+    """Per training task, whether its answers carried [SEG] and a depth block: 'force', 'forbid' or 'free'
+    (``manifest``: already read, else read from data.shards)."""
+    chain = (training_manifest(cfg) if manifest is None else manifest).get("chain")
     if not chain:
         return None
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..config import SHARD_URL_SCHEMES, ConfigError
-from .shards import MANIFEST, ShardSample, file_sha256
+from .shards import MANIFEST, ShardSample, file_sha256, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,7 @@ class ShardStore:
 
     def _read_manifest(self) -> dict:
         if not self.remote:
-            path = Path(self.location) / MANIFEST
-            if not path.exists():
-                raise FileNotFoundError(f"{self.location} has no {MANIFEST}: is it the output_dir of a finished "
-                                        "preprocessing job?")
-            return json.loads(path.read_text())
+            return read_manifest(Path(self.location))
         import fsspec
 
         url = f"{self.location}/{MANIFEST}"
