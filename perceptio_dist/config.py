@@ -283,6 +283,14 @@ class DataConfig:
     num_workers: int = doc_field("DataLoader worker processes per rank (0: load in the training process).", 2)
     seed: int = doc_field("Seed of the task mixing and of the shard/sample shuffles (with the epoch).", 1234)
     max_seq_len: int = doc_field("Longest tokenised sample; longer samples are skipped and counted, not truncated.", 4096)
+    packing: bool = doc_field(
+        "Pack each micro-batch's samples into as few rows of at most data.max_tokens_per_row tokens as first-fit "
+        "decreasing finds, instead of one padded row per sample. Same samples, same loss and gradients (attention "
+        "never crosses samples; positions restart per sample); fewer padding tokens. Raise train.micro_batch_size "
+        "with it to fill the rows. Mode zero only.", False)
+    max_tokens_per_row: Optional[int] = doc_field(
+        "Token budget of a packed row (data.packing); at least data.max_seq_len, so every sample fits a row. null: "
+        "data.max_seq_len.", None)
     depth_tokens: bool = doc_field(
         "Put the depth block into assistant turns that have one. false: the no-depth-token ablation (same samples, "
         "the answer follows directly).", True
@@ -679,6 +687,13 @@ def validate(cfg: PerceptioConfig) -> None:
         raise err("data.depth_context_noise", f"must be in [0, 1], got {cfg.data.depth_context_noise}.")
     if cfg.data.num_workers < 0:
         raise err("data.num_workers", "must be >= 0.")
+    if cfg.data.max_tokens_per_row is not None and cfg.data.max_tokens_per_row < cfg.data.max_seq_len:
+        raise err("data.max_tokens_per_row", f"{cfg.data.max_tokens_per_row} is below data.max_seq_len="
+                  f"{cfg.data.max_seq_len}: a sample that long would fit no row. Raise it, or lower data.max_seq_len.")
+    if cfg.data.packing and cfg.parallel.mode == "pipeline":
+        raise err("data.packing", "the pipeline (parallel.mode=pipeline) does not pack: its stages rebuild a padded "
+                  "causal mask from the attention mask, which cannot keep packed samples apart. Set data.packing="
+                  "false, or train with parallel.mode=zero.")
     t = cfg.train
     if t.warmup_steps < 0 or t.warmup_steps >= t.max_steps:
         raise err("train.warmup_steps", f"must be in [0, train.max_steps={t.max_steps}), got {t.warmup_steps}.")

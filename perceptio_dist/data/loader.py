@@ -14,7 +14,8 @@ how G is split:
 Samples are read one at a time from their tar (data/shard_access.py): a worker keeps a few shards open (file
 handle and member index), never whole shards in memory. A sample that fails to read or decode, or is too long,
 is dropped from its micro-batch (which gets smaller) and counted: the batch composition stays a function of the
-index, so resume stays exact. A shard that does not match the manifest stops the run (data.damaged_shards:
+index, so resume stays exact. With packing (``max_tokens_per_row``) a micro-batch holds the same samples, laid
+out in packed rows (data/packing.py) instead of one padded row each. A shard that does not match the manifest stops the run (data.damaged_shards:
 stop) or has its samples dropped and counted (skip). A micro-batch whose samples all fail stops the run with an
 error (every rank must take part in every step).
 """
@@ -31,6 +32,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import Batch, collate
+from .packing import pack
 from .sampling import GlobalSampler, SampleRef
 from .shard_access import DamagedShardError, OpenShards, ShardProblem, ShardStore, damaged_message
 
@@ -68,13 +70,14 @@ class ShardLoader:
     def __init__(self, folder: str | Path, task_weights: dict[str, float], seed: int, rank: int, world_size: int,
                  grad_accum: int, micro_batch_size: int, builder, num_workers: int = 0, pad_token_id: int = 0,
                  shuffle_window: int = 4, damaged_shards: str = "stop", verify: str = "size",
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, max_tokens_per_row: int | None = None):
         self.store = ShardStore(folder, cache_dir, verify)
         self.folder = self.store.location
         self.manifest = self.store.manifest
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.grad_accum, self.micro_batch_size, self.num_workers = grad_accum, micro_batch_size, num_workers
         self.builder, self.pad_token_id, self.damaged_shards = builder, pad_token_id, damaged_shards
+        self.max_tokens_per_row = max_tokens_per_row  # None: padded micro-batches
         self.num_slots = world_size * grad_accum * micro_batch_size  # the global batch
         shards: dict[str, list[dict]] = {}
         for s in self.manifest["shards"]:
@@ -157,7 +160,9 @@ class ShardLoader:
         if not samples:
             raise RuntimeError(f"every sample of micro-batch {i} failed ({'; '.join(skipped)}): the shards in "
                                f"{self.folder} look damaged, or data.max_seq_len is too small")
-        return LoaderItem(i, collate(samples, self.pad_token_id, keys=keys), skipped)
+        if self.max_tokens_per_row is None:
+            return LoaderItem(i, collate(samples, self.pad_token_id, keys=keys), skipped)
+        return LoaderItem(i, pack(samples, self.max_tokens_per_row, self.pad_token_id, keys=keys), skipped)
 
     # ------------------------------------------------------------------------------ iteration
 

@@ -45,7 +45,8 @@ def build_loader(cfg: PerceptioConfig, tokenizer: PreTrainedTokenizerBase, token
         loader = ShardLoader(folder, d.task_weights, d.seed, rank, world_size, cfg.train.grad_accum_steps,
                              cfg.train.micro_batch_size, builder, d.num_workers, tokenizer.pad_token_id,
                              shuffle_window=d.shuffle_window, damaged_shards=d.damaged_shards, verify=d.verify,
-                             cache_dir=d.cache_dir)
+                             cache_dir=d.cache_dir,
+                             max_tokens_per_row=(d.max_tokens_per_row or d.max_seq_len) if d.packing else None)
     except ConfigError:
         raise
     except ValueError as exc:

@@ -78,27 +78,39 @@ class PerceptioObjective:
         self.normaliser: StepNormaliser | None = None
 
     @staticmethod
-    def target_positions(labels: torch.Tensor) -> torch.Tensor:
-        """[B, T-1] bool: the positions that predict a target (position t predicts labels[t + 1])."""
-        return labels[:, 1:] != IGNORE_INDEX
+    def target_positions(labels: torch.Tensor, sample_index: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T-1] bool: the positions that predict a target (position t predicts labels[t + 1]). In a packed row
+        the last token of a sample never predicts the next sample's first token."""
+        keep = labels[:, 1:] != IGNORE_INDEX
+        if sample_index is not None:
+            keep = keep & (sample_index[:, 1:] == sample_index[:, :-1])
+        return keep
 
-    def select_targets(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def select_targets(self, hidden: torch.Tensor, labels: torch.Tensor,
+                       sample_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [P, d] of the positions that predict a target, and those targets [P]."""
-        keep = self.target_positions(labels)
+        keep = self.target_positions(labels, sample_index)
         return hidden[:, :-1][keep], labels[:, 1:][keep]
 
-    def target_layout(self, labels: torch.Tensor) -> TargetLayout:
-        """The rows' categories and blocks, with the text weighting's per-row weights."""
-        keep = self.target_positions(labels)
+    def target_layout(self, labels: torch.Tensor, sample_index: torch.Tensor | None = None) -> TargetLayout:
+        """The rows' categories and blocks, with the text weighting's per-row weights (per sample: a packed row's
+        samples are weighted each on its own)."""
+        keep = self.target_positions(labels, sample_index)
         shifted = labels[:, 1:]
         layout = build_layout(shifted[keep], self.ids)
-        row_sample = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(shifted)[keep]
-        layout.text_weights = text_row_weights(row_sample, layout.is_text, labels.shape[0], self.cfg.text_weighting)
+        if sample_index is None:
+            owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(shifted)
+            num_samples = labels.shape[0]
+        else:
+            owner = sample_index[:, :-1]
+            num_samples = int(sample_index.max()) + 1
+        layout.text_weights = text_row_weights(owner[keep], layout.is_text, num_samples, self.cfg.text_weighting)
         return layout
 
-    def item_counts(self, labels: torch.Tensor, num_masks: int) -> dict[str, float]:
+    def item_counts(self, labels: torch.Tensor, num_masks: int,
+                    sample_index: torch.Tensor | None = None) -> dict[str, float]:
         """Items each term scores in a micro-batch, from its labels alone (known before any forward)."""
-        return self.item_counts_of(self.target_layout(labels), num_masks)
+        return self.item_counts_of(self.target_layout(labels, sample_index), num_masks)
 
     def __call__(
         self,
@@ -112,10 +124,12 @@ class PerceptioObjective:
         seg_masks: torch.Tensor,
         teacher_depth: torch.Tensor,
         has_teacher_depth: torch.Tensor,
+        sample_index: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
+        """``sample_index`` [B, T]: each token's sample, -1 for padding (None: one sample per row)."""
         ids, cfg = self.ids, self.cfg
-        layout = self.target_layout(labels)
-        h_sel, targets = hidden[:, :-1][self.target_positions(labels)], layout.targets
+        layout = self.target_layout(labels, sample_index)
+        h_sel, targets = hidden[:, :-1][self.target_positions(labels, sample_index)], layout.targets
         counts = self.item_counts_of(layout, num_seg)
         norm = self.normaliser or StepNormaliser.local(counts)
         lm_weights = LMHeadWeights(cfg.text_weight, cfg.marker_weight, cfg.count_weight, cfg.z_loss_weight,
@@ -183,7 +197,8 @@ class PerceptioObjective:
 def objective_outputs(objective: PerceptioObjective, lm_head_terms: Callable, hidden: torch.Tensor,
                       lm_head_weight: torch.Tensor, soft_decode: Callable, mask_logits: torch.Tensor, num_seg: int,
                       labels: torch.Tensor, seg_masks: torch.Tensor, teacher_depth: torch.Tensor,
-                      has_teacher_depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      has_teacher_depth: torch.Tensor,
+                      sample_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total loss, the unweighted terms in ``TERMS`` order (detached), how many items each term averaged).
 
     The objective as tensors for an engine to return: shared by the ZeRO module (parallel/zero.py) and the
@@ -200,6 +215,7 @@ def objective_outputs(objective: PerceptioObjective, lm_head_terms: Callable, hi
         seg_masks=seg_masks,
         teacher_depth=teacher_depth,
         has_teacher_depth=has_teacher_depth,
+        sample_index=sample_index,
     )
     terms = torch.stack([result.terms[name].float() for name in TERMS])
     counts = torch.tensor([float(result.counts[name]) for name in TERMS], device=terms.device)

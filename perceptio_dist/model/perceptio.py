@@ -74,21 +74,36 @@ class PerceptioModel(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
         sam_images: torch.Tensor,
+        sample_index: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> PerceptioOutput:
+        """``sample_index`` [B, T]: each token's sample (None: one sample per row). ``position_ids`` given: a packed
+        batch (data/packing.py); transformers then builds the block-diagonal causal mask from the restarting
+        positions, which it does only without a 2-D attention mask."""
+        if sample_index is None:
+            sample_index = rows_as_samples(attention_mask)
+        packed = position_ids is not None
         out = self.backbone.model(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=None if packed else attention_mask,
+            position_ids=position_ids,
             pixel_values=pixel_values.to(self.backbone.dtype),
             use_cache=False,
         )
         hidden = out.last_hidden_state
-        mask_logits, num_seg = self.segment(hidden, input_ids, attention_mask, sam_images)
+        mask_logits, num_seg = self.segment(hidden, input_ids, sample_index, sam_images)
         return PerceptioOutput(hidden_states=hidden, mask_logits=mask_logits, num_seg=num_seg)
 
     def segment(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, sam_images: torch.Tensor
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, sample_index: torch.Tensor, sam_images: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
-        return segment_seg_tokens(self.seg_head, self.token_ids.seg, hidden, input_ids, attention_mask, sam_images)
+        return segment_seg_tokens(self.seg_head, self.token_ids.seg, hidden, input_ids, sample_index, sam_images)
+
+
+def rows_as_samples(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The sample index of a padded batch: row i is sample i, padding is -1."""
+    rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)[:, None].expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), rows, torch.full_like(rows, -1))
 
 
 def keep_frozen_parts_in_eval(seg_head: SegHead, depth_vqvae: DepthVQVAE) -> None:
@@ -99,21 +114,23 @@ def keep_frozen_parts_in_eval(seg_head: SegHead, depth_vqvae: DepthVQVAE) -> Non
 
 
 def segment_seg_tokens(seg_head: SegHead, seg_id: int, hidden: torch.Tensor, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor, sam_images: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mask logits of every [SEG] (the hidden state at the [SEG] input position prompts SAM2), and their number.
+                       sample_index: torch.Tensor, sam_images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mask logits of every [SEG] (the hidden state at the [SEG] input position prompts SAM2 with its sample's image),
+    and their number. ``sample_index`` [B, T]: each token's sample, -1 for padding (packed or not).
 
     A function of the parts, so the last pipeline stage runs exactly this without the whole model.
     """
-    is_seg = (input_ids == seg_id) & attention_mask.bool()
+    is_seg = (input_ids == seg_id) & (sample_index >= 0)
     rows, cols = is_seg.nonzero(as_tuple=True)
     num_seg = int(rows.numel())
     if num_seg == 0:
         # Dummy prompt: same modules, same order, result multiplied by zero by the objective.
-        rows = torch.zeros(1, dtype=torch.long, device=hidden.device)
+        owners = torch.zeros(1, dtype=torch.long, device=hidden.device)
         seg_hidden = hidden[0, :1] * 0
     else:
+        owners = sample_index[rows, cols]
         seg_hidden = hidden[rows, cols]
-    images, image_index = torch.unique(rows, return_inverse=True)
+    images, image_index = torch.unique(owners, return_inverse=True)
     features = seg_head.encode_images(sam_images[images].to(seg_hidden.dtype))
     return seg_head(seg_hidden, features.select(image_index)), num_seg
 

@@ -179,12 +179,12 @@ class HeadPipe(nn.Module):
         return self.norm(hidden)
 
     def loss(self, hidden: torch.Tensor, labels: tuple[torch.Tensor, ...]):
-        targets, input_ids, attention_mask, sam_images, seg_masks, teacher_depth, has_teacher_depth = labels
-        mask_logits, num_seg = segment_seg_tokens(self.seg_head, self.seg_id, hidden, input_ids, attention_mask,
+        targets, input_ids, sample_index, sam_images, seg_masks, teacher_depth, has_teacher_depth = labels
+        mask_logits, num_seg = segment_seg_tokens(self.seg_head, self.seg_id, hidden, input_ids, sample_index,
                                                   sam_images)
         return objective_outputs(self.objective, self.lm_head_terms, hidden, self.lm_head_weight,
                                  self.depth_vqvae.soft_decode, mask_logits, num_seg, targets, seg_masks,
-                                 teacher_depth, has_teacher_depth)
+                                 teacher_depth, has_teacher_depth, sample_index)
 
 
 def _pass_through(module: nn.Module, inputs):
@@ -331,7 +331,7 @@ def pipeline_batches(batches: Iterator, on_batch=None) -> Iterator[tuple[tuple, 
         if on_batch is not None:
             on_batch(batch)
         yield ((batch.input_ids, batch.attention_mask, batch.pixel_values),
-               (batch.labels, batch.input_ids, batch.attention_mask, batch.sam_images, batch.seg_masks,
+               (batch.labels, batch.input_ids, batch.sample_index, batch.sam_images, batch.seg_masks,
                 batch.teacher_depth, batch.has_teacher_depth))
 
 

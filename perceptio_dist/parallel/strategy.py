@@ -77,7 +77,7 @@ class ParallelStrategy:
         micro_batches = [next(batches).to(device) for _ in range(accum)]
         counts = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
         for batch in micro_batches:
-            items = self.objective.item_counts(batch.labels, int(batch.seg_masks.shape[0]))
+            items = self.objective.item_counts(batch.labels, int(batch.seg_masks.shape[0]), batch.sample_index)
             counts += torch.tensor([items[t] for t in TERMS], dtype=torch.float64, device=device)
         counts = all_reduce_sum(counts) / (self.dist.world_size // self.data_ranks)
         self.objective.normaliser = StepNormaliser(counts.cpu(), scale=float(accum * self.data_ranks))

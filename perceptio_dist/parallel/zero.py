@@ -39,12 +39,15 @@ class PerceptioTrainingModule(nn.Module):
         seg_masks: torch.Tensor,
         teacher_depth: torch.Tensor,
         has_teacher_depth: torch.Tensor,
+        sample_index: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(total loss, the unweighted terms in ``TERMS`` order (detached), how many items each term averaged)."""
-        out = self.model(input_ids, attention_mask, pixel_values, sam_images)
+        """(total loss, the unweighted terms in ``TERMS`` order (detached), how many items each term averaged).
+        ``position_ids``: a packed batch (data/packing.py)."""
+        out = self.model(input_ids, attention_mask, pixel_values, sam_images, sample_index, position_ids)
         return objective_outputs(self.objective, self.lm_head_terms, out.hidden_states, self.model.lm_head.weight,
                                  self.model.depth_vqvae.soft_decode, out.mask_logits, out.num_seg, labels, seg_masks,
-                                 teacher_depth, has_teacher_depth)
+                                 teacher_depth, has_teacher_depth, sample_index)
 
 
 @contextlib.contextmanager

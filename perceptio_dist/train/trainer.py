@@ -281,12 +281,13 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
         term_sums = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
         term_counts = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
-        work = torch.zeros(3, dtype=torch.float64, device=device)  # tokens, samples, model FLOPs
+        work = torch.zeros(4, dtype=torch.float64, device=device)  # real tokens, samples, model FLOPs, positions
 
         def count_work(batch) -> torch.Tensor:
-            lengths = batch.attention_mask.sum(1).tolist()
-            return torch.tensor([sum(lengths), batch.num_samples, flops.step_flops(lengths, batch.pixel_values.shape[0])],
-                                dtype=torch.float64, device=device)
+            # Real tokens per sample (packed or padded), so padding never counts as work.
+            lengths = batch.sample_lengths
+            return torch.tensor([sum(lengths), batch.num_samples, flops.step_flops(lengths, batch.pixel_values.shape[0]),
+                                 batch.input_ids.numel()], dtype=torch.float64, device=device)
 
         def on_batch(batch, micro: int) -> None:
             if samples_sink is not None:
@@ -303,7 +304,7 @@ class Trainer:
             work += count_work(batch)
         term_sums, term_counts = all_reduce_sum(torch.stack([term_sums, term_counts])).unbind(0)
         term_means = term_sums.tolist()
-        tokens, samples, step_flops = all_reduce_sum(work).tolist()
+        tokens, samples, step_flops, positions = all_reduce_sum(work).tolist()
         elapsed = time.perf_counter() - start
         grad_norm = self.engine.get_global_grad_norm()
         return {
@@ -313,6 +314,9 @@ class Trainer:
             **{f"items/{name}": value for name, value in zip(TERMS, self.strategy.objective.normaliser.counts.tolist())},
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens": int(tokens),
+            "samples": int(samples),
+            "padding_fraction": 1.0 - tokens / positions if positions else 0.0,
             "tokens_per_s": tokens / elapsed,
             "samples_per_s": samples / elapsed,
             "mfu": step_flops / elapsed / (peak * 1e12 * self.dist.world_size),

@@ -1,0 +1,89 @@
+"""Sequence packing: a micro-batch's samples laid out in as few rows of at most ``max_tokens_per_row`` tokens as
+first-fit decreasing finds, instead of one row per sample padded to the longest.
+
+Packing changes only the layout, never which samples a micro-batch holds (data/loader.py decides that from the
+step and the slot), so resume and rank equivalence stay exact. Each sample keeps what makes it independent:
+
+* its own positions: ``position_ids`` restart at 0 where a sample starts. With ``attention_mask=None`` transformers
+  reads those restarts as sequence boundaries (masking_utils.find_packed_sequence_indices) and builds a
+  block-diagonal causal mask for SDPA or eager attention, or runs flash-attention's varlen kernel: attention never
+  crosses samples;
+* its own image tiles, ``[SEG]`` masks and depth blocks: concatenated in the order their tokens appear in the
+  packed rows (row-major), the order in which the model and the objective read them;
+* its own items in the objective: ``sample_index`` names the sample of every token (-1: padding), so per-sample text
+  weighting and the ``[SEG]`` -> SAM2 image lookup follow samples, not rows, and no position predicts a token of
+  another sample.
+
+Padding at the end of a row gets positions 0, 1, ... too, so it forms a block of its own that no real token sees.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..losses.layout import IGNORE_INDEX
+from .batch import Batch, Sample
+
+
+def plan_rows(lengths: list[int], max_tokens_per_row: int) -> list[list[int]]:
+    """Sample indices per row: first-fit decreasing (ties by index), rows in order of their first sample, samples
+    in a row by index. Deterministic in the lengths alone."""
+    too_long = [n for n in lengths if n > max_tokens_per_row]
+    if too_long:
+        raise ValueError(f"a sample of {max(too_long)} tokens does not fit in data.max_tokens_per_row="
+                         f"{max_tokens_per_row}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_tokens_per_row - lengths[i])
+    rows = [sorted(row) for row in rows]
+    return sorted(rows, key=lambda row: row[0])
+
+
+def pack(samples: list[Sample], max_tokens_per_row: int, pad_token_id: int,
+         keys: list[str] | tuple[str, ...] = ()) -> Batch:
+    """The packed micro-batch of ``samples`` (every per-sample field in packed order; ``keys`` follow)."""
+    if not samples:
+        raise ValueError("cannot pack an empty list of samples")
+    rows = plan_rows([s.input_ids.numel() for s in samples], max_tokens_per_row)
+    order = [i for row in rows for i in row]
+    width = max(sum(samples[i].input_ids.numel() for i in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    sample_index = torch.full(shape, -1, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    packed_position = {i: p for p, i in enumerate(order)}
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            s, n = samples[i], samples[i].input_ids.numel()
+            input_ids[r, start:start + n] = s.input_ids
+            labels[r, start:start + n] = s.labels
+            attention_mask[r, start:start + n] = 1
+            sample_index[r, start:start + n] = packed_position[i]
+            position_ids[r, start:start + n] = torch.arange(n)
+            start += n
+        position_ids[r, start:] = torch.arange(width - start)  # padding: a block of its own
+    ordered = [samples[i] for i in order]
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        pixel_values=torch.cat([s.pixel_values for s in ordered]),
+        sam_images=torch.stack([s.sam_image for s in ordered]),
+        seg_masks=torch.cat([s.seg_masks for s in ordered]),
+        teacher_depth=torch.cat([s.teacher_depth for s in ordered]),
+        has_teacher_depth=torch.cat([s.has_teacher_depth for s in ordered]),
+        sample_index=sample_index,
+        position_ids=position_ids,
+        keys=tuple(keys[i] for i in order) if keys else (),
+    )

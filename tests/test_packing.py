@@ -1,0 +1,139 @@
+"""Sequence packing (data/packing.py): packed and padded micro-batches of the same samples give the same loss terms
+and gradients, attention never crosses samples, and packed training resumes exactly and splits like padded training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from perceptio_dist.config import ConfigError, load_config
+from perceptio_dist.data.packing import pack, plan_rows
+from perceptio_dist.losses.objective import TERMS
+
+from .conftest import NO_TOKENIZER, read_metrics, run_ranks
+
+
+def test_rows_are_first_fit_decreasing_by_hand():
+    # lengths 5, 3, 4, 2 into rows of 7: 5 opens row A (2 left), 4 opens row B (3 left), 3 fills B, 2 fills A.
+    assert plan_rows([5, 3, 4, 2], 7) == [[0, 3], [1, 2]]
+    assert plan_rows([7, 7], 7) == [[0], [1]]
+    assert plan_rows([1, 1, 1], 3) == [[0, 1, 2]]
+    with pytest.raises(ValueError, match="does not fit"):
+        plan_rows([8], 7)
+
+
+def _samples(cfg, tokenizer, model, count: int):
+    """``count`` real samples of every task from the session's shards, in loader order."""
+    from perceptio_dist.data.training_data import build_loader
+
+    loader = build_loader(cfg, tokenizer, model.token_ids, rank=0, world_size=1)
+    shards = loader._open_shards()
+    samples, keys = [], []
+    for ref in loader.sample_refs(0)[:count]:
+        raw = shards.sample(loader.shards[ref.task][ref.shard], ref.index)
+        samples.append(loader.builder(raw))
+        keys.append(raw.key)
+    return samples, keys
+
+
+@pytest.fixture(scope="module")
+def packing_setup(tmp_path_factory, tiny_shards):
+    from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
+    from perceptio_dist.losses.objective import PerceptioObjective
+    from perceptio_dist.model.perceptio import build_perceptio
+    from perceptio_dist.model.tokenizer import load_tokenizer
+    from perceptio_dist.parallel.zero import PerceptioTrainingModule
+
+    cfg = load_config("tiny_cpu", [f"logging.output_dir={tmp_path_factory.mktemp('run')}", "logging.wandb=disabled",
+                                   f"data.shards={tiny_shards}", NO_TOKENIZER, "train.micro_batch_size=8",
+                                   "data.num_workers=0", "train.precision=fp32"])
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    torch.manual_seed(0)
+    model = build_perceptio(cfg.model, tokenizer, torch.float32, seed=0).train()
+    samples, keys = _samples(cfg, tokenizer, model, 8)
+
+    def module_for(weighting: str, implementation: str):
+        objective_cfg = dataclasses.replace(cfg.objective, text_weighting=weighting, implementation=implementation)
+        return PerceptioTrainingModule(model, PerceptioObjective(objective_cfg, model.token_ids),
+                                       LMHeadTermsModule(implementation))
+
+    return cfg, tokenizer, model, samples, keys, module_for
+
+
+def _loss_and_grads(module, batch):
+    module.zero_grad(set_to_none=True)
+    total, terms, counts = module(**batch.as_dict())
+    total.backward()
+    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    return total.detach(), terms, counts, grads
+
+
+@pytest.mark.parametrize("weighting,implementation", [("token", "fused_torch"), ("sample", "reference"),
+                                                      ("square", "fused_torch")])
+def test_packed_and_padded_micro_batches_give_the_same_terms_and_gradients(packing_setup, weighting, implementation):
+    from perceptio_dist.data.batch import collate
+
+    cfg, tokenizer, model, samples, keys, module_for = packing_setup
+    lengths = [s.input_ids.numel() for s in samples]
+    budget = 3 * max(lengths)
+    padded = collate(samples, tokenizer.pad_token_id, keys)
+    packed = pack(samples, budget, tokenizer.pad_token_id, keys)
+    # The layout really differs: fewer rows than samples, rows holding several samples, a mix of tasks.
+    assert packed.input_ids.shape[0] < len(samples) and packed.packed and not padded.packed
+    assert packed.num_tokens == padded.num_tokens == sum(lengths)
+    assert sorted(packed.keys) == sorted(keys) and packed.num_samples == len(samples)
+    assert packed.seg_masks.shape[0] > 0 and packed.teacher_depth.shape[0] > 0
+    module = module_for(weighting, implementation)
+    ref_total, ref_terms, ref_counts, ref_grads = _loss_and_grads(module, padded)
+    total, terms, counts, grads = _loss_and_grads(module, packed)
+    assert torch.equal(counts, ref_counts)
+    assert total.item() == pytest.approx(ref_total.item(), rel=1e-5)
+    for name, a, b in zip(TERMS, terms.tolist(), ref_terms.tolist()):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-9), name
+    assert set(grads) == set(ref_grads) and len(grads) > 50
+    # 1e-5 relative per parameter; a gradient that is zero in exact arithmetic (attention key biases: softmax does not
+    # see a shift) holds float noise only, so it is measured against the whole gradient's norm instead.
+    whole = torch.stack([g.norm() for g in ref_grads.values()]).norm().item()
+    for name, g in grads.items():
+        scale = ref_grads[name].norm().item()
+        assert (g - ref_grads[name]).norm().item() <= 1e-5 * scale + 1e-8 * whole, name
+
+
+def test_attention_never_crosses_samples(packing_setup):
+    """Changing one sample's tokens changes its own hidden states and no other sample's in the same row."""
+    cfg, tokenizer, model, samples, keys, _ = packing_setup
+    budget = 3 * max(s.input_ids.numel() for s in samples)
+    batch = pack(samples, budget, tokenizer.pad_token_id, keys)
+    row = next(r for r in range(batch.input_ids.shape[0]) if len(set(batch.sample_index[r].tolist()) - {-1}) > 1)
+    first_sample = int(batch.sample_index[row, 0])
+    changed = dataclasses.replace(batch, input_ids=batch.input_ids.clone())
+    own = (batch.sample_index == first_sample).nonzero(as_tuple=True)
+    text_positions = [int(c) for c in own[1].tolist() if int(batch.input_ids[row, c]) < 100][:3]
+    assert text_positions, "the sample has no plain-text token to change"
+    for c in text_positions:
+        changed.input_ids[row, c] = (int(batch.input_ids[row, c]) + 7) % 100
+    model.eval()
+    with torch.no_grad():
+        before = model(**_model_inputs(batch)).hidden_states
+        after = model(**_model_inputs(changed)).hidden_states
+    model.train()
+    mine = batch.sample_index == first_sample
+    others = (batch.sample_index >= 0) & ~mine
+    assert (after[mine] - before[mine]).abs().max() > 1e-3  # the change is visible where it should be
+    assert torch.equal(after[others], before[others])
+
+
+def _model_inputs(batch) -> dict:
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "pixel_values": batch.pixel_values,
+            "sam_images": batch.sam_images, "sample_index": batch.sample_index, "position_ids": batch.position_ids}
+
+
+def test_packing_config_is_validated():
+    with pytest.raises(ConfigError, match="'data.max_tokens_per_row'.*below data.max_seq_len"):
+        load_config("tiny_cpu", ["data.max_tokens_per_row=100"])
+    with pytest.raises(ConfigError, match="'data.packing'.*pipeline"):
+        load_config("tiny_cpu", ["data.packing=true", "parallel.mode=pipeline", "parallel.zero_stage=1",
+                                 "parallel.pp_stages=2"])
