@@ -29,6 +29,11 @@ S - s micro-batches in flight under 1F1B. These are estimates to rank layouts an
 micro-batch, not promises: CUDA context, allocator fragmentation and communication buckets take what
 `--reserve-gb` leaves aside.
 
+With data.packing the unit of activation memory is a packed row of data.max_tokens_per_row tokens holding
+``row // mean sample tokens`` samples (``--mean-sample-tokens``, default data.max_seq_len: one sample per row), and
+the largest micro-batch is reported in samples. FLOPs count real tokens only: a sample of the mean length
+(attention per sample, as flash-attention's varlen kernel computes it), never padding.
+
 Step time = model FLOPs of the global batch (the PaLM-style count of train/flops.py) / (GPUs x peak x MFU);
 the communication volume per GPU and its time at the given bandwidths are shown beside it (overlapped
 with compute when the time is smaller).
@@ -83,7 +88,8 @@ class ModelSizes:
     largest_layer: int
     blocks: tuple[Block, ...]
     fixed_activation_bytes: float  # per sample, independent of placement (loss chunk, SAM2 embedding)
-    flops_per_sample: float
+    flops_per_sample: float  # of a sample of the mean length (real tokens)
+    samples_per_row: int = 1  # packed rows: samples of the mean length per activation unit (1: padded samples)
 
 
 @dataclass
@@ -113,8 +119,9 @@ def _count(module) -> tuple[int, int]:
     return total, trainable
 
 
-def model_sizes(cfg) -> ModelSizes:
-    """Sizes of a recipe's model from a meta-device build (no weights, no memory)."""
+def model_sizes(cfg, mean_sample_tokens: int | None = None) -> ModelSizes:
+    """Sizes of a recipe's model from a meta-device build (no weights, no memory). ``mean_sample_tokens``: the data's
+    mean sample length (default data.max_seq_len), for FLOPs and for how many samples a packed row holds."""
     from .model.perceptio import build_perceptio_meta
     from .train.flops import flops_model_for
 
@@ -131,10 +138,16 @@ def model_sizes(cfg) -> ModelSizes:
     vision = bb.config.vision_config
     lm = inner.language_model
     checkpointing = cfg.train.activation_checkpointing
-    seq = cfg.data.max_seq_len
+    mean_tokens = mean_sample_tokens or cfg.data.max_seq_len
+    if not 0 < mean_tokens <= cfg.data.max_seq_len:
+        raise ConfigError(f"--mean-sample-tokens must be in (0, data.max_seq_len={cfg.data.max_seq_len}], got "
+                          f"{mean_tokens}.")
+    # Activation memory per unit: a padded sample of up to max_seq_len tokens, or a packed row of its budget.
+    seq = (cfg.data.max_tokens_per_row or cfg.data.max_seq_len) if cfg.data.packing else cfg.data.max_seq_len
+    samples_per_row = max(1, seq // mean_tokens) if cfg.data.packing else 1
     tiles = cfg.model.backbone.max_tiles + (1 if cfg.model.backbone.max_tiles > 1 else 0)
     patches = (vision.image_size[0] // vision.patch_size[0]) ** 2 + 1
-    vision_tokens = tiles * patches
+    vision_tokens = tiles * patches * samples_per_row  # per unit: every sample of a packed row has its images
 
     d, inter = text.hidden_size, text.intermediate_size
     kv = text.num_key_value_heads * (d // text.num_attention_heads)
@@ -172,8 +185,10 @@ def model_sizes(cfg) -> ModelSizes:
     sam2_embedding = 2.0 * 256 * 64 * 64 * 3  # bf16 image embedding and two high-resolution feature maps
     total = sum(b.params for b in blocks)
     trainable = sum(b.trainable for b in blocks)
-    flops = flops_model_for(model).step_flops([seq], tiles)
-    return ModelSizes(total, trainable, largest, tuple(blocks), loss_chunk + sam2_embedding, flops)
+    flops = flops_model_for(model).step_flops([mean_tokens], tiles)
+    # Per unit (a padded sample or a packed row): the SAM2 embedding is per sample, the loss chunk per unit.
+    fixed = loss_chunk + sam2_embedding * samples_per_row
+    return ModelSizes(total, trainable, largest, tuple(blocks), fixed, flops, samples_per_row)
 
 
 def split_stages(blocks: tuple[Block, ...], stages: int, partition: str = "parameters",
@@ -211,7 +226,7 @@ def plan(sizes: ModelSizes, cluster: Cluster, global_batch: int, pp_stages: list
 
     def finish(name, params, grads, optim, per_sample, extra, comm_bytes, notes):
         free = usable - params - grads - optim - extra
-        mb = _largest_micro_batch(free, per_sample)
+        mb = _largest_micro_batch(free, per_sample) * sizes.samples_per_row  # in samples
         comm_s = comm_bytes / cluster.bandwidth
         plans.append(LayoutPlan(name, params / GB, grads / GB, optim / GB, per_sample / GB, mb,
                                 max(compute, comm_s) if mb else None, comm_bytes / GB, comm_s, notes))

@@ -5,7 +5,12 @@ and gradients, attention never crosses samples, and packed training resumes exac
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
 
+import psutil
 import pytest
 import torch
 
@@ -13,7 +18,8 @@ from perceptio_dist.config import ConfigError, load_config
 from perceptio_dist.data.packing import pack, plan_rows
 from perceptio_dist.losses.objective import TERMS
 
-from .conftest import NO_TOKENIZER, read_metrics, run_ranks
+from .conftest import NO_TOKENIZER, ROOT, read_metrics, run_ranks
+from .test_checkpoint import _wait_for, losses, step_keys
 
 
 def test_rows_are_first_fit_decreasing_by_hand():
@@ -137,3 +143,78 @@ def test_packing_config_is_validated():
     with pytest.raises(ConfigError, match="'data.packing'.*pipeline"):
         load_config("tiny_cpu", ["data.packing=true", "parallel.mode=pipeline", "parallel.zero_stage=1",
                                  "parallel.pp_stages=2"])
+
+
+# ------------------------------------------------------------------------------- packed training runs
+
+STEPS = 8
+PACKED = ["data.packing=true", "data.max_tokens_per_row=1024"]  # a tiny micro-batch of 2 (~80 tokens each): 1 row
+
+
+def _run_args(run_dir, shards, init, accum: int, *extra: str) -> list[str]:
+    return ["--recipe", "tiny_cpu", f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.micro_batch_size=2",
+            f"train.grad_accum_steps={accum}", "checkpoint.save_every_steps=3", "logging.log_samples=true",
+            "logging.wandb=disabled", f"logging.output_dir={run_dir}", f"data.shards={shards}", NO_TOKENIZER,
+            f"model.backbone.pretrained_path={init}", "model.backbone.tokenizer=pretrained", *extra]
+
+
+@pytest.fixture(scope="module")
+def packed_runs(tmp_path_factory, tiny_shards):
+    """One saved initial model (ZeRO-3 random init depends on the rank count), then: packed on 2 ranks, packed on
+    1 rank with accumulation 2, padded on 2 ranks. Same global batch of 4."""
+    from perceptio_dist.model.perceptio import build_perceptio
+    from perceptio_dist.model.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("packed")
+    cfg = load_config("tiny_cpu", [f"data.shards={tiny_shards}", NO_TOKENIZER])
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    torch.manual_seed(0)
+    build_perceptio(cfg.model, tokenizer).backbone.save_pretrained(root / "init")
+    tokenizer.save_pretrained(root / "init")
+    runs = {"init": root / "init"}
+    for name, nproc, accum, extra in [("packed_2x1", 2, 1, PACKED), ("packed_1x2", 1, 2, PACKED),
+                                      ("padded_2x1", 2, 1, [])]:
+        runs[name] = root / name
+        run_ranks(nproc, _run_args(runs[name], tiny_shards, runs["init"], accum, *extra), timeout=400)
+    return runs
+
+
+def test_packed_training_logs_its_layout_and_equals_padded_training(packed_runs):
+    packed, padded = read_metrics(packed_runs["packed_2x1"]), read_metrics(packed_runs["padded_2x1"])
+    assert len(packed) == len(padded) == STEPS
+    for a, b in zip(packed, padded):
+        assert a["samples"] == b["samples"] == 4 and a["tokens"] == b["tokens"]  # real tokens only
+        assert a["padding_fraction"] <= b["padding_fraction"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    assert any(a["padding_fraction"] < b["padding_fraction"] for a, b in zip(packed, padded))
+
+
+def test_packed_one_rank_with_accumulation_equals_two_ranks(packed_runs):
+    two, one = read_metrics(packed_runs["packed_2x1"]), read_metrics(packed_runs["packed_1x2"])
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    assert two[-1]["loss"] < two[0]["loss"]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+
+
+def test_packed_run_resumes_bit_for_bit_after_kill_minus_nine(packed_runs, tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = _run_args(run_dir, tiny_shards, packed_runs["init"], 1, *PACKED)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "perceptio_dist.train", *args], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    ckpt = run_dir / "checkpoints"
+    _wait_for(lambda: (ckpt / "latest").exists(), 300, "the first checkpoint")
+    ranks = [p for p in psutil.Process(proc.pid).children() if "perceptio_dist.train" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    os.kill(ranks[1].pid, signal.SIGKILL)
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    resumed_from = int((ckpt / "latest").read_text().removeprefix("global_step"))
+    assert resumed_from < STEPS
+    run_ranks(2, [*args, "checkpoint.resume=auto"], timeout=400)
+    want, got = losses(packed_runs["packed_2x1"]), losses(run_dir)
+    for step in range(resumed_from + 1, STEPS + 1):
+        assert got[step] == want[step], step  # bit for bit
+    assert step_keys(run_dir) == step_keys(packed_runs["packed_2x1"])

@@ -4,6 +4,7 @@ against a real built model, activations by hand, and clear errors for bad input.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import re
 import subprocess
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 
-from perceptio_dist.config import load_config
+from perceptio_dist.config import ConfigError, load_config
 from perceptio_dist.plan import Block, Cluster, ModelSizes, model_sizes, plan, split_stages
 
 from .conftest import NO_TOKENIZER, ROOT
@@ -135,3 +136,31 @@ def test_cli_prints_the_table_and_rejects_bad_input():
     assert bad.returncode == 2 and "--nodes must be positive" in bad.stderr and "Traceback" not in bad.stderr
     wrong = subprocess.run([*exe, "train.lr=abc"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "train.lr" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_packing_counts_real_tokens_and_packed_rows(sizes_8b):
+    """FLOPs follow the mean sample length (real tokens); with packing the activation unit is a row of
+    data.max_tokens_per_row tokens holding row // mean samples, and the largest micro-batch is counted in samples."""
+    seq = load_config("perceptio_8b", []).data.max_seq_len
+    mean = seq // 8
+    padded = model_sizes(load_config("perceptio_8b", []), mean_sample_tokens=mean)
+    packed = model_sizes(load_config("perceptio_8b", ["data.packing=true", f"data.max_tokens_per_row={2 * seq}"]),
+                         mean_sample_tokens=mean)
+    assert padded.samples_per_row == 1 and packed.samples_per_row == 16
+    assert packed.flops_per_sample == padded.flops_per_sample < sizes_8b.flops_per_sample
+    # Hand: the LLM part of the FLOPs, 6 N T + 12 L d T^2, at T = seq against T = seq / 8 (vision identical).
+    from perceptio_dist.model.perceptio import build_perceptio_meta
+    from perceptio_dist.train.flops import flops_model_for
+
+    f = flops_model_for(build_perceptio_meta(load_config("perceptio_8b", []).model))
+    by_hand = 6 * f.llm_params * (seq - mean) + 12 * f.llm_layers * f.llm_hidden * (seq * seq - mean * mean)
+    assert sizes_8b.flops_per_sample - padded.flops_per_sample == pytest.approx(by_hand, rel=1e-9)
+    # A decoder layer's activations grow with the unit's tokens: a packed row of 2 x seq holds twice a padded sample's.
+    layer = {b.name: b for b in padded.blocks}["decoder.0"].activation_bytes
+    assert {b.name: b for b in packed.blocks}["decoder.0"].activation_bytes == pytest.approx(2 * layer)
+    cluster = Cluster(gpu_memory_gb=141)
+    rows = {p.layout: p for p in plan(packed, cluster, 16, [])}
+    units = {p.layout: p for p in plan(dataclasses.replace(packed, samples_per_row=1), cluster, 16, [])}
+    assert rows["zero3"].max_micro_batch == 16 * units["zero3"].max_micro_batch > 0
+    with pytest.raises(ConfigError, match="mean-sample-tokens"):
+        model_sizes(load_config("perceptio_8b", []), mean_sample_tokens=seq + 1)

@@ -6,6 +6,7 @@ import argparse
 
 from ..plan import Cluster, format_table, model_sizes, plan
 from ..plan import __doc__ as plan_module_doc
+from ..config import ConfigError
 from . import load_or_exit
 
 plan_doc = plan_module_doc.split("\n\n")[0]
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--global-batch", type=int, default=None,
                         help="samples per optimizer step (default: the recipe's, else 2 per GPU)")
     parser.add_argument("--pp-stages", type=int, nargs="*", default=[2, 4, 8])
+    parser.add_argument("--mean-sample-tokens", type=int, default=None,
+                        help="mean tokens per sample of the data (default: data.max_seq_len); FLOPs count these "
+                             "real tokens, and with data.packing a row holds row // mean samples")
     args = parser.parse_args(argv)
     for name in ("nodes", "gpus_per_node", "gpu_memory_gb", "peak_tflops", "mfu"):
         if getattr(args, name) <= 0:
@@ -37,12 +41,19 @@ def main(argv: list[str] | None = None) -> None:
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.inter_node_gbps, args.intra_node_gbps,
                       args.peak_tflops, args.mfu, args.reserve_gb)
     global_batch = args.global_batch or cfg.train.global_batch_size or 2 * cluster.gpus
-    sizes = model_sizes(cfg)
+    try:
+        sizes = model_sizes(cfg, args.mean_sample_tokens)
+    except ConfigError as exc:
+        parser.error(str(exc))
     par = cfg.parallel
     stages = sorted(set(args.pp_stages) | ({par.pp_stages} if par.mode == "pipeline" else set()))
     print(format_table(plan(sizes, cluster, global_batch, stages, par.pp_partition, par.pp_layers_per_stage),
                        cluster, sizes))
-    print(f"\nglobal batch {global_batch} samples of {cfg.data.max_seq_len} tokens; "
+    mean = args.mean_sample_tokens or cfg.data.max_seq_len
+    unit = (f"activations per packed row of {cfg.data.max_tokens_per_row or cfg.data.max_seq_len} tokens "
+            f"({sizes.samples_per_row} samples); largest micro-batch in samples" if cfg.data.packing
+            else f"activations per sample padded to {cfg.data.max_seq_len} tokens")
+    print(f"\nglobal batch {global_batch} samples of {mean} real tokens on average (FLOPs count these); {unit}; "
           f"activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")
 
 

@@ -111,6 +111,7 @@ class Trainer:
         self.dist: DistInfo = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
         configure_logging(self.dist.rank)
         self.stop = StopRequest()
+        self.save_seconds: list[dict] = []  # each checkpoint save: step, reason, wall seconds
         self.strategy = build_strategy(cfg, self.dist)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.run_dir = Path(cfg.logging.output_dir)
@@ -205,7 +206,11 @@ class Trainer:
         client = {"step": step, "nonfinite_skipped": self.nonfinite.skipped, "config": self.cfg.to_dict(),
                   "config_hash": self.cfg.hash(), "loader": self.loader.state_dict(), "versions": _versions()}
         rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
-        return self.checkpoints.save(self.engine, step, client, rank_state, reason, dump_yaml(self.cfg))
+        start = time.perf_counter()
+        path = self.checkpoints.save(self.engine, step, client, rank_state, reason, dump_yaml(self.cfg))
+        self.save_seconds.append({"step": step, "reason": reason, "seconds": time.perf_counter() - start})
+        log.info("checkpoint at step %d took %.2f s", step, self.save_seconds[-1]["seconds"])
+        return path
 
     def _log_setup(self) -> None:
         cfg = self.cfg
@@ -365,6 +370,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "pipeline_stages": self.stage_layout,
             "nonfinite_skipped": self.nonfinite.skipped,
+            "checkpoint_saves": self.save_seconds,  # wall time of each save (all ranks, barrier included)
             "losses": [h["loss"] for h in history],
         }
 
