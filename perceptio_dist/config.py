@@ -284,8 +284,8 @@ class DataConfig:
     seed: int = doc_field("Seed of the task mixing and of the shard/sample shuffles (with the epoch).", 1234)
     max_seq_len: int = doc_field("Longest tokenised sample; longer samples are skipped and counted, not truncated.", 4096)
     packing: bool = doc_field(
-        "Pack each micro-batch's samples into as few rows of at most data.max_tokens_per_row tokens as first-fit "
-        "decreasing finds, instead of one padded row per sample. Same samples, same loss and gradients (attention "
+        "Pack each micro-batch's samples into the fewest, evenly filled rows of at most data.max_tokens_per_row tokens "
+        "(data/packing.py), instead of one padded row per sample. Same samples, same loss and gradients (attention "
         "never crosses samples; positions restart per sample); fewer padding tokens. Raise train.micro_batch_size "
         "with it to fill the rows. Mode zero only.", False)
     max_tokens_per_row: Optional[int] = doc_field(

@@ -22,10 +22,15 @@ from .conftest import NO_TOKENIZER, ROOT, read_metrics, run_ranks
 from .test_checkpoint import _wait_for, losses, step_keys
 
 
-def test_rows_are_first_fit_decreasing_by_hand():
-    # lengths 5, 3, 4, 2 into rows of 7: 5 opens row A (2 left), 4 opens row B (3 left), 3 fills B, 2 fills A.
+def test_rows_are_few_and_even_by_hand():
+    # 5, 3, 4, 2 into rows of 7: 14 tokens -> 2 rows; 5 to A, 4 to B, 3 to the emptier B (7), 2 to A (7).
     assert plan_rows([5, 3, 4, 2], 7) == [[0, 3], [1, 2]]
-    assert plan_rows([7, 7], 7) == [[0], [1]]
+    # 4, 4, 3, 3 into rows of 10: first fit would give rows of 8 and 6 (width 8, 2 padding); even rows are 7 and 7.
+    assert plan_rows([4, 4, 3, 3], 10) == [[0, 2], [1, 3]]
+    # 6, 5, 5 into rows of 8: 16 tokens -> 2 rows, but the third sample fits neither (6 + 5, 5 + 5): 3 rows.
+    assert plan_rows([6, 5, 5], 8) == [[0], [1], [2]]
+    # 5, 5, 5, 1 into rows of 10: 2 rows are 10 and 6 wide (20 positions), 3 rows 6, 5, 5 (18), 4 rows 20: 3 rows.
+    assert plan_rows([5, 5, 5, 1], 10) == [[0, 3], [1], [2]]
     assert plan_rows([1, 1, 1], 3) == [[0, 1, 2]]
     with pytest.raises(ValueError, match="does not fit"):
         plan_rows([8], 7)

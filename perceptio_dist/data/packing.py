@@ -1,5 +1,5 @@
-"""Sequence packing: a micro-batch's samples laid out in as few rows of at most ``max_tokens_per_row`` tokens as
-first-fit decreasing finds, instead of one row per sample padded to the longest.
+"""Sequence packing: a micro-batch's samples laid out in few, evenly filled rows of at most ``max_tokens_per_row``
+tokens (plan_rows), instead of one row per sample padded to the longest.
 
 Packing changes only the layout, never which samples a micro-batch holds (data/loader.py decides that from the
 step and the slot), so resume and rank equivalence stay exact. Each sample keeps what makes it independent:
@@ -25,26 +25,44 @@ from ..losses.layout import IGNORE_INDEX
 from .batch import Batch, Sample
 
 
-def plan_rows(lengths: list[int], max_tokens_per_row: int) -> list[list[int]]:
-    """Sample indices per row: first-fit decreasing (ties by index), rows in order of their first sample, samples
-    in a row by index. Deterministic in the lengths alone."""
+def _spread(lengths: list[int], order: list[int], count: int, budget: int) -> list[list[int]] | None:
+    """Samples, longest first, each to the emptiest of ``count`` rows it fits (ties: the first); None if one fits none."""
+    rows: list[list[int]] = [[] for _ in range(count)]
+    fill = [0] * count
+    for i in order:
+        fits = [r for r in range(count) if fill[r] + lengths[i] <= budget]
+        if not fits:
+            return None
+        r = min(fits, key=lambda k: (fill[k], k))
+        rows[r].append(i)
+        fill[r] += lengths[i]
+    return [row for row in rows if row]
+
+
+def plan_rows(lengths: list[int], max_tokens_per_row: int, extra_rows: int = 2) -> list[list[int]]:
+    """Sample indices per row, rows as even as possible: a packed batch is as wide as its fullest row, so uneven rows
+    are padding. From the fewest rows that can hold the tokens, R = ceil(total / budget), up to R + ``extra_rows``,
+    samples are spread longest first (ties by index) to the emptiest row they fit; the spread with the fewest
+    positions (rows x fullest row; ties: fewer rows) wins. Rows in order of their first sample, samples in a row by
+    index. Deterministic in the lengths alone."""
     too_long = [n for n in lengths if n > max_tokens_per_row]
     if too_long:
         raise ValueError(f"a sample of {max(too_long)} tokens does not fit in data.max_tokens_per_row="
                          f"{max_tokens_per_row}")
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(max_tokens_per_row - lengths[i])
-    rows = [sorted(row) for row in rows]
-    return sorted(rows, key=lambda row: row[0])
+    order = sorted(range(len(lengths)), key=lambda j: (-lengths[j], j))
+    count = max(1, -(-sum(lengths) // max_tokens_per_row))
+    best, best_positions, last = None, None, None
+    while last is None or count <= last:
+        rows = _spread(lengths, order, count, max_tokens_per_row)
+        if rows is not None:
+            last = count + extra_rows if last is None else last  # the window opens at the first count that fits
+            positions = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+            if best_positions is None or positions < best_positions:
+                best, best_positions = rows, positions
+        count += 1
+        if count > len(lengths):
+            break
+    return sorted((sorted(row) for row in best), key=lambda row: row[0])
 
 
 def pack(samples: list[Sample], max_tokens_per_row: int, pad_token_id: int,
