@@ -1,0 +1,182 @@
+"""The stack's own cost: perceptio-train's step time against a plain PyTorch loop over the same model, objective and
+batches, and the checkpoint save time as a share of step time, in one run.
+
+    python tools/bench_trainer.py [--steps 30] [--micro 2] [--shards DIR] [--threads 2]
+
+Both sides run in fresh processes on one CPU rank with the same threads, the same recipe (the tiny one, with a
+language model of 256 x 4 layers so that compute, not bookkeeping, dominates a step as it does at 8B), the same
+shards and the same ShardLoader (the plain loop iterates it too), fp32:
+
+* plain loop (the baseline): ``build_perceptio`` + the training module (model and objective, the recipe's LM-head
+  back end), torch AdamW with the trainer's parameter groups and schedule, gradient clipping; per step: next batch,
+  forward, backward, clip, step. No DeepSpeed, no metrics, no checks.
+* perceptio-train: ``python -m perceptio_dist.train`` on 1 rank (a world of one), ZeRO-2 and ZeRO-3, with its
+  metrics.jsonl, finiteness agreement, step normaliser and progress bar; its step time is the logged step_time_s.
+
+The first ``--warmup`` steps of each are left out; each loop runs ``--repeats`` times, interleaved with the
+others, and its best median step time counts (this 2-core machine's speed varies by tens of percent between minutes). The checkpoint figure comes from a
+ZeRO-3 run saving every 5 steps: the median save time (all of CheckpointManager.save: the engine's files, the
+marker, checksums, the barrier) over the step time, at the 8B recipe's interval, and the interval at which saving
+costs 1 %. Builds its own shards (24 rendered scenes, the tiny preprocessing) unless given ``--shards``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODEL = ["model.backbone.text.hidden_size=256", "model.backbone.text.num_layers=4", "model.backbone.text.num_heads=8",
+         "model.backbone.text.num_kv_heads=4", "model.backbone.text.intermediate_size=688",
+         "model.depth_vqvae.checkpoint=null", "train.precision=fp32", "data.num_workers=1",
+         "logging.wandb=disabled", "logging.progress_bar=false"]
+
+
+def build_shards(folder: Path) -> Path:
+    from perceptio_dist.preprocess.scenes.folders import write_scenes
+
+    write_scenes(folder / "scenes", 24, progress=False)
+    subprocess.run([sys.executable, "-m", "ray_jobs.preprocess", "--config", "preprocess_tiny",
+                    f"sources.0.path={folder / 'scenes'}", f"output_dir={folder / 'shards'}", "shard_size=8",
+                    "depth_vqvae.checkpoint=null"], cwd=ROOT, check=True, capture_output=True, text=True)
+    return folder / "shards"
+
+
+MICRO = 2  # samples per step (set from --micro)
+
+
+def overrides(shards: Path, steps: int, out: Path, *extra: str) -> list[str]:
+    return [*MODEL, f"data.shards={shards}", f"train.max_steps={steps}", "train.warmup_steps=2",
+            f"train.micro_batch_size={MICRO}",
+            f"logging.output_dir={out}", "checkpoint.save_final=false", *extra]
+
+
+def plain_loop(args_overrides: list[str], steps: int, warmup: int) -> dict:
+    """The baseline, in this (fresh) process."""
+    import torch
+
+    from perceptio_dist.config import load_config
+    from perceptio_dist.data.training_data import build_loader
+    from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
+    from perceptio_dist.losses.objective import PerceptioObjective
+    from perceptio_dist.model.perceptio import build_perceptio
+    from perceptio_dist.model.tokenizer import load_tokenizer
+    from perceptio_dist.parallel.zero import PerceptioTrainingModule
+    from perceptio_dist.train.optim import build_optimizer
+    from perceptio_dist.train.trainer import seed_everything
+
+    cfg = load_config("tiny_cpu", args_overrides)
+    seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    model = build_perceptio(cfg.model, tokenizer, torch.float32, seed=cfg.train.seed).train()
+    module = PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
+                                     LMHeadTermsModule(cfg.objective.implementation))
+    optimizer, scheduler = build_optimizer(module, cfg.train)
+    batches = iter(build_loader(cfg, tokenizer, model.token_ids, rank=0, world_size=1))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        batch = next(batches)
+        loss, _, _ = module(**batch.as_dict())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return {"step_s": statistics.median(times[warmup:])}
+
+
+def run_trainer(shards: Path, steps: int, out: Path, threads: int, *extra: str) -> Path:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-m", "perceptio_dist.train", "--recipe", "tiny_cpu",
+                           *overrides(shards, steps, out, *extra)], cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"perceptio-train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return out
+
+
+def trainer_step_s(run_dir: Path, warmup: int) -> float:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["step_time_s"] for r in records[warmup:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--shards", type=Path, default=None, help="tiny-recipe shards (default: built here)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best median counts")
+    parser.add_argument("--micro", type=int, default=2, help="samples per step (the tiny recipe's micro-batch: 2)")
+    parser.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps <= args.warmup + 2:
+        parser.error("--steps must exceed --warmup by at least 3")
+    if args.micro < 1:
+        parser.error("--micro must be positive")
+    global MICRO
+    MICRO = args.micro
+    if args.plain_worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(plain_loop(overrides(args.shards, args.steps, args.out), args.steps, args.warmup)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shards = args.shards or build_shards(tmp / "data")
+        print(f"shards: {shards}", flush=True)
+        names = ["plain PyTorch loop (AdamW, no DeepSpeed)", "perceptio-train, ZeRO-2, 1 rank",
+                 "perceptio-train, ZeRO-3, 1 rank"]
+        medians: dict[str, list[float]] = {n: [] for n in names}
+        for repeat in range(args.repeats):  # interleaved, so a slow spell of the machine hits every loop alike
+            proc = subprocess.run([sys.executable, __file__, "--plain-worker", "--shards", str(shards), "--steps",
+                                   str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+                                   "--micro", str(args.micro), "--out", str(tmp / "plain")], cwd=ROOT,
+                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            if proc.returncode:
+                sys.exit(f"plain loop failed:\n{proc.stderr[-4000:]}")
+            medians[names[0]].append(json.loads(proc.stdout.strip().splitlines()[-1])["step_s"])
+            zero2 = run_trainer(shards, args.steps, tmp / f"zero2_{repeat}", args.threads, "parallel.zero_stage=2",
+                                "parallel.deepspeed_config=ds_configs/zero2.json")
+            medians[names[1]].append(trainer_step_s(zero2, args.warmup))
+            zero3 = run_trainer(shards, args.steps, tmp / f"zero3_{repeat}", args.threads)
+            medians[names[2]].append(trainer_step_s(zero3, args.warmup))
+            print(f"repeat {repeat + 1}: " + ", ".join(f"{v[-1]:.4f}" for v in medians.values()), flush=True)
+        rows = [(n, min(v)) for n, v in medians.items()]
+        plain = rows[0][1]
+        saving = run_trainer(shards, args.steps, tmp / "saving", args.threads, "checkpoint.save_every_steps=5")
+        saves = json.loads((saving / "summary.json").read_text())["checkpoint_saves"]
+        save_s = statistics.median(s["seconds"] for s in saves)
+        save_run_step = trainer_step_s(saving, args.warmup)
+    print(f"micro-batch {args.micro} samples, {args.steps} steps ({args.warmup} left out), {args.threads} threads")
+    print(f"best of {args.repeats} interleaved repeats of each loop's median step time")
+    print("| loop | step time s | vs plain loop |")
+    print("| --- | ---: | ---: |")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.4f} | {seconds / plain:.3f}x |")
+    from perceptio_dist.config import load_config
+
+    interval = load_config("perceptio_8b", []).checkpoint.save_every_steps
+    step = save_run_step
+    print(f"\ncheckpoint save (ZeRO-3, 1 rank, median of {len(saves)}; that run's median step {step:.4f} s): "
+          f"{save_s:.3f} s = {save_s / step:.1f} steps; "
+          f"every {interval} steps (the 8B recipe's interval) that is {save_s / (interval * step):.2%} of step time; "
+          f"1 % is reached at an interval of {save_s / (0.01 * step):.0f} steps")
+
+
+if __name__ == "__main__":
+    main()
