@@ -203,12 +203,36 @@ class DepthVQVAEConfig:
         remedy="Train one with `perceptio-vqvae train` (the demo does), or set it to null for a random tokenizer.")
 
 
+LORA_PARTS = ("language_model", "vision_tower")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft (model/lora.py). With rank > 0 the backbone's own weights are frozen; the adapters,
+    the spatial-token rows of the embedding and LM head, the projector (lora.train_projector), the SAM2 mask decoder
+    and prompt encoder and the [SEG] MLP train."""
+
+    rank: int = doc_field("LoRA rank r; 0: no adapters (the backbone trains as model.backbone.freeze_* say).", 0)
+    alpha: float = doc_field("LoRA alpha: the update is scaled by alpha / rank (Sa2VA: r 128, alpha 256).", 16.0)
+    dropout: float = doc_field("Dropout on the adapter's input, in [0, 1).", 0.05)
+    target_modules: list[str] = doc_field(
+        "Names of the linear layers that get adapters, inside the parts in lora.apply_to (matched against the "
+        "last component of the module name).",
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    apply_to: list[str] = doc_field(
+        "Backbone parts whose target modules get adapters: language_model and/or vision_tower (InternViT's layers "
+        "are attention.{q,k,v}_proj, attention.projection_layer, mlp.fc1, mlp.fc2).",
+        default_factory=lambda: ["language_model"])
+    train_projector: bool = doc_field("Train the vision-language projector in full beside the adapters.", True)
+
+
 @dataclass
 class ModelConfig:
     backbone: BackboneConfig = doc_field("InternVL backbone.", default_factory=BackboneConfig)
     tokens: SpatialTokensConfig = doc_field("Spatial tokens.", default_factory=SpatialTokensConfig)
     seg_head: SegHeadConfig = doc_field("Segmentation head.", default_factory=SegHeadConfig)
     depth_vqvae: DepthVQVAEConfig = doc_field("Depth tokenizer.", default_factory=DepthVQVAEConfig)
+    lora: LoraConfig = doc_field("LoRA adapters (peft).", default_factory=LoraConfig)
 
 
 # ------------------------------------------------------------------------- objective
@@ -690,6 +714,22 @@ def validate(cfg: PerceptioConfig) -> None:
     if cfg.data.max_tokens_per_row is not None and cfg.data.max_tokens_per_row < cfg.data.max_seq_len:
         raise err("data.max_tokens_per_row", f"{cfg.data.max_tokens_per_row} is below data.max_seq_len="
                   f"{cfg.data.max_seq_len}: a sample that long would fit no row. Raise it, or lower data.max_seq_len.")
+    lora = cfg.model.lora
+    if lora.rank < 0:
+        raise err("model.lora.rank", f"must be >= 0 (0: no adapters), got {lora.rank}.")
+    if lora.rank:
+        if lora.alpha <= 0:
+            raise err("model.lora.alpha", f"must be positive, got {lora.alpha}.")
+        if not 0 <= lora.dropout < 1:
+            raise err("model.lora.dropout", f"must be in [0, 1), got {lora.dropout}.")
+        if not lora.target_modules:
+            raise err("model.lora.target_modules", "name at least one linear layer (e.g. q_proj).")
+        unknown_parts = sorted(set(lora.apply_to) - set(LORA_PARTS))
+        if unknown_parts or not lora.apply_to:
+            raise err("model.lora.apply_to", f"{lora.apply_to}: choose from {list(LORA_PARTS)} (at least one).")
+        if cfg.parallel.mode == "pipeline":
+            raise err("model.lora.rank", "LoRA runs in parallel.mode=zero (ZeRO-2 or ZeRO-3); the pipeline's stage "
+                      "modules are not built for adapters. Set parallel.mode=zero, or model.lora.rank=0.")
     if cfg.data.packing and cfg.parallel.mode == "pipeline":
         raise err("data.packing", "the pipeline (parallel.mode=pipeline) does not pack: its stages rebuild a padded "
                   "causal mask from the attention mask, which cannot keep packed samples apart. Set data.packing="

@@ -12,6 +12,12 @@ and buffers), then written as:
     chain.json                per training task, what its answers carried: [SEG] and depth block each
                               'force' (every sample), 'forbid' (none) or 'free' (some); evaluation forces
                               only that (from the training shards' manifest; absent when they are gone)
+    adapter/                  LoRA runs with ``--adapter`` only: the adapter in peft's format
+                              (adapter_config.json, adapter_model.safetensors) and the trained spatial-token
+                              rows (spatial_rows.safetensors), beside the merged weights above
+
+A LoRA run (model.lora.rank > 0) is exported with its adapters merged into the base weights: the folder is a
+plain model (perceptio.yaml says lora.rank 0).
 
 ``load_exported(folder)`` rebuilds the PerceptioModel from these files alone.
 """
@@ -50,7 +56,7 @@ def consolidated_state_dict(checkpoint: Path, cfg: PerceptioConfig) -> dict[str,
     return {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+def export_checkpoint(checkpoint: str | Path, out: str | Path, adapter: bool = False) -> Path:
     from .model.perceptio import build_perceptio
     from .model.tokenizer import load_tokenizer
 
@@ -66,9 +72,34 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     missing = [k for k in missing if not k.startswith("backbone.lm_head.") or not model.backbone.config.tie_word_embeddings]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if cfg.model.lora.rank:
+        cfg = merged_lora_export(model, cfg, Path(out) / "adapter" if adapter else None)
+    elif adapter:
+        raise ConfigError(f"Config error at '--adapter': {checkpoint} was trained without LoRA (model.lora.rank 0): "
+                          "there is no adapter to write.")
     write_exported(model, tokenizer, cfg, out, str(checkpoint))
     log.info("exported %s to %s", checkpoint, out)
     return out
+
+
+def merged_lora_export(model, cfg: PerceptioConfig, adapter_dir: Path | None) -> PerceptioConfig:
+    """Write the adapter (when asked), merge it into the base weights; returns the config of the merged model."""
+    from safetensors.torch import save_file
+
+    from .model.lora import adapter_state, merge_lora, peft_config
+
+    lora = cfg.model.lora
+    if adapter_dir is not None:
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        peft_config(lora).save_pretrained(str(adapter_dir))
+        save_file({k: v.contiguous() for k, v in adapter_state(model.backbone).items()},
+                  str(adapter_dir / "adapter_model.safetensors"))
+        rows = {"embed_tokens": model.backbone.get_input_embeddings().weight[model.base_vocab_size:],
+                "lm_head": model.backbone.lm_head.weight[model.base_vocab_size:]}
+        save_file({k: v.detach().contiguous() for k, v in rows.items()}, str(adapter_dir / "spatial_rows.safetensors"))
+    merged = merge_lora(model.backbone)
+    log.info("merged %d LoRA adapters into the base weights", merged)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=dataclasses.replace(lora, rank=0)))
 
 
 def write_exported(model, tokenizer, cfg: PerceptioConfig, out: Path, source: str) -> None:

@@ -13,11 +13,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="perceptio-export", description="Export a training checkpoint for inference.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint folder, e.g. runs/x/checkpoints/global_step00000040")
     parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--adapter", action="store_true",
+                        help="LoRA runs: also write the adapter in peft's format to <out>/adapter (the merged weights "
+                             "are written either way)")
     args = parser.parse_args(argv)
     from ..export import export_checkpoint
 
     try:
-        print(export_checkpoint(args.checkpoint, args.out))
+        print(export_checkpoint(args.checkpoint, args.out, adapter=args.adapter))
     except ConfigError as exc:
         config_error_exit(exc)
 

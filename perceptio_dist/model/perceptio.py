@@ -174,9 +174,16 @@ def build_perceptio(
         from .code_embeddings import order_code_rows
 
         order_code_rows(backbone.get_input_embeddings(), backbone.lm_head, vqvae, token_ids, seed + 3)
-    return PerceptioModel(
+    model = PerceptioModel(
         backbone, seg_head, vqvae, token_ids, base_vocab, b.freeze_vision_tower, b.freeze_language_model
     )
+    if cfg.lora.rank:
+        from .lora import apply_lora
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 4)
+            apply_lora(model.backbone, cfg.lora, token_ids.first)
+    return model
 
 
 def build_perceptio_meta(cfg: ModelConfig) -> PerceptioModel:
@@ -201,7 +208,14 @@ def build_perceptio_meta(cfg: ModelConfig) -> PerceptioModel:
     seg_head = build_seg_head(cfg.seg_head, b.text.hidden_size, meta=True)
     with init_empty_weights():
         vqvae = DepthVQVAE(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid)
-    return PerceptioModel(backbone, seg_head, vqvae, token_ids, b.text.vocab_size)
+    model = PerceptioModel(backbone, seg_head, vqvae, token_ids, b.text.vocab_size, b.freeze_vision_tower,
+                           b.freeze_language_model)
+    if cfg.lora.rank:
+        from .lora import apply_lora
+
+        with init_empty_weights():
+            apply_lora(model.backbone, cfg.lora, token_ids.first)
+    return model
 
 
 def _numel(p: torch.Tensor) -> int:

@@ -27,6 +27,11 @@ class SpatialTokenIds:
         return self.code_start + self.num_codes
 
     @property
+    def first(self) -> int:
+        """The lowest spatial-token id (they are added after the base vocabulary, so every row from here on)."""
+        return min(self.seg, self.depth_start, self.depth_end, self.code_start)
+
+    @property
     def structural(self) -> tuple[int, int, int]:
         """Tokens scored by the marker term: they open/close the spatial parts of the answer."""
         return (self.seg, self.depth_start, self.depth_end)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
+from ..model.lora import ROW_MASKED
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -17,7 +18,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 parameters are flat locally
-        (no_decay if ndim < 2 or "embed" in name else decay).append(p)
+        # Row-masked weights (LoRA's spatial-token rows, model/lora.py): decay would move the rows that must not train.
+        (no_decay if ndim < 2 or "embed" in name or hasattr(p, ROW_MASKED) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
