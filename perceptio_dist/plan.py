@@ -147,7 +147,13 @@ def model_sizes(cfg, mean_sample_tokens: int | None = None) -> ModelSizes:
     samples_per_row = max(1, seq // mean_tokens) if cfg.data.packing else 1
     tiles = cfg.model.backbone.max_tiles + (1 if cfg.model.backbone.max_tiles > 1 else 0)
     patches = (vision.image_size[0] // vision.patch_size[0]) ** 2 + 1
-    vision_tokens = tiles * patches * samples_per_row  # per unit: every sample of a packed row has its images
+    # Per unit: a padded sample has up to max_tiles (+ thumbnail); a packed row's samples have theirs, but never more
+    # tiles than the row has tokens for (each tile is image_tokens_per_tile of them).
+    from .model.backbone import image_tokens_per_tile
+
+    tiles_per_unit = tiles if not cfg.data.packing else min(tiles * samples_per_row,
+                                                             seq // image_tokens_per_tile(cfg.model.backbone))
+    vision_tokens = tiles_per_unit * patches
 
     d, inter = text.hidden_size, text.intermediate_size
     kv = text.num_key_value_heads * (d // text.num_attention_heads)

@@ -3,6 +3,7 @@
     python tools/bench_fused_loss.py                              # 8192 tokens, hidden 4096, vocab 151,936 + spatial, fp32, CPU
     python tools/bench_fused_loss.py --tokens 2048 --hidden 1024  # a quicker shape
     python tools/bench_fused_loss.py --device cuda --dtype bf16   # on a GPU (fused_triton joins; Liger too if installed)
+    python tools/bench_fused_loss.py --device cuda --dtype bf16 --impls reference fused_triton cce   # any subset
 
 Every implementation runs in a fresh subprocess on the same inputs (seeded), so peak memory is its own:
 CPU peak RSS (ru_maxrss) or CUDA max_memory_allocated, minus what is resident once the inputs exist.
@@ -72,6 +73,11 @@ def child(args) -> dict:
 
         def run():
             return liger_fused_linear_cross_entropy(hidden, weight, targets.to(device))
+    elif args.impl == "cce":  # Apple's Cut Cross-Entropy (pip install cut-cross-entropy), where installed
+        from cut_cross_entropy import linear_cross_entropy
+
+        def run():
+            return linear_cross_entropy(hidden, weight, targets.to(device))
     else:
         fn = lm_head_terms_fn(args.impl, args.chunk)
 

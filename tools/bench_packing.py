@@ -58,8 +58,9 @@ def setup():
     return cfg, tokenizer, model
 
 
-def sample_stream(cfg, tokenizer, model, count: int, seed: int = 0):
-    """``count`` samples of the mix, the same for every mode."""
+def sample_stream(cfg, tokenizer, model, count: int, seed: int = 0, mix=None):
+    """``count`` samples of the mix (``mix``: (share, tiles, answer words) rows, default MIX), the same for every
+    mode."""
     import numpy as np
     import torch
 
@@ -72,11 +73,12 @@ def sample_stream(cfg, tokenizer, model, count: int, seed: int = 0):
     ids = model.token_ids
     rng = np.random.default_rng(seed)
     words = ["left", "right", "near", "far", "red", "cup", "table", "the", "a", "box", "chair", "behind"]
-    shares = np.array([m[0] for m in MIX])
+    mix = mix or MIX
+    shares = np.array([m[0] for m in mix])
     tile, sam, depth = b.vision.image_size, model.seg_head.image_size, cfg.model.depth_vqvae.input_size
     samples = []
     for _ in range(count):
-        _, tiles, answer_words = MIX[rng.choice(len(MIX), p=shares / shares.sum())]
+        _, tiles, answer_words = mix[rng.choice(len(mix), p=shares / shares.sum())]
         with_depth = bool(rng.random() < 0.5)
         codes = rng.integers(0, ids.num_codes, ids.num_depth_tokens).tolist() if with_depth else None
         question = " ".join(rng.choice(words, 12))

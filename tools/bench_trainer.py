@@ -10,6 +10,8 @@ shards and the same ShardLoader (the plain loop iterates it too), fp32:
 * plain loop (the baseline): ``build_perceptio`` + the training module (model and objective, the recipe's LM-head
   back end), torch AdamW with the trainer's parameter groups and schedule, gradient clipping; per step: next batch,
   forward, backward, clip, step. No DeepSpeed, no metrics, no checks.
+* the same loop through a DeepSpeed engine (ZeRO-2, built from the trainer's own DeepSpeed config): what DeepSpeed
+  costs on its own;
 * perceptio-train: ``python -m perceptio_dist.train`` on 1 rank (a world of one), ZeRO-2 and ZeRO-3, with its
   metrics.jsonl, finiteness agreement, step normaliser and progress bar; its step time is the logged step_time_s.
 
@@ -96,6 +98,50 @@ def plain_loop(args_overrides: list[str], steps: int, warmup: int) -> dict:
     return {"step_s": statistics.median(times[warmup:])}
 
 
+def deepspeed_loop(args_overrides: list[str], steps: int, warmup: int) -> dict:
+    """The plain loop's steps through a DeepSpeed engine built from the trainer's own DeepSpeed config (1 rank):
+    what DeepSpeed costs, without the trainer around it."""
+    import socket
+
+    import deepspeed
+    import torch
+
+    from perceptio_dist.config import load_config
+    from perceptio_dist.data.training_data import build_loader
+    from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
+    from perceptio_dist.losses.objective import PerceptioObjective
+    from perceptio_dist.model.perceptio import build_perceptio
+    from perceptio_dist.model.tokenizer import load_tokenizer
+    from perceptio_dist.parallel.deepspeed_config import build_deepspeed_config
+    from perceptio_dist.parallel.zero import PerceptioTrainingModule
+    from perceptio_dist.train.optim import build_optimizer
+    from perceptio_dist.train.trainer import seed_everything
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = load_config("tiny_cpu", args_overrides)
+    seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    model = build_perceptio(cfg.model, tokenizer, torch.float32, seed=cfg.train.seed).train()
+    module = PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
+                                     LMHeadTermsModule(cfg.objective.implementation))
+    optimizer, scheduler = build_optimizer(module, cfg.train)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=build_deepspeed_config(cfg, 1))
+    batches = iter(build_loader(cfg, tokenizer, model.token_ids, rank=0, world_size=1))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss, _, _ = engine(**next(batches).as_dict())
+        engine.backward(loss)
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return {"step_s": statistics.median(times[warmup:])}
+
+
 def run_trainer(shards: Path, steps: int, out: Path, threads: int, *extra: str) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -121,6 +167,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best median counts")
     parser.add_argument("--micro", type=int, default=2, help="samples per step (the tiny recipe's micro-batch: 2)")
     parser.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--deepspeed-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps <= args.warmup + 2:
@@ -135,26 +182,36 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(plain_loop(overrides(args.shards, args.steps, args.out), args.steps, args.warmup)))
         return
+    if args.deepspeed_worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(deepspeed_loop(overrides(args.shards, args.steps, args.out, "parallel.zero_stage=2",
+                                                  "parallel.deepspeed_config=ds_configs/zero2.json"),
+                                        args.steps, args.warmup)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         shards = args.shards or build_shards(tmp / "data")
         print(f"shards: {shards}", flush=True)
-        names = ["plain PyTorch loop (AdamW, no DeepSpeed)", "perceptio-train, ZeRO-2, 1 rank",
-                 "perceptio-train, ZeRO-3, 1 rank"]
+        names = ["plain PyTorch loop (AdamW, no DeepSpeed)", "the same loop through a DeepSpeed ZeRO-2 engine",
+                 "perceptio-train, ZeRO-2, 1 rank", "perceptio-train, ZeRO-3, 1 rank"]
         medians: dict[str, list[float]] = {n: [] for n in names}
         for repeat in range(args.repeats):  # interleaved, so a slow spell of the machine hits every loop alike
-            proc = subprocess.run([sys.executable, __file__, "--plain-worker", "--shards", str(shards), "--steps",
-                                   str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                                   "--micro", str(args.micro), "--out", str(tmp / "plain")], cwd=ROOT,
-                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-            if proc.returncode:
-                sys.exit(f"plain loop failed:\n{proc.stderr[-4000:]}")
-            medians[names[0]].append(json.loads(proc.stdout.strip().splitlines()[-1])["step_s"])
+            for flag, name in (("--plain-worker", names[0]), ("--deepspeed-worker", names[1])):
+                proc = subprocess.run([sys.executable, __file__, flag, "--shards", str(shards), "--steps",
+                                       str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+                                       "--micro", str(args.micro), "--out", str(tmp / "plain")], cwd=ROOT,
+                                      capture_output=True, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                if proc.returncode:
+                    sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
+                medians[name].append(json.loads(proc.stdout.strip().splitlines()[-1])["step_s"])
             zero2 = run_trainer(shards, args.steps, tmp / f"zero2_{repeat}", args.threads, "parallel.zero_stage=2",
                                 "parallel.deepspeed_config=ds_configs/zero2.json")
-            medians[names[1]].append(trainer_step_s(zero2, args.warmup))
+            medians[names[2]].append(trainer_step_s(zero2, args.warmup))
             zero3 = run_trainer(shards, args.steps, tmp / f"zero3_{repeat}", args.threads)
-            medians[names[2]].append(trainer_step_s(zero3, args.warmup))
+            medians[names[3]].append(trainer_step_s(zero3, args.warmup))
             print(f"repeat {repeat + 1}: " + ", ".join(f"{v[-1]:.4f}" for v in medians.values()), flush=True)
         rows = [(n, min(v)) for n, v in medians.items()]
         plain = rows[0][1]

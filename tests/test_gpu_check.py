@@ -1,0 +1,28 @@
+"""tools/gpu_check.py's CPU dry run: the same code as on a GPU, on tiny shapes, ends with its one table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+
+def test_gpu_check_dry_run_on_cpu_prints_its_table():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/gpu_check.py"), "--device", "cpu"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    for check in ("loss: reference", "loss: fused_torch", "loss: fused_triton", "flash_attention_2 vs sdpa",
+                  "tiny proxy (CPU dry run): step time, ZeRO-3, 1 device", "tiny proxy (CPU dry run): MFU",
+                  "tiny proxy (CPU dry run): peak memory vs perceptio-plan", "tiny proxy (CPU dry run): loss finite"):
+        assert check in rows, (check, proc.stdout[-3000:])
+    assert "loss agrees" in rows["loss: fused_triton"] and "loss agrees" in rows["loss: fused_torch"]
+    assert rows["tiny proxy (CPU dry run): loss finite"].rstrip().endswith("ok |")
+    assert "skipped" in rows["flash_attention_2 vs sdpa"]  # no GPU here
+
+
+def test_gpu_check_refuses_cuda_without_a_gpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/gpu_check.py")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--device cpu" in proc.stderr and "Traceback" not in proc.stderr

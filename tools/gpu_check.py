@@ -1,0 +1,240 @@
+"""The GPU-only paths in one command and one table: fused LM-head loss, flash-attention, and an 8B-width proxy
+trained with ZeRO-3 against the planner's memory prediction. About 6 minutes on one H100/H200.
+
+    python tools/gpu_check.py                 # on a GPU machine: the figures for the README
+    python tools/gpu_check.py --device cpu    # the same code on tiny shapes (the test suite runs this)
+
+Rows:
+
+1. Fused LM-head loss, forward + backward at hidden 4096 x vocabulary 151,936 + 131 spatial tokens x 8,192 tokens,
+   bf16: the reference (full logits), chunked torch, the Triton kernels, and Liger-Kernel's and Apple's Cut
+   Cross-Entropy where installed, each in its own process (tools/bench_fused_loss.py); time and peak memory, ratios
+   against the reference. Goal: Triton at <= 0.7x the reference's time and <= 10 % of its memory.
+2. Attention: the tiny model in bf16 with flash_attention_2 and with SDPA from the same weights, on the same packed
+   batch; the two losses must agree (flash-attn's varlen path is what packing uses on GPUs).
+3. 8B-width proxy: the 8B recipe's widths (text 4096 x 4 decoder layers, the whole InternViT-300M, SAM2.1 Hiera-L's
+   head, K=128 10x10 depth tokenizer; random weights) trained for a few steps on one GPU with ZeRO-3, bf16 and
+   activation checkpointing, through the trainer's own pieces (DeepSpeed config, partitioned construction, training
+   module, optimizer): step time, tokens/s, MFU by train/flops.py, peak memory against perceptio-plan's prediction
+   for the same proxy. Goal: MFU >= 45 %.
+
+Wheels beyond a stock CUDA PyTorch image (pip install --no-deps where they would pull another torch): deepspeed,
+transformers, accelerate, safetensors, tokenizers, peft, sam2 (SAM2_BUILD_CUDA=0), hydra-core, omegaconf, iopath,
+webdataset, pyyaml, tqdm, this package (pip install --no-deps -e .), and triton (ships with CUDA torch); optional:
+flash-attn, liger-kernel, cut-cross-entropy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(TOOLS))
+
+PROXY_8B = ["model.backbone.pretrained_path=null", "model.backbone.tokenizer=builtin:tiny_bpe",
+            "model.backbone.text.num_layers=4", "model.seg_head.sam2_checkpoint=null",
+            "model.depth_vqvae.checkpoint=null", "data.shards=null", "train.micro_batch_size=1",
+            "train.grad_accum_steps=1", "model.backbone.attn_implementation=auto"]
+PROXY_CPU = ["model.depth_vqvae.checkpoint=null", "data.shards=null", "train.micro_batch_size=1",
+             "train.grad_accum_steps=1", "train.activation_checkpointing=true"]
+PROXY_MIX = [(1.0, 5, 40)]  # every proxy sample: 4 tiles + thumbnail, a depth block half the time, 40 answer words
+
+
+# ------------------------------------------------------------------------------------------------- 1. loss
+
+
+def check_fused_loss(cpu: bool) -> list[dict]:
+    shape = (["--tokens", "512", "--hidden", "32", "--vocab", "500", "--chunk", "64", "--dtype", "fp32"] if cpu else
+             ["--tokens", "8192", "--hidden", "4096", "--dtype", "bf16", "--device", "cuda"])
+    impls = ["reference", "fused_torch", "fused_triton"]
+    for module, name in (("liger_kernel", "liger"), ("cut_cross_entropy", "cce")):
+        if not cpu and _importable(module):
+            impls.append(name)
+    env = {**os.environ, **({"TRITON_INTERPRET": "1"} if cpu else {})}
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_fused_loss.py"), *shape, "--impls", *impls],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode:
+        return [{"check": "fused LM-head loss", "result": f"failed: {proc.stderr.strip().splitlines()[-1:]}"}]
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    ref = out["results"]["reference"]
+    rows = []
+    for impl, r in out["results"].items():
+        if "error" in r:
+            rows.append({"check": f"loss: {impl}", "result": r["error"]})
+            continue
+        ratio = "" if impl == "reference" else (f" ({r['seconds'] / ref['seconds']:.2f}x time, "
+                                                f"{r['peak_above_inputs_mb'] / max(ref['peak_above_inputs_mb'], 1e-9):.1%} "
+                                                f"memory; loss diff {abs(r['loss'] - ref['loss']):.2e})")
+        goal = result = ""
+        agrees = abs(r["loss"] - ref["loss"]) <= 2e-2 * abs(ref["loss"])  # bf16 on GPUs; fp32 agrees far closer
+        if impl in ("fused_torch", "fused_triton"):
+            result = "loss agrees" if agrees else "LOSS DIFFERS"
+        if impl == "fused_triton" and not cpu:
+            goal = "<= 0.7x time, <= 10 % memory"
+            met = (r["seconds"] <= 0.7 * ref["seconds"]
+                   and r["peak_above_inputs_mb"] <= 0.1 * ref["peak_above_inputs_mb"])
+            result += "; goal met" if met else "; goal not met"
+        rows.append({"check": f"loss: {impl}", "figure": f"{r['seconds']:.3f} s, {r['peak_above_inputs_mb']:.0f} MB"
+                     + ratio, "goal": goal, "result": result})
+    return rows
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# -------------------------------------------------------------------------------------------- 2. attention
+
+
+def check_attention(device) -> dict:
+    import torch
+
+    from bench_packing import sample_stream
+    from perceptio_dist.config import load_config
+    from perceptio_dist.data.packing import pack
+    from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
+    from perceptio_dist.losses.objective import PerceptioObjective
+    from perceptio_dist.model.perceptio import build_perceptio
+    from perceptio_dist.model.tokenizer import load_tokenizer
+    from perceptio_dist.parallel.zero import PerceptioTrainingModule
+
+    if device.type != "cuda" or not _importable("flash_attn"):
+        return {"check": "flash_attention_2 vs sdpa", "result": "skipped: needs a GPU and flash-attn"}
+    losses = {}
+    for attn in ("sdpa", "flash_attention_2"):
+        cfg = load_config("tiny_cpu", ["model.depth_vqvae.checkpoint=null", "data.shards=null",
+                                       f"model.backbone.attn_implementation={attn}", "model.backbone.max_tiles=13"])
+        tokenizer = load_tokenizer(cfg.model.backbone)
+        torch.manual_seed(0)
+        model = build_perceptio(cfg.model, tokenizer, torch.bfloat16, seed=0).to(device).eval()
+        batch = pack(sample_stream(cfg, tokenizer, model, 8), cfg.data.max_seq_len, 0).to(device)
+        batch.pixel_values = batch.pixel_values.to(torch.bfloat16)
+        module = PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
+                                         LMHeadTermsModule("fused_torch"))
+        with torch.no_grad():
+            losses[attn] = float(module(**batch.as_dict())[0])
+    diff = abs(losses["flash_attention_2"] - losses["sdpa"]) / abs(losses["sdpa"])
+    return {"check": "flash_attention_2 vs sdpa (tiny, bf16, packed)",
+            "figure": f"loss {losses['flash_attention_2']:.4f} vs {losses['sdpa']:.4f} ({diff:.1e} relative)",
+            "goal": "within 2e-2 (bf16)", "result": "ok" if diff < 2e-2 else "DIFFERS"}
+
+
+# ------------------------------------------------------------------------------------------------ 3. proxy
+
+
+def check_proxy(device, steps: int) -> list[dict]:
+    import torch
+
+    from bench_packing import sample_stream
+    from perceptio_dist.config import load_config
+    from perceptio_dist.data.batch import collate
+    from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
+    from perceptio_dist.losses.objective import PerceptioObjective
+    from perceptio_dist.model.perceptio import build_perceptio
+    from perceptio_dist.model.tokenizer import load_tokenizer
+    from perceptio_dist.parallel.deepspeed_config import build_deepspeed_config
+    from perceptio_dist.parallel.distributed import init_distributed
+    from perceptio_dist.parallel.zero import PerceptioTrainingModule, partitioned_construction, \
+        register_external_parameters
+    from perceptio_dist.plan import Cluster, model_sizes, plan
+    from perceptio_dist.train.flops import device_peak_tflops, flops_model_for
+    from perceptio_dist.train.optim import build_optimizer
+    from perceptio_dist.train.trainer import seed_everything
+
+    import deepspeed
+
+    cpu = device.type != "cuda"
+    cfg = load_config("tiny_cpu" if cpu else "perceptio_8b", PROXY_CPU if cpu else PROXY_8B)
+    dist = init_distributed("auto")
+    ds_config = build_deepspeed_config(cfg, 1)
+    seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    with partitioned_construction(ds_config, enabled=cfg.parallel.zero_stage == 3 and cfg.parallel.zero_init):
+        model = build_perceptio(cfg.model, tokenizer, dtype, seed=cfg.train.seed).train()
+    if cfg.train.activation_checkpointing:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
+                                     LMHeadTermsModule(cfg.objective.implementation))
+    if cfg.parallel.zero_stage == 3:
+        register_external_parameters(module.external_parameters())
+    optimizer, scheduler = build_optimizer(module, cfg.train)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    samples = sample_stream(cfg, tokenizer, model, steps + 2, mix=PROXY_MIX)
+    flops = flops_model_for(model)
+    peak_tflops, peak_source = device_peak_tflops(dist.device, cfg.logging.peak_tflops_per_device)
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, tokens, work = [], 0, 0.0
+    for i, sample in enumerate(samples):
+        batch = collate([sample], tokenizer.pad_token_id).to(dist.device)
+        batch.pixel_values = batch.pixel_values.to(dtype)
+        start = time.perf_counter()
+        loss, _, _ = engine(**batch.as_dict())
+        engine.backward(loss)
+        engine.step()
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:  # two warm-up steps
+            times.append(time.perf_counter() - start)
+            tokens += batch.num_tokens
+            work += flops.step_flops(batch.sample_lengths, batch.pixel_values.shape[0])
+    seconds = sum(times)
+    sizes = model_sizes(cfg, mean_sample_tokens=max(1, tokens // len(times)))
+    memory_gb = torch.cuda.get_device_properties(dist.device).total_memory / 2**30 if not cpu else 24.0
+    predicted = {p.layout: p for p in plan(sizes, Cluster(nodes=1, gpus_per_node=1, gpu_memory_gb=memory_gb,
+                                                          reserve_gb=0), 1, [])}["zero3"]
+    predicted_gb = predicted.model_states_gb + predicted.activations_per_sample_gb
+    measured = (f"{torch.cuda.max_memory_allocated(dist.device) / 2**30:.1f} GB" if not cpu
+                else "n/a on CPU (no allocator statistics)")
+    mfu = work / seconds / (peak_tflops * 1e12)
+    name = "8B-width proxy" if not cpu else "tiny proxy (CPU dry run)"
+    return [
+        {"check": f"{name}: step time, ZeRO-3, 1 device", "figure": f"{seconds / len(times):.3f} s/step, "
+         f"{tokens / seconds:.0f} tokens/s ({len(times)} steps of {tokens // len(times)} tokens)"},
+        {"check": f"{name}: MFU", "figure": f"{mfu:.1%} of {peak_tflops:.1f} TFLOP/s ({peak_source})",
+         "goal": ">= 45 %" if not cpu else "", "result": "" if cpu else ("ok" if mfu >= 0.45 else "below goal")},
+        {"check": f"{name}: peak memory vs perceptio-plan", "figure": f"measured {measured}, predicted "
+         f"{predicted_gb:.1f} GB (model states {predicted.model_states_gb:.1f} + activations "
+         f"{predicted.activations_per_sample_gb:.2f})"},
+        {"check": f"{name}: loss finite", "result": "ok" if bool(torch.isfinite(loss.detach()).all()) else "NOT FINITE"},
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--steps", type=int, default=None, help="timed proxy steps (default 5 on a GPU, 2 on CPU)")
+    args = parser.parse_args()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here: run with --device cpu for the dry run on tiny shapes")
+    device = torch.device(args.device)
+    steps = args.steps or (2 if args.device == "cpu" else 5)
+    started = time.perf_counter()
+    rows = check_fused_loss(cpu=args.device == "cpu")
+    rows.append(check_attention(device))
+    rows += check_proxy(device, steps)
+    title = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU dry run (tiny shapes)"
+    print(f"\n{title}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
+          f"{time.perf_counter() - started:.0f} s\n")
+    print("| check | figure | goal | result |")
+    print("| --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['check']} | {r.get('figure', '')} | {r.get('goal', '')} | {r.get('result', '')} |")
+
+
+if __name__ == "__main__":
+    main()
