@@ -363,6 +363,11 @@ class ParallelConfig:
         "(mode zero); 1 shards optimizer states, 0 nothing (mode pipeline: DeepSpeed refuses 2 and 3 there).", 3)
     pp_stages: int = doc_field("Pipeline stages (mode pipeline); ranks / pp_stages data-parallel replicas. Stage s holds "
                           "ranks s x replicas ... (s + 1) x replicas - 1.", 1)
+    tp_size: int = doc_field(
+        "Tensor parallelism for the LLM (DeepSpeed AutoTP training): each decoder layer's q/k/v, gate and up "
+        "projections column-sharded and o and down row-sharded over tp_size consecutive ranks; the vision tower, "
+        "projector, embeddings, LM head, SAM2 and the VQ-VAE replicated. Mode zero with ZeRO-2 only (DeepSpeed's "
+        "AutoTP takes ZeRO <= 2); ranks / tp_size data-parallel replicas. 1: off.", 1)
     pp_partition: Literal["parameters", "uniform"] = doc_field(
         "How decoder layers are dealt to stages when pp_layers_per_stage is null: balanced by trainable parameters "
         "(embedding + vision tower count for the first stage; LM head, SAM2 decoder for the last) or the same number "
@@ -771,6 +776,20 @@ def validate(cfg: PerceptioConfig) -> None:
 
 def _validate_parallel(cfg: PerceptioConfig, err) -> None:
     par, num_layers = cfg.parallel, cfg.model.backbone.text.num_layers
+    if par.tp_size < 1:
+        raise err("parallel.tp_size", f"must be >= 1 (1: no tensor parallelism), got {par.tp_size}.")
+    if par.tp_size > 1:
+        text = cfg.model.backbone.text
+        if par.mode != "zero" or par.zero_stage != 2:
+            raise err("parallel.tp_size", f"tensor parallelism runs with parallel.mode=zero and parallel.zero_stage=2 "
+                      f"(DeepSpeed's AutoTP training takes ZeRO <= 2), got mode {par.mode!r}, stage {par.zero_stage}.")
+        for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(text, name) % par.tp_size:
+                raise err("parallel.tp_size", f"{par.tp_size} does not divide model.backbone.text.{name}="
+                          f"{getattr(text, name)}: every rank needs whole heads and an equal share of the MLP.")
+        if cfg.model.lora.rank:
+            raise err("parallel.tp_size", "LoRA and tensor parallelism together are not supported (AutoTP shards the "
+                      "base linear layers peft wraps). Use ZeRO-2/3 without tensor parallelism for LoRA.")
     if par.mode == "zero":
         if par.zero_stage not in (2, 3):
             raise err("parallel.zero_stage", f"mode 'zero' runs ZeRO-2 or ZeRO-3, got {par.zero_stage} (stages 0 and 1 "
@@ -797,11 +816,15 @@ def _validate_parallel(cfg: PerceptioConfig, err) -> None:
 
 
 def data_parallel_size(cfg: PerceptioConfig, world_size: int) -> int:
-    """Replicas of the model: every rank in mode zero, ranks / pp_stages in mode pipeline."""
+    """Replicas of the model: every rank in mode zero, ranks / pp_stages in mode pipeline, ranks / tp_size with
+    tensor parallelism."""
     if world_size % cfg.parallel.pp_stages:
         raise ConfigError(f"Config error at 'parallel.pp_stages': {world_size} ranks cannot be split into "
                           f"{cfg.parallel.pp_stages} pipeline stages of equal size.")
-    return world_size // cfg.parallel.pp_stages
+    if world_size % cfg.parallel.tp_size:
+        raise ConfigError(f"Config error at 'parallel.tp_size': {world_size} ranks cannot be split into tensor-parallel "
+                          f"groups of {cfg.parallel.tp_size}.")
+    return world_size // (cfg.parallel.pp_stages * cfg.parallel.tp_size)
 
 
 def validate_runtime(cfg: PerceptioConfig, world_size: int) -> None:

@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from .config import ConfigError, PerceptioConfig, config_from_dict, dump_yaml
-from .train.checkpoint import is_complete, saved_config
+from .train.checkpoint import CONSOLIDATED_FILE, is_complete, saved_config
 
 log = logging.getLogger(__name__)
 MODEL_PREFIX = "model."  # the training module wraps the model as .model
@@ -44,12 +44,18 @@ def consolidated_state_dict(checkpoint: Path, cfg: PerceptioConfig) -> dict[str,
     """Full weights of a DeepSpeed checkpoint folder (global_stepN), keyed as in PerceptioModel.
 
     ZeRO-2/3 runs: the fp32 master weights (DeepSpeed's zero_to_fp32). Pipeline runs: the stages' layer
-    files (parallel/pipeline.py), in the precision the model trained in.
+    files (parallel/pipeline.py), in the precision the model trained in. Tensor-parallel runs: the whole weights the
+    checkpoint holds beside its shards (train/checkpoint.CONSOLIDATED_FILE), in the training precision.
     """
     from .parallel.pipeline import is_pipeline_checkpoint, pipeline_state_dict
 
     if is_pipeline_checkpoint(checkpoint):
         return pipeline_state_dict(checkpoint, cfg.model.backbone.text.num_layers)
+    if (checkpoint / CONSOLIDATED_FILE).exists():  # tensor-parallel runs: written whole at save time
+        from safetensors.torch import load_file
+
+        state = load_file(str(checkpoint / CONSOLIDATED_FILE))
+        return {k[len(MODEL_PREFIX):]: v.float() for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)

@@ -90,6 +90,9 @@ class ModelSizes:
     fixed_activation_bytes: float  # per sample, independent of placement (loss chunk, SAM2 embedding)
     flops_per_sample: float  # of a sample of the mean length (real tokens)
     samples_per_row: int = 1  # packed rows: samples of the mean length per activation unit (1: padded samples)
+    hidden: int = 0  # LLM width, for tensor-parallel all-reduce volume
+    unit_tokens: int = 0  # tokens per activation unit
+    heads: tuple[int, int, int] = (0, 0, 0)  # attention heads, KV heads, MLP width: what tensor parallelism divides
 
 
 @dataclass
@@ -194,7 +197,8 @@ def model_sizes(cfg, mean_sample_tokens: int | None = None) -> ModelSizes:
     flops = flops_model_for(model).step_flops([mean_tokens], tiles)
     # Per unit (a padded sample or a packed row): the SAM2 embedding is per sample, the loss chunk per unit.
     fixed = loss_chunk + sam2_embedding * samples_per_row
-    return ModelSizes(total, trainable, largest, tuple(blocks), fixed, flops, samples_per_row)
+    return ModelSizes(total, trainable, largest, tuple(blocks), fixed, flops, samples_per_row, d, seq,
+                      (text.num_attention_heads, text.num_key_value_heads, inter))
 
 
 def split_stages(blocks: tuple[Block, ...], stages: int, partition: str = "parameters",
@@ -218,9 +222,9 @@ def _largest_micro_batch(free_bytes: float, per_sample: float) -> int:
 
 
 def plan(sizes: ModelSizes, cluster: Cluster, global_batch: int, pp_stages: list[int], partition: str = "parameters",
-         layers_per_stage: list[int] | None = None) -> list[LayoutPlan]:
-    """Plans for ZeRO-2, ZeRO-3 and each pipeline depth; ``layers_per_stage`` (the recipe's) applies to the depth of
-    its length, other depths are split by ``partition``."""
+         layers_per_stage: list[int] | None = None, tp_sizes: list[int] = ()) -> list[LayoutPlan]:
+    """Plans for ZeRO-2, ZeRO-3, each pipeline depth and each tensor-parallel size (x ZeRO-2); ``layers_per_stage``
+    (the recipe's) applies to the depth of its length, other depths are split by ``partition``."""
     n = cluster.gpus
     usable = cluster.gpu_memory_gb * GB - cluster.reserve_gb * GB
     frozen = sizes.total - sizes.trainable
@@ -245,6 +249,40 @@ def plan(sizes: ModelSizes, cluster: Cluster, global_batch: int, pp_stages: list
     finish("zero3", 2.0 * sizes.total / n + 2.0 * sizes.largest_layer,
            4.0 * sizes.trainable / n + 2.0 * sizes.largest_layer, 12.0 * sizes.trainable / n,
            all_activations, recompute_peak, ring * accum * (4.0 * sizes.total + 2.0 * sizes.trainable), [])
+    # Tensor parallelism x ZeRO-2 (parallel.tp_size; DeepSpeed AutoTP takes ZeRO <= 2): the decoder layers' weights
+    # (their projections are nearly all of them) split over tp ranks of a node, the rest replicated; gradients and
+    # optimizer states partitioned over the n / tp data-parallel replicas. Activations: a decoder layer's inner
+    # values (q, k, v, attention, MLP) are split, its d-wide inputs kept whole (about 2 d of its 6 d + 2 kv + 4 I per
+    # token), so with checkpointing (only the input kept) they do not shrink. Each layer all-reduces its activations
+    # twice forward and twice backward inside the group, on the intra-node bandwidth.
+    for tp in tp_sizes:
+        heads, kv_heads, inter = sizes.heads
+        if tp < 2 or n % tp or tp > cluster.gpus_per_node or heads % tp or kv_heads % tp or inter % tp:
+            continue
+        dp = n // tp
+        decoder = [b for b in sizes.blocks if b.name.startswith("decoder.")]
+        dec_p, dec_t = sum(b.params for b in decoder), sum(b.trainable for b in decoder)
+        params = sizes.total - dec_p + dec_p / tp
+        trainable = sizes.trainable - dec_t + dec_t / tp
+        d = sizes.hidden
+        kv = kv_heads * (d // heads)
+        shrink = 1.0 - (1.0 - 2.0 * d / (6 * d + 2 * kv + 4 * inter)) * (1 - 1 / tp)  # a layer's full set, split
+        activations = all_activations - sum(b.activation_bytes * (1 - shrink) for b in decoder if not b.recompute_bytes)
+        recompute = max([b.recompute_bytes * shrink for b in decoder]
+                        + [b.recompute_bytes for b in sizes.blocks if not b.name.startswith("decoder.")])
+        dp_ring = (dp - 1) / dp if dp > 1 else 0.0
+        tp_ring = (tp - 1) / tp
+        accum_tp = max(1, math.ceil(global_batch / dp))
+        allreduce = 4 * len(decoder) * 2.0 * sizes.unit_tokens * sizes.hidden * 2 * tp_ring * accum_tp
+        comm = dp_ring * (2.0 * params + accum_tp * 2.0 * trainable) + allreduce
+        compute_tp = sizes.flops_per_sample * global_batch / (n * cluster.peak_tflops * 1e12 * cluster.mfu)
+        free = usable - 2.0 * params - 6.0 * trainable / dp - 12.0 * trainable / dp - recompute
+        mb = _largest_micro_batch(free, activations) * sizes.samples_per_row
+        comm_s = comm / (cluster.intra_node_gbps * 1e9 if cluster.nodes == 1 else cluster.bandwidth)
+        plans.append(LayoutPlan(f"tp{tp}xzero2", 2.0 * params / GB, 6.0 * trainable / dp / GB,
+                                12.0 * trainable / dp / GB, activations / GB, mb,
+                                max(compute_tp, comm_s) if mb else None, comm / GB, comm_s,
+                                [f"{dp} data-parallel replicas; decoder layers split {tp} ways inside a node"]))
     for stages in pp_stages:
         if n % stages or stages > len(sizes.blocks) - 3:
             continue

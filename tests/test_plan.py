@@ -164,3 +164,20 @@ def test_packing_counts_real_tokens_and_packed_rows(sizes_8b):
     assert rows["zero3"].max_micro_batch == 16 * units["zero3"].max_micro_batch > 0
     with pytest.raises(ConfigError, match="mean-sample-tokens"):
         model_sizes(load_config("perceptio_8b", []), mean_sample_tokens=seq + 1)
+
+
+def test_tensor_parallel_rows_by_hand(sizes_8b):
+    """tp x ZeRO-2: decoder weights split tp ways, the rest replicated; gradients and optimizer states over n / tp."""
+    cluster = Cluster(nodes=1, gpus_per_node=8, gpu_memory_gb=80)
+    rows = {p.layout: p for p in plan(sizes_8b, cluster, 16, [], tp_sizes=[2, 3, 4])}
+    assert "tp3xzero2" not in rows  # 32 heads / 8 KV heads do not split 3 ways
+    decoder = [b for b in sizes_8b.blocks if b.name.startswith("decoder.")]
+    dec_p, dec_t = sum(b.params for b in decoder), sum(b.trainable for b in decoder)
+    for tp in (2, 4):
+        params = sizes_8b.total - dec_p + dec_p / tp
+        trainable = sizes_8b.trainable - dec_t + dec_t / tp
+        row = rows[f"tp{tp}xzero2"]
+        assert row.params_gb * GIB == pytest.approx(2 * params)
+        assert row.grads_gb * GIB == pytest.approx(6 * trainable / (8 // tp))
+        assert row.optimizer_gb * GIB == pytest.approx(12 * trainable / (8 // tp))
+    assert rows["tp2xzero2"].params_gb < rows["zero2"].params_gb

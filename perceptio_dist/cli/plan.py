@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--global-batch", type=int, default=None,
                         help="samples per optimizer step (default: the recipe's, else 2 per GPU)")
     parser.add_argument("--pp-stages", type=int, nargs="*", default=[2, 4, 8])
+    parser.add_argument("--tp-sizes", type=int, nargs="*", default=[2, 4, 8],
+                        help="tensor-parallel sizes to plan (x ZeRO-2, inside a node)")
     parser.add_argument("--mean-sample-tokens", type=int, default=None,
                         help="mean tokens per sample of the data (default: data.max_seq_len); FLOPs count these "
                              "real tokens, and with data.packing a row holds row // mean samples")
@@ -47,8 +49,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(exc))
     par = cfg.parallel
     stages = sorted(set(args.pp_stages) | ({par.pp_stages} if par.mode == "pipeline" else set()))
-    print(format_table(plan(sizes, cluster, global_batch, stages, par.pp_partition, par.pp_layers_per_stage),
-                       cluster, sizes))
+    tp_sizes = sorted(set(args.tp_sizes) | ({par.tp_size} if par.tp_size > 1 else set()))
+    print(format_table(plan(sizes, cluster, global_batch, stages, par.pp_partition, par.pp_layers_per_stage,
+                            tp_sizes), cluster, sizes))
     mean = args.mean_sample_tokens or cfg.data.max_seq_len
     unit = (f"activations per packed row of {cfg.data.max_tokens_per_row or cfg.data.max_seq_len} tokens "
             f"({sizes.samples_per_row} samples); largest micro-batch in samples" if cfg.data.packing

@@ -55,7 +55,10 @@ def build_deepspeed_config(cfg: PerceptioConfig, world_size: int) -> dict:
     _merge(template, "train_micro_batch_size_per_gpu", t.micro_batch_size, source)
     _merge(template, "gradient_accumulation_steps", t.grad_accum_steps, source)
     replicas = data_parallel_size(cfg, world_size)
-    _merge(template, "train_batch_size", t.micro_batch_size * t.grad_accum_steps * replicas, source)
+    # DeepSpeed checks train_batch_size against its world size before it builds the tensor-parallel mesh, so with
+    # tensor parallelism it counts every rank (its gradients are still averaged over the data-parallel group only).
+    counted = replicas * cfg.parallel.tp_size
+    _merge(template, "train_batch_size", t.micro_batch_size * t.grad_accum_steps * counted, source)
     _merge(template, "gradient_clipping", t.grad_clip, source)
     bf16 = dict(template.get("bf16", {}))
     _merge(bf16, "enabled", t.precision == "bf16", f"{source} (bf16)")
@@ -83,6 +86,11 @@ def build_deepspeed_config(cfg: PerceptioConfig, world_size: int) -> dict:
     elif "pipeline" in template:
         raise ConfigError(f"Config error at 'parallel.deepspeed_config': {source} has a 'pipeline' section but "
                           "parallel.mode is 'zero'.")
+    if cfg.parallel.tp_size > 1:
+        if "tensor_parallel" in template:
+            raise ConfigError(f"Config error at 'parallel.deepspeed_config': {source} has a 'tensor_parallel' section; "
+                              "set parallel.tp_size in the recipe instead.")
+        template["tensor_parallel"] = llm_tensor_parallel(cfg.parallel.tp_size)
     template.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW is fine with ZeRO
     template.setdefault("steps_per_print", 2**31 - 1)  # we log ourselves
     template.setdefault("wall_clock_breakdown", False)
@@ -98,3 +106,16 @@ def _walk(d: dict, prefix: str = ""):
             yield from _walk(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
+
+
+def llm_tensor_parallel(tp_size: int) -> dict:
+    """DeepSpeed AutoTP training for the language model's decoder layers only. DeepSpeed's default specs would shard
+    every linear layer it finds, the InternViT and SAM2 Hiera attentions included, whose head reshapes then break
+    (measured: a shape error in the first forward); so the layer specs name the LLM's projections alone."""
+    layer = r".*language_model\.layers\.\d+\."
+    return {"autotp_size": tp_size, "partition_config": {"use_default_specs": False, "layer_specs": [
+        {"patterns": [layer + r"self_attn\.[qkv]_proj\.weight$", layer + r"mlp\.(gate|up)_proj\.weight$"],
+         "partition_type": "column"},
+        {"patterns": [layer + r"self_attn\.o_proj\.weight$", layer + r"mlp\.down_proj\.weight$"],
+         "partition_type": "row"},
+    ]}}

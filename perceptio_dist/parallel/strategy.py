@@ -39,8 +39,9 @@ from ..model.perceptio import PerceptioModel
 from .distributed import DistInfo, all_reduce_mean, all_reduce_sum, any_rank
 
 # What a layout check compares (with the defaults a checkpoint saved before a field existed had).
-LAYOUT_DEFAULTS = {"mode": "zero", "pp_stages": 1, "pp_partition": "parameters", "pp_layers_per_stage": None}
-LAYOUT_FIELDS = ("mode", "pp_stages", "pp_partition", "pp_layers_per_stage", "zero_stage")
+LAYOUT_DEFAULTS = {"mode": "zero", "pp_stages": 1, "pp_partition": "parameters", "pp_layers_per_stage": None,
+                   "tp_size": 1}
+LAYOUT_FIELDS = ("mode", "pp_stages", "pp_partition", "pp_layers_per_stage", "zero_stage", "tp_size")
 
 
 class NonfiniteGuard(Protocol):
@@ -116,8 +117,11 @@ class ParallelStrategy:
 
     def resume_differences(self, saved_parallel: dict, saved_world_size: int) -> list[str]:
         """Why a checkpoint saved with ``saved_parallel`` on ``saved_world_size`` ranks cannot resume here (empty: it
-        can). Pipeline checkpoints (per-stage layer files, per-rank optimizer partitions) resume only as saved."""
-        if saved_parallel.get("mode", "zero") != "pipeline" and self.mode != "pipeline":
+        can). Pipeline and tensor-parallel checkpoints (per-stage layer files or per-rank weight shards, per-rank
+        optimizer partitions) resume only as saved."""
+        sharded = (saved_parallel.get("mode", "zero") == "pipeline" or self.mode == "pipeline"
+                   or saved_parallel.get("tp_size", 1) > 1 or self.cfg.parallel.tp_size > 1)
+        if not sharded:
             return []  # ZeRO checkpoints resume on any rank count (universal format)
         current = dataclasses.asdict(self.cfg.parallel)
         diffs = [f"parallel.{k}: checkpoint {saved_parallel.get(k, LAYOUT_DEFAULTS.get(k))!r}, now {current[k]!r}"
@@ -128,7 +132,17 @@ class ParallelStrategy:
 
 
 class ZeroStrategy(ParallelStrategy):
+    """Also tensor parallelism (parallel.tp_size > 1, DeepSpeed AutoTP on the LLM, parallel/deepspeed_config.py):
+    DeepSpeed's mesh puts a tensor-parallel group on consecutive ranks, so rank r is data-parallel replica
+    r // tp_size; every rank of a group reads the same micro-batches, and only its first rank's records and batches
+    count (the group computes one replica's loss together)."""
+
     mode = "zero"
+
+    def __init__(self, cfg, dist):
+        super().__init__(cfg, dist)
+        tp = cfg.parallel.tp_size
+        self.tp_rank, self.data_rank, self.data_ranks = dist.rank % tp, dist.rank // tp, dist.world_size // tp
 
     def model_construction(self, ds_config: dict):
         from .zero import partitioned_construction
@@ -144,6 +158,10 @@ class ZeroStrategy(ParallelStrategy):
         if self.cfg.parallel.zero_stage == 3:
             register_external_parameters(module.external_parameters())
         return module
+
+    def describe(self) -> str:
+        tp = self.cfg.parallel.tp_size
+        return f"tensor parallel {tp} x {self.data_ranks} replicas, " if tp > 1 else ""
 
     def step(self, batches, on_batch, guard, step):
         engine, device, accum = self.engine, self.dist.device, self.cfg.train.grad_accum_steps
@@ -163,8 +181,9 @@ class ZeroStrategy(ParallelStrategy):
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
-            result.records.append((terms, counts))
-            result.batches.append(batch)
+            if self.tp_rank == 0:
+                result.records.append((terms, counts))
+                result.batches.append(batch)
         # DeepSpeed optimises the mean of the micro-batch totals over accumulation steps and replicas; with the
         # step normaliser's scale that mean is the step's objective.
         result.loss = all_reduce_mean(loss_sum / accum).item()

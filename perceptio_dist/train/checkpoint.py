@@ -35,6 +35,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from ..config import ConfigError
 from ..data.shards import file_sha256
@@ -43,6 +44,7 @@ from ..parallel.distributed import DistInfo, barrier
 log = logging.getLogger("perceptio_dist.checkpoint")
 MARKER = "COMPLETE.json"
 CONFIG_FILE = "config.yaml"  # the resolved training config, readable without DeepSpeed
+CONSOLIDATED_FILE = "consolidated_weights.safetensors"  # tensor-parallel runs: the whole module's weights
 TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -114,6 +116,15 @@ class CheckpointManager:
         barrier()
         engine.save_checkpoint(str(self.folder), tag=tmp.name, client_state=client_state, save_latest=False)
         torch.save(rank_state, tmp / f"rank{self.dist.rank:05d}_state.pt")
+        if engine.autotp_size() > 1:
+            # Tensor-parallel weights are sharded by rank, which zero_to_fp32 cannot merge: the whole module's
+            # weights, gathered by DeepSpeed (every rank takes part), go beside the shards for perceptio-export.
+            whole = engine._consolidated_16bit_state_dict()
+            if self.dist.is_main:
+                buffers = {name for name, _ in engine.module.named_buffers()}
+                whole.update({k: v.detach().cpu() for k, v in engine.module.state_dict().items()
+                              if k in buffers})  # persistent buffers (replicated)
+                save_file({k: v.contiguous() for k, v in whole.items()}, str(tmp / CONSOLIDATED_FILE))
         barrier()  # every rank's files are on disk
         final = self.folder / tag
         if self.dist.is_main:
