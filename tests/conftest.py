@@ -112,5 +112,22 @@ def run_ranks(nproc: int, args: list[str], timeout: float, cwd: Path = ROOT, mod
     return proc
 
 
+def save_initial_backbone(folder: Path, shards: Path) -> Path:
+    """The tiny recipe's random backbone and tokenizer saved as a checkpoint folder: the common start of runs on
+    different rank counts (random init under ZeRO-3's zero.Init depends on the rank count)."""
+    import torch
+
+    from perceptio_dist.config import load_config
+    from perceptio_dist.model.perceptio import build_perceptio
+    from perceptio_dist.model.tokenizer import load_tokenizer
+
+    cfg = load_config("tiny_cpu", [f"data.shards={shards}", NO_TOKENIZER])
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    torch.manual_seed(0)
+    build_perceptio(cfg.model, tokenizer).backbone.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -14,7 +14,7 @@ import torch
 from perceptio_dist.config import ConfigError, load_config
 from perceptio_dist.train.checkpoint import tag_for
 
-from .conftest import NO_TOKENIZER, read_metrics, run_ranks
+from .conftest import NO_TOKENIZER, read_metrics, run_ranks, save_initial_backbone
 
 RANK, ALPHA = 4, 8.0
 LORA = [f"model.lora.rank={RANK}", f"model.lora.alpha={ALPHA}", "model.lora.dropout=0.0"]
@@ -160,16 +160,9 @@ def _args(run_dir, shards, init, *extra):
 def lora_runs(tmp_path_factory, tiny_shards):
     """A saved initial backbone (ZeRO-3's random init depends on the rank count), then a LoRA run on 2 ranks with
     ZeRO-3 (zero.Init) and one on 1 rank with ZeRO-2 and accumulation 2: the same global batch."""
-    from perceptio_dist.model.perceptio import build_perceptio
-    from perceptio_dist.model.tokenizer import load_tokenizer
-
     root = tmp_path_factory.mktemp("lora")
-    cfg = load_config("tiny_cpu", [f"data.shards={tiny_shards}", NO_TOKENIZER])
-    tokenizer = load_tokenizer(cfg.model.backbone)
-    torch.manual_seed(0)
-    build_perceptio(cfg.model, tokenizer).backbone.save_pretrained(root / "init")
-    tokenizer.save_pretrained(root / "init")
-    runs = {"init": root / "init", "zero3": root / "zero3", "zero2": root / "zero2"}
+    runs = {"init": save_initial_backbone(root / "init", tiny_shards), "zero3": root / "zero3",
+            "zero2": root / "zero2"}
     run_ranks(2, _args(runs["zero3"], tiny_shards, runs["init"]), timeout=400)
     run_ranks(1, _args(runs["zero2"], tiny_shards, runs["init"], "train.grad_accum_steps=2", "parallel.zero_stage=2",
                        "parallel.deepspeed_config=ds_configs/zero2.json"), timeout=400)

@@ -18,7 +18,7 @@ from perceptio_dist.config import ConfigError, load_config
 from perceptio_dist.data.packing import pack, plan_rows
 from perceptio_dist.losses.objective import TERMS
 
-from .conftest import NO_TOKENIZER, ROOT, read_metrics, run_ranks
+from .conftest import NO_TOKENIZER, ROOT, read_metrics, run_ranks, save_initial_backbone
 from .test_checkpoint import _wait_for, losses, step_keys
 
 
@@ -167,16 +167,8 @@ def _run_args(run_dir, shards, init, accum: int, *extra: str) -> list[str]:
 def packed_runs(tmp_path_factory, tiny_shards):
     """One saved initial model (ZeRO-3 random init depends on the rank count), then: packed on 2 ranks, packed on
     1 rank with accumulation 2, padded on 2 ranks. Same global batch of 4."""
-    from perceptio_dist.model.perceptio import build_perceptio
-    from perceptio_dist.model.tokenizer import load_tokenizer
-
     root = tmp_path_factory.mktemp("packed")
-    cfg = load_config("tiny_cpu", [f"data.shards={tiny_shards}", NO_TOKENIZER])
-    tokenizer = load_tokenizer(cfg.model.backbone)
-    torch.manual_seed(0)
-    build_perceptio(cfg.model, tokenizer).backbone.save_pretrained(root / "init")
-    tokenizer.save_pretrained(root / "init")
-    runs = {"init": root / "init"}
+    runs = {"init": save_initial_backbone(root / "init", tiny_shards)}
     for name, nproc, accum, extra in [("packed_2x1", 2, 1, PACKED), ("packed_1x2", 1, 2, PACKED),
                                       ("padded_2x1", 2, 1, [])]:
         runs[name] = root / name

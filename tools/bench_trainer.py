@@ -62,8 +62,9 @@ def overrides(shards: Path, steps: int, out: Path, *extra: str) -> list[str]:
             f"logging.output_dir={out}", "checkpoint.save_final=false", *extra]
 
 
-def plain_loop(args_overrides: list[str], steps: int, warmup: int) -> dict:
-    """The baseline, in this (fresh) process."""
+def training_setup(args_overrides: list[str]):
+    """(config, training module, optimizer, schedule, batch iterator): what both baselines train, as the trainer builds
+    it (same seed, model, objective, LM-head back end, parameter groups, loader)."""
     import torch
 
     from perceptio_dist.config import load_config
@@ -83,7 +84,14 @@ def plain_loop(args_overrides: list[str], steps: int, warmup: int) -> dict:
     module = PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
                                      LMHeadTermsModule(cfg.objective.implementation))
     optimizer, scheduler = build_optimizer(module, cfg.train)
-    batches = iter(build_loader(cfg, tokenizer, model.token_ids, rank=0, world_size=1))
+    return cfg, module, optimizer, scheduler, iter(build_loader(cfg, tokenizer, model.token_ids, rank=0, world_size=1))
+
+
+def plain_loop(args_overrides: list[str], steps: int, warmup: int) -> dict:
+    """The baseline, in this (fresh) process."""
+    import torch
+
+    cfg, module, optimizer, scheduler, batches = training_setup(args_overrides)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -104,34 +112,17 @@ def deepspeed_loop(args_overrides: list[str], steps: int, warmup: int) -> dict:
     import socket
 
     import deepspeed
-    import torch
 
-    from perceptio_dist.config import load_config
-    from perceptio_dist.data.training_data import build_loader
-    from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
-    from perceptio_dist.losses.objective import PerceptioObjective
-    from perceptio_dist.model.perceptio import build_perceptio
-    from perceptio_dist.model.tokenizer import load_tokenizer
     from perceptio_dist.parallel.deepspeed_config import build_deepspeed_config
-    from perceptio_dist.parallel.zero import PerceptioTrainingModule
-    from perceptio_dist.train.optim import build_optimizer
-    from perceptio_dist.train.trainer import seed_everything
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_backend="gloo")
-    cfg = load_config("tiny_cpu", args_overrides)
-    seed_everything(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model.backbone)
-    model = build_perceptio(cfg.model, tokenizer, torch.float32, seed=cfg.train.seed).train()
-    module = PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
-                                     LMHeadTermsModule(cfg.objective.implementation))
-    optimizer, scheduler = build_optimizer(module, cfg.train)
+    cfg, module, optimizer, scheduler, batches = training_setup(args_overrides)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(cfg, 1))
-    batches = iter(build_loader(cfg, tokenizer, model.token_ids, rank=0, world_size=1))
     times = []
     for _ in range(steps):
         start = time.perf_counter()

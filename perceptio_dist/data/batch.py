@@ -94,15 +94,24 @@ def collate(samples: list[Sample], pad_token_id: int, keys: list[str] | tuple[st
         labels[i, :n] = s.labels
         attention_mask[i, :n] = 1
         sample_index[i, :n] = i
+    return assemble(samples, input_ids, attention_mask, labels, sample_index, keys=tuple(keys))
+
+
+def assemble(ordered: list[Sample], input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+             sample_index: torch.Tensor, position_ids: torch.Tensor | None = None,
+             keys: tuple[str, ...] = ()) -> Batch:
+    """A batch from its token tensors and the samples in the order their tokens appear (row-major): tiles, SAM2
+    images and spatial targets are concatenated in that order."""
     return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         labels=labels,
-        pixel_values=torch.cat([s.pixel_values for s in samples]),
-        sam_images=torch.stack([s.sam_image for s in samples]),
-        seg_masks=torch.cat([s.seg_masks for s in samples]),
-        teacher_depth=torch.cat([s.teacher_depth for s in samples]),
-        has_teacher_depth=torch.cat([s.has_teacher_depth for s in samples]),
+        pixel_values=torch.cat([s.pixel_values for s in ordered]),
+        sam_images=torch.stack([s.sam_image for s in ordered]),
+        seg_masks=torch.cat([s.seg_masks for s in ordered]),
+        teacher_depth=torch.cat([s.teacher_depth for s in ordered]),
+        has_teacher_depth=torch.cat([s.has_teacher_depth for s in ordered]),
         sample_index=sample_index,
-        keys=tuple(keys),
+        position_ids=position_ids,
+        keys=keys,
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..losses.layout import IGNORE_INDEX
-from .batch import Batch, Sample
+from .batch import Batch, Sample, assemble
 
 
 def _spread(lengths: list[int], order: list[int], count: int, budget: int) -> list[list[int]] | None:
@@ -91,17 +91,5 @@ def pack(samples: list[Sample], max_tokens_per_row: int, pad_token_id: int,
             position_ids[r, start:start + n] = torch.arange(n)
             start += n
         position_ids[r, start:] = torch.arange(width - start)  # padding: a block of its own
-    ordered = [samples[i] for i in order]
-    return Batch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        labels=labels,
-        pixel_values=torch.cat([s.pixel_values for s in ordered]),
-        sam_images=torch.stack([s.sam_image for s in ordered]),
-        seg_masks=torch.cat([s.seg_masks for s in ordered]),
-        teacher_depth=torch.cat([s.teacher_depth for s in ordered]),
-        has_teacher_depth=torch.cat([s.has_teacher_depth for s in ordered]),
-        sample_index=sample_index,
-        position_ids=position_ids,
-        keys=tuple(keys[i] for i in order) if keys else (),
-    )
+    return assemble([samples[i] for i in order], input_ids, attention_mask, labels, sample_index, position_ids,
+                    keys=tuple(keys[i] for i in order) if keys else ())
