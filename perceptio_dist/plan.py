@@ -227,7 +227,6 @@ def plan(sizes: ModelSizes, cluster: Cluster, global_batch: int, pp_stages: list
     (the recipe's) applies to the depth of its length, other depths are split by ``partition``."""
     n = cluster.gpus
     usable = cluster.gpu_memory_gb * GB - cluster.reserve_gb * GB
-    frozen = sizes.total - sizes.trainable
     all_activations = sum(b.activation_bytes for b in sizes.blocks) + sizes.fixed_activation_bytes
     recompute_peak = max(b.recompute_bytes for b in sizes.blocks)
     compute = sizes.flops_per_sample * global_batch / (n * cluster.peak_tflops * 1e12 * cluster.mfu)

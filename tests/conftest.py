@@ -129,5 +129,25 @@ def save_initial_backbone(folder: Path, shards: Path) -> Path:
     return folder
 
 
+def start_from_checkpoint(source_run: Path, step: int, run_dir: Path) -> Path:
+    """``run_dir`` holding a copy of ``source_run``'s checkpoint of ``step`` as its latest, to resume from."""
+    import shutil
+
+    from perceptio_dist.train.checkpoint import tag_for
+
+    shutil.copytree(source_run / "checkpoints" / tag_for(step), run_dir / "checkpoints" / tag_for(step))
+    (run_dir / "checkpoints" / "latest").write_text(tag_for(step))
+    return run_dir
+
+
+def assert_steps_repeat_bit_for_bit(reference_run: Path, resumed_run: Path, steps: list[int]) -> None:
+    """The resumed run logged exactly ``steps``, each with the reference run's loss, bit for bit."""
+    want = {m["step"]: m["loss"] for m in read_metrics(reference_run)}
+    got = {m["step"]: m["loss"] for m in read_metrics(resumed_run)}
+    assert sorted(got) == steps
+    for step in steps:
+        assert got[step] == want[step], step
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

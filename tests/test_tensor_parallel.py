@@ -5,17 +5,16 @@ the run resumes exactly on its own layout (and refuses another), and the export 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from perceptio_dist.config import ConfigError, load_config
 from perceptio_dist.train.checkpoint import tag_for
 
-from .conftest import NO_TOKENIZER, ROOT, read_metrics, run_ranks
+from .conftest import (NO_TOKENIZER, ROOT, assert_steps_repeat_bit_for_bit, read_metrics, run_ranks,
+                       start_from_checkpoint)
 
 STEPS = 6
 ZERO2 = ["parallel.zero_stage=2", "parallel.deepspeed_config=ds_configs/zero2.json"]
@@ -53,18 +52,12 @@ def test_tensor_parallel_losses_equal_the_zero2_run(tp_runs):
 
 
 def test_tensor_parallel_run_resumes_exactly_and_refuses_another_layout(tp_runs, tiny_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(tp_runs["tp2"] / "checkpoints" / tag_for(3), run_dir / "checkpoints" / tag_for(3))
-    (run_dir / "checkpoints" / "latest").write_text(tag_for(3))
+    run_dir = start_from_checkpoint(tp_runs["tp2"], 3, tmp_path / "run")
     other = subprocess.run([sys.executable, "-m", "perceptio_dist.train", *_args(run_dir, tiny_shards),
                             "checkpoint.resume=auto"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "parallel.tp_size" in other.stderr and "Traceback" not in other.stderr
     run_ranks(2, [*_args(run_dir, tiny_shards, "parallel.tp_size=2"), "checkpoint.resume=auto"], timeout=400)
-    want = {m["step"]: m["loss"] for m in read_metrics(tp_runs["tp2"])}
-    got = {m["step"]: m["loss"] for m in read_metrics(run_dir)}
-    assert sorted(got) == [4, 5, 6]
-    for step in (4, 5, 6):
-        assert got[step] == want[step], step  # bit for bit
+    assert_steps_repeat_bit_for_bit(tp_runs["tp2"], run_dir, [4, 5, 6])
 
 
 def test_tensor_parallel_export_holds_the_whole_weights(tp_runs, tmp_path):

@@ -9,8 +9,6 @@ by AbsRel at the depth tokenizer's input size. A map that follows the image has 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from .depth_metrics import abs_rel, align_to_depth
