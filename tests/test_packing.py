@@ -32,6 +32,9 @@ def test_rows_are_few_and_even_by_hand():
     # 5, 5, 5, 1 into rows of 10: 2 rows are 10 and 6 wide (20 positions), 3 rows 6, 5, 5 (18), 4 rows 20: 3 rows.
     assert plan_rows([5, 5, 5, 1], 10) == [[0, 3], [1], [2]]
     assert plan_rows([1, 1, 1], 3) == [[0, 1, 2]]
+    # 3, 3, 2, 2, 2 into rows of 10: longest first gives 3+2+2 and 3+2 (width 7); swapping a 3 of the fullest row
+    # with a 2 of the other evens them to 3+3 and 2+2+2 (width 6).
+    assert plan_rows([3, 3, 2, 2, 2], 10) == [[0, 1], [2, 3, 4]]
     with pytest.raises(ValueError, match="does not fit"):
         plan_rows([8], 7)
 

@@ -39,11 +39,45 @@ def _spread(lengths: list[int], order: list[int], count: int, budget: int) -> li
     return [row for row in rows if row]
 
 
+def _balance(rows: list[list[int]], lengths: list[int], budget: int) -> list[list[int]]:
+    """Lower the fullest row, which sets the batch's width: move one of its samples to another row, or swap one with
+    a shorter sample of another row, when that leaves both rows below its fill (the largest gain first; ties: the
+    first found). Repeats until no move or swap helps; every change lowers the sum of squared fills, so it ends."""
+    rows = [list(row) for row in rows]
+    fill = [sum(lengths[i] for i in row) for row in rows]
+    while True:
+        top = max(range(len(rows)), key=lambda r: (fill[r], -r))
+        best = None  # (new max of the two rows, row, sample out of top, sample out of row or None)
+        for r in range(len(rows)):
+            if r == top:
+                continue
+            for i in rows[top]:
+                for j in [None, *rows[r]]:
+                    moved = lengths[i] - (lengths[j] if j is not None else 0)
+                    if moved <= 0 or fill[r] + moved > budget:
+                        continue
+                    worst = max(fill[top] - moved, fill[r] + moved)
+                    if worst < fill[top] and (best is None or worst < best[0]):
+                        best = (worst, r, i, j)
+        if best is None:
+            return rows
+        _, r, i, j = best
+        rows[top].remove(i)
+        rows[r].append(i)
+        if j is not None:
+            rows[r].remove(j)
+            rows[top].append(j)
+        moved = lengths[i] - (lengths[j] if j is not None else 0)
+        fill[top] -= moved
+        fill[r] += moved
+
+
 def plan_rows(lengths: list[int], max_tokens_per_row: int, extra_rows: int = 2) -> list[list[int]]:
     """Sample indices per row, rows as even as possible: a packed batch is as wide as its fullest row, so uneven rows
     are padding. From the fewest rows that can hold the tokens, R = ceil(total / budget), up to R + ``extra_rows``,
-    samples are spread longest first (ties by index) to the emptiest row they fit; the spread with the fewest
-    positions (rows x fullest row; ties: fewer rows) wins. Rows in order of their first sample, samples in a row by
+    samples are spread longest first (ties by index) to the emptiest row they fit, then balanced by moves and swaps
+    out of the fullest row (_balance); the spread with the fewest positions (rows x fullest row; ties: fewer rows)
+    wins. Rows in order of their first sample, samples in a row by
     index. Deterministic in the lengths alone."""
     too_long = [n for n in lengths if n > max_tokens_per_row]
     if too_long:
@@ -55,6 +89,7 @@ def plan_rows(lengths: list[int], max_tokens_per_row: int, extra_rows: int = 2) 
     while last is None or count <= last:
         rows = _spread(lengths, order, count, max_tokens_per_row)
         if rows is not None:
+            rows = _balance(rows, lengths, max_tokens_per_row)
             last = count + extra_rows if last is None else last  # the window opens at the first count that fits
             positions = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
             if best_positions is None or positions < best_positions:
