@@ -1,7 +1,7 @@
 """The stack's own cost: perceptio-train's step time against a plain PyTorch loop over the same model, objective and
 batches, and the checkpoint save time as a share of step time, in one run.
 
-    python tools/bench_trainer.py [--steps 30] [--micro 2] [--shards DIR] [--threads 2]
+    python tools/bench_trainer.py [--steps 30] [--micro 2] [--text-width 256] [--engine-stages 0,2] [--shards DIR]
 
 Both sides run in fresh processes on one CPU rank with the same threads, the same recipe (the tiny one, with a
 language model of 256 x 4 layers so that compute, not bookkeeping, dominates a step as it does at 8B), the same
@@ -10,8 +10,9 @@ shards and the same ShardLoader (the plain loop iterates it too), fp32:
 * plain loop (the baseline): ``build_perceptio`` + the training module (model and objective, the recipe's LM-head
   back end), torch AdamW with the trainer's parameter groups and schedule, gradient clipping; per step: next batch,
   forward, backward, clip, step. No DeepSpeed, no metrics, no checks.
-* the same loop through a DeepSpeed engine (ZeRO-2, built from the trainer's own DeepSpeed config): what DeepSpeed
-  costs on its own;
+* the same loop through a DeepSpeed engine built from the trainer's own DeepSpeed config, at each ZeRO stage of
+  ``--engine-stages`` (0: DeepSpeed's data-parallel engine without ZeRO; 2: what perceptio-train's ZeRO-2 runs): what
+  DeepSpeed costs on its own, and how much of it is ZeRO's gradient partitioning;
 * perceptio-train: ``python -m perceptio_dist.train`` on 1 rank (a world of one), ZeRO-2 and ZeRO-3, with its
   metrics.jsonl, finiteness agreement, step normaliser and progress bar; its step time is the logged step_time_s.
 
@@ -37,9 +38,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODEL = ["model.backbone.text.hidden_size=256", "model.backbone.text.num_layers=4", "model.backbone.text.num_heads=8",
-         "model.backbone.text.num_kv_heads=4", "model.backbone.text.intermediate_size=688",
-         "model.depth_vqvae.checkpoint=null", "train.precision=fp32", "data.num_workers=1",
+
+
+def text_model(width: int) -> list[str]:
+    """The language model: ``width`` wide, 4 layers, 8 heads, an MLP 688 wide per 256 of width."""
+    return [f"model.backbone.text.hidden_size={width}", "model.backbone.text.num_layers=4",
+            "model.backbone.text.num_heads=8", "model.backbone.text.num_kv_heads=4",
+            f"model.backbone.text.intermediate_size={688 * width // 256}"]
+
+
+MODEL = [*text_model(256), "model.depth_vqvae.checkpoint=null", "train.precision=fp32", "data.num_workers=1",
          "logging.wandb=disabled", "logging.progress_bar=false"]
 
 
@@ -106,9 +114,9 @@ def plain_loop(args_overrides: list[str], steps: int, warmup: int) -> dict:
     return {"step_s": statistics.median(times[warmup:])}
 
 
-def deepspeed_loop(args_overrides: list[str], steps: int, warmup: int) -> dict:
-    """The plain loop's steps through a DeepSpeed engine built from the trainer's own DeepSpeed config (1 rank):
-    what DeepSpeed costs, without the trainer around it."""
+def deepspeed_loop(args_overrides: list[str], steps: int, warmup: int, stage: int) -> dict:
+    """The plain loop's steps through a DeepSpeed engine built from the trainer's own DeepSpeed config (1 rank) with
+    its ZeRO stage set to ``stage``: what DeepSpeed costs, without the trainer around it."""
     import socket
 
     import deepspeed
@@ -121,8 +129,10 @@ def deepspeed_loop(args_overrides: list[str], steps: int, warmup: int) -> dict:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_backend="gloo")
     cfg, module, optimizer, scheduler, batches = training_setup(args_overrides)
+    ds_config = build_deepspeed_config(cfg, 1)
+    ds_config["zero_optimization"]["stage"] = stage  # mode zero's config is for 2-3; the engine takes any
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_deepspeed_config(cfg, 1))
+                                           config=ds_config)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -149,6 +159,16 @@ def trainer_step_s(run_dir: Path, warmup: int) -> float:
     return statistics.median(r["step_time_s"] for r in records[warmup:])
 
 
+def parse_stages(text: str) -> list[int]:
+    try:
+        stages = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        stages = []
+    if not stages or any(stage not in (0, 1, 2) for stage in stages):
+        raise argparse.ArgumentTypeError(f"--engine-stages takes ZeRO stages out of 0, 1, 2, comma-separated, not {text!r}")
+    return stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -157,52 +177,62 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best median counts")
     parser.add_argument("--micro", type=int, default=2, help="samples per step (the tiny recipe's micro-batch: 2)")
+    parser.add_argument("--text-width", type=int, default=256,
+                        help="the language model's width (4 layers; the MLP scales with it)")
+    parser.add_argument("--engine-stages", type=parse_stages, default=[0, 2],
+                        help="ZeRO stages of the bare DeepSpeed-engine loop, comma-separated (default 0,2)")
     parser.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--deepspeed-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--deepspeed-worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps <= args.warmup + 2:
         parser.error("--steps must exceed --warmup by at least 3")
     if args.micro < 1:
         parser.error("--micro must be positive")
+    if args.text_width < 8 or args.text_width % 8:
+        parser.error("--text-width must be a positive multiple of 8 (8 heads)")
     global MICRO
     MICRO = args.micro
+    MODEL[:5] = text_model(args.text_width)
     if args.plain_worker:
         import torch
 
         torch.set_num_threads(args.threads)
         print(json.dumps(plain_loop(overrides(args.shards, args.steps, args.out), args.steps, args.warmup)))
         return
-    if args.deepspeed_worker:
+    if args.deepspeed_worker is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(deepspeed_loop(overrides(args.shards, args.steps, args.out, "parallel.zero_stage=2",
+        print(json.dumps(deepspeed_loop(overrides(args.shards, args.steps, args.out,
+                                                  "parallel.zero_stage=2",
                                                   "parallel.deepspeed_config=ds_configs/zero2.json"),
-                                        args.steps, args.warmup)))
+                                        args.steps, args.warmup, args.deepspeed_worker)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         shards = args.shards or build_shards(tmp / "data")
         print(f"shards: {shards}", flush=True)
-        names = ["plain PyTorch loop (AdamW, no DeepSpeed)", "the same loop through a DeepSpeed ZeRO-2 engine",
-                 "perceptio-train, ZeRO-2, 1 rank", "perceptio-train, ZeRO-3, 1 rank"]
-        medians: dict[str, list[float]] = {n: [] for n in names}
+        workers = [(["--plain-worker"], "plain PyTorch loop (AdamW, no DeepSpeed)")]
+        workers += [(["--deepspeed-worker", str(stage)],
+                     f"the same loop through a DeepSpeed engine, ZeRO stage {stage}") for stage in args.engine_stages]
+        trainers = ["perceptio-train, ZeRO-2, 1 rank", "perceptio-train, ZeRO-3, 1 rank"]
+        medians: dict[str, list[float]] = {name: [] for name in [*(n for _, n in workers), *trainers]}
         for repeat in range(args.repeats):  # interleaved, so a slow spell of the machine hits every loop alike
-            for flag, name in (("--plain-worker", names[0]), ("--deepspeed-worker", names[1])):
-                proc = subprocess.run([sys.executable, __file__, flag, "--shards", str(shards), "--steps",
+            for flags, name in workers:
+                proc = subprocess.run([sys.executable, __file__, *flags, "--shards", str(shards), "--steps",
                                        str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                                       "--micro", str(args.micro), "--out", str(tmp / "plain")], cwd=ROOT,
-                                      capture_output=True, text=True,
+                                       "--micro", str(args.micro), "--text-width", str(args.text_width),
+                                       "--out", str(tmp / "plain")], cwd=ROOT, capture_output=True, text=True,
                                       env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
                 if proc.returncode:
                     sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
                 medians[name].append(json.loads(proc.stdout.strip().splitlines()[-1])["step_s"])
             zero2 = run_trainer(shards, args.steps, tmp / f"zero2_{repeat}", args.threads, "parallel.zero_stage=2",
                                 "parallel.deepspeed_config=ds_configs/zero2.json")
-            medians[names[2]].append(trainer_step_s(zero2, args.warmup))
+            medians[trainers[0]].append(trainer_step_s(zero2, args.warmup))
             zero3 = run_trainer(shards, args.steps, tmp / f"zero3_{repeat}", args.threads)
-            medians[names[3]].append(trainer_step_s(zero3, args.warmup))
+            medians[trainers[1]].append(trainer_step_s(zero3, args.warmup))
             print(f"repeat {repeat + 1}: " + ", ".join(f"{v[-1]:.4f}" for v in medians.values()), flush=True)
         rows = [(n, min(v)) for n, v in medians.items()]
         plain = rows[0][1]
@@ -210,12 +240,17 @@ def main() -> None:
         saves = json.loads((saving / "summary.json").read_text())["checkpoint_saves"]
         save_s = statistics.median(s["seconds"] for s in saves)
         save_run_step = trainer_step_s(saving, args.warmup)
-    print(f"micro-batch {args.micro} samples, {args.steps} steps ({args.warmup} left out), {args.threads} threads")
+    print(f"micro-batch {args.micro} samples, text {args.text_width} wide x 4 layers, {args.steps} steps "
+          f"({args.warmup} left out), {args.threads} threads")
     print(f"best of {args.repeats} interleaved repeats of each loop's median step time")
     print("| loop | step time s | vs plain loop |")
     print("| --- | ---: | ---: |")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.4f} | {seconds / plain:.3f}x |")
+    engine2 = medians.get("the same loop through a DeepSpeed engine, ZeRO stage 2")
+    if engine2:
+        print(f"perceptio-train ZeRO-2 over the bare ZeRO-2 engine loop (what the stack adds to DeepSpeed): "
+              f"{min(medians[trainers[0]]) / min(engine2):.3f}x")
     from perceptio_dist.config import load_config
 
     interval = load_config("perceptio_8b", []).checkpoint.save_every_steps
