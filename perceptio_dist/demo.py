@@ -224,11 +224,14 @@ def write_demo_report(out: Path) -> Path:
                 fb = f"{100 * b[key]:.1f}" if key in b else "-"
                 lines.append(f"| {group} | {key} | {fa} | {fb} | {a.get('count', a.get('splits', ''))} |")
     from .eval.baselines import baselines_table
+    from .eval.marker_step import marker_step_table
     from .eval.run import faithfulness_table
 
     for name, label in (("depth_model", "Depth model"), ("ablation", "Ablation")):
         lines += [line.replace("## Baselines", f"## {label}: baselines") for line in baselines_table(metrics[name])]
     lines += [line.replace("## Does", "## Depth model: does") for line in faithfulness_table(metrics["depth_model"])]
+    for name, label in (("depth_model", "Depth model"), ("ablation", "Ablation")):
+        lines += [line.replace("## Does", f"## {label}: does") for line in marker_step_table(metrics[name])]
     timings = {p.name[1:-5]: json.loads(p.read_text()).get("seconds") for p in sorted(out.glob(".*.done"))}
     lines += ["", f"Stage times (s, this run or the one that made them): {json.dumps(timings)}", "",
               "## Loss curves", "", f"![losses]({_loss_curves(out).name})", ""]

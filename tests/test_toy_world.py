@@ -211,11 +211,54 @@ def test_sweep_table_by_hand(tmp_path):
                                 "configurations": [{"name": "base"}]}))
     sweep = load_sweep(path)
     depth = {"synthetic_depth_3": {"accuracy": 0.6, "chain_consistency": 0.85, "depth_dependence": {"ratio": 0.614},
+                                   "marker_cells": 0.125,
                                    "interventions": {"random": 0.3, "ground_truth": 0.62}},
              "synthetic_depth_4": {"accuracy": 0.5}, "train_seconds": 100}
     ablation = {"synthetic_depth_3": {"accuracy": 0.4}, "synthetic_depth_5": {"accuracy": 0.2}, "train_seconds": 90}
     rows = table_lines(sweep, [{"name": "base", "depth": depth, "ablation": ablation}])
-    assert rows[-1] == "| base | 60.0 / 50.0 / – | 40.0 / – / 20.0 | 30.0 | 62.0 | 85 | 0.61 | 190 |"
+    assert rows[-1] == "| base | 60.0 / 50.0 / – | 40.0 / – / 20.0 | 30.0 | 62.0 | 85 | 12.5 | 0.61 | 190 |"
+
+
+def test_marker_step_scored_by_hand():
+    from perceptio_dist.eval.marker_step import group_marker_scores, marker_step_scores, parse_marker_step
+
+    reference = "A at 3,4 near 7; B at 3,0 near 2; C at 3,6 near 5. (A)"
+    assert parse_marker_step(reference) == {"A": (3, 4, 7), "B": (3, 0, 2), "C": (3, 6, 5)}
+    # A's cell right, nearness wrong; B named twice, its first mention counts (cell wrong, nearness right); C missing.
+    first = marker_step_scores(reference, "A at 3,4 near 5; B at 3,5 near 2; B at 3,0 near 2. (A)")
+    assert first == {"markers": 3, "cells": 1, "nearness": 1, "listed": False}
+    # Every cell and level right, an extra letter D: not the right letters.
+    second = marker_step_scores(reference, "A at 3,4 near 7; B at 3,0 near 2; C at 3,6 near 5; D at 1,1 near 1. (A)")
+    assert second == {"markers": 3, "cells": 3, "nearness": 3, "listed": False}
+    # The format broken after A: one cell, nothing else.
+    third = marker_step_scores("A at 2,2 near 9; B at 3,0 near 1. (A)", "A at 2,2 near 8; B)")
+    assert third == {"markers": 2, "cells": 1, "nearness": 0, "listed": False}
+    assert marker_step_scores("(B)", "A at 1,1 near 1. (A)") is None  # no step in the reference: not scored
+    exact = marker_step_scores(reference, reference)
+    assert exact == {"markers": 3, "cells": 3, "nearness": 3, "listed": True}
+    group = group_marker_scores([first, second, third, exact],
+                                [reference, reference, "A at 2,2 near 9; B at 3,0 near 1. (A)", reference])
+    # 11 markers: cells 1 + 3 + 1 + 3 = 8, nearness 1 + 3 + 0 + 3 = 7; one of four answers lists the right letters.
+    # Most frequent cells: A (3,4) three times of four, B (3,0) four of four, C (3,6) three of three: 10 of 11.
+    assert group == {"marker_cells": 8 / 11, "marker_nearness": 7 / 11, "marker_listed": 0.25,
+                     "marker_cells_mode": 10 / 11, "marker_count": 11, "marker_items": 4}
+
+    # Through the evaluation's scoring: the same four answers as relative-depth items of one group.
+    from perceptio_dist.eval.benchmarks import EvalItem
+    from perceptio_dist.eval.generate import Prediction
+    from perceptio_dist.eval.marker_step import marker_step_table
+    from perceptio_dist.eval.run import score
+
+    answers = ["A at 3,4 near 5; B at 3,5 near 2; B at 3,0 near 2. (A)",
+               "A at 3,4 near 7; B at 3,0 near 2; C at 3,6 near 5; D at 1,1 near 1. (A)", "A at 2,2 near 8; B)",
+               reference]
+    references = [reference, reference, "A at 2,2 near 9; B at 3,0 near 1. (A)", reference]
+    items = [EvalItem("synthetic_depth_3", f"k{i}", np.zeros((8, 8, 3), np.uint8), "q", ref, "relative_depth", 3)
+             for i, ref in enumerate(references)]
+    metrics, rows = score(items, [Prediction(text, [], None, None, None) for text in answers])
+    assert {k: metrics["synthetic_depth_3"][k] for k in group} == group
+    assert rows[0]["marker_step"] == first
+    assert "| synthetic_depth_3 | 72.7 | 63.6 | 25.0 | 90.9 | 11 |" in marker_step_table(metrics)
 
 
 def test_marker_step_reads_cells_and_nearness_by_hand():

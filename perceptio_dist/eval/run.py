@@ -29,6 +29,7 @@ from .baselines import baselines_table, legibility, relative_depth_baselines
 from .depth_dependence import MEAN_DEPTH_FILE, depth_dependence
 from .faithfulness import INTERVENTIONS, chain_consistent, chain_prefix, ground_truth_codes, intervention_codes
 from .generate import GenerationSettings, Prediction, SpatialPolicy, generate
+from .marker_step import group_marker_scores, marker_step_scores, marker_step_table
 from .scoring import MaskScores, accuracy, parse_choice_letter
 
 log = logging.getLogger("perceptio_dist.eval")
@@ -151,6 +152,11 @@ def score(items: list[EvalItem], predictions: list[Prediction],
             g.setdefault("letters", []).append(letter or "none")
             if pred.depth is not None and item.gt_depth is not None:
                 g.setdefault("maps", []).append((pred.depth, item.gt_depth))
+            located = marker_step_scores(item.answer, pred.text)
+            if located is not None:
+                row["marker_step"] = located
+                g.setdefault("located", []).append(located)
+                g.setdefault("marker_references", []).append(item.answer)
             consistent = chain_consistent(item, pred, letter)
             if consistent is not None:
                 row["chain_consistent"] = consistent
@@ -173,6 +179,8 @@ def score(items: list[EvalItem], predictions: list[Prediction],
             metrics[name] = {"accuracy": accuracy(g["correct"]), "count": len(g["correct"])}
             if g.get("letters"):  # a constant answer shows at once
                 metrics[name]["answer_letters"] = dict(sorted(Counter(g["letters"]).items()))
+        if g.get("located"):
+            metrics[name].update(group_marker_scores(g["located"], g["marker_references"]))
         if "consistent" in g:
             metrics[name]["chain_consistency"] = accuracy(g["consistent"])
             metrics[name]["chain_count"] = len(g["consistent"])
@@ -261,6 +269,7 @@ def write_report(out: Path, items: list[EvalItem], predictions: list[Prediction]
                 lines.append(f"| {name} | {key} | {100 * m[key]:.1f} | {count} |")
     lines += baselines_table(metrics)
     lines += faithfulness_table(metrics)
+    lines += marker_step_table(metrics)
     groups: dict[str, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(item.group, []).append(i)
