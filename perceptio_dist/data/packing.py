@@ -77,8 +77,7 @@ def plan_rows(lengths: list[int], max_tokens_per_row: int, extra_rows: int = 2) 
     are padding. From the fewest rows that can hold the tokens, R = ceil(total / budget), up to R + ``extra_rows``,
     samples are spread longest first (ties by index) to the emptiest row they fit, then balanced by moves and swaps
     out of the fullest row (_balance); the spread with the fewest positions (rows x fullest row; ties: fewer rows)
-    wins. Rows in order of their first sample, samples in a row by
-    index. Deterministic in the lengths alone."""
+    wins. Rows in order of their first sample, samples in a row by index. Deterministic in the lengths alone."""
     too_long = [n for n in lengths if n > max_tokens_per_row]
     if too_long:
         raise ValueError(f"a sample of {max(too_long)} tokens does not fit in data.max_tokens_per_row="
