@@ -218,7 +218,7 @@ def write_demo_report(out: Path) -> Path:
              "| benchmark | metric | with depth tokens | without (ablation) | items |", "| --- | --- | ---: | ---: | ---: |"]
     for group in groups:
         a, b = metrics["depth_model"].get(group, {}), metrics["ablation"].get(group, {})
-        for key in ("accuracy", "ciou", "giou"):
+        for key in ("accuracy", "ciou", "giou", "answer_exact"):
             if key in a or key in b:
                 fa = f"{100 * a[key]:.1f}" if key in a else "-"
                 fb = f"{100 * b[key]:.1f}" if key in b else "-"

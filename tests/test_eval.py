@@ -55,6 +55,24 @@ def test_ciou_and_giou_by_hand():
         scores.add(np.zeros((2, 2), bool), target)
 
 
+def test_referring_answers_that_repeat_the_expression_by_hand():
+    from perceptio_dist.eval.benchmarks import EvalItem
+    from perceptio_dist.eval.generate import Prediction
+    from perceptio_dist.eval.run import score
+
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True
+    references = ["Sure, it is the green teddy.", "Sure, it is the red cube.", "Sure, it is the duck."]
+    answers = ["Sure, it is the green teddy. ", "Sure, it is the red cylinder.", "sure, it is the duck."]
+    items = [EvalItem("synthetic_refer", f"r{i}", np.zeros((4, 4, 3), np.uint8), "q", ref, "referring_seg", mask=mask)
+             for i, ref in enumerate(references)]
+    metrics, rows = score(items, [Prediction(text, [], None, None, mask) for text in answers])
+    # Surrounding spaces do not count, a wrong word or a changed capital does: 1 of 3.
+    assert [row["answer_exact"] for row in rows] == [True, False, False]
+    assert metrics["synthetic_refer"]["answer_exact"] == pytest.approx(1 / 3)
+    assert metrics["synthetic_refer"]["ciou"] == pytest.approx(1.0)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny random Perceptio written as an export folder (the inference format) and loaded back."""

@@ -144,6 +144,10 @@ def score(items: list[EvalItem], predictions: list[Prediction],
         g = groups.setdefault(item.group, {"correct": [], "masks": MaskScores()})
         if item.task == "referring_seg":
             row["iou"] = g["masks"].add(pred.mask, item.mask)
+            # The reference restates the question's expression ("Sure, it is the green teddy."): repeating it
+            # takes reading the question, the same in-context lookup a marker step needs in the image.
+            row["answer_exact"] = pred.text.strip() == item.answer.strip()
+            g.setdefault("exact", []).append(row["answer_exact"])
         else:
             letter = parse_choice_letter(pred.text, item.num_choices)
             expected = parse_choice_letter(item.answer, item.num_choices)
@@ -175,6 +179,8 @@ def score(items: list[EvalItem], predictions: list[Prediction],
     for name, g in sorted(groups.items()):
         if g["masks"].per_sample:
             metrics[name] = {"ciou": g["masks"].ciou, "giou": g["masks"].giou, "count": len(g["masks"].per_sample)}
+            if g.get("exact"):
+                metrics[name]["answer_exact"] = accuracy(g["exact"])
         else:
             metrics[name] = {"accuracy": accuracy(g["correct"]), "count": len(g["correct"])}
             if g.get("letters"):  # a constant answer shows at once
@@ -263,7 +269,7 @@ def write_report(out: Path, items: list[EvalItem], predictions: list[Prediction]
 
     lines = ["# Evaluation report", "", "| group | metric | value | items |", "| --- | --- | ---: | ---: |"]
     for name, m in metrics.items():
-        for key in ("accuracy", "single_pass_accuracy", "circular_accuracy", "ciou", "giou"):
+        for key in ("accuracy", "single_pass_accuracy", "circular_accuracy", "ciou", "giou", "answer_exact"):
             if key in m:
                 count = m.get("questions") if key == "circular_accuracy" else m.get("count", m.get("splits"))
                 lines.append(f"| {name} | {key} | {100 * m[key]:.1f} | {count} |")
