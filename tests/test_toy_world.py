@@ -226,22 +226,27 @@ def test_marker_step_scored_by_hand():
     assert parse_marker_step(reference) == {"A": (3, 4, 7), "B": (3, 0, 2), "C": (3, 6, 5)}
     # A's cell right, nearness wrong; B named twice, its first mention counts (cell wrong, nearness right); C missing.
     first = marker_step_scores(reference, "A at 3,4 near 5; B at 3,5 near 2; B at 3,0 near 2. (A)")
-    assert first == {"markers": 3, "cells": 1, "nearness": 1, "listed": False}
+    assert first == {"markers": 3, "cells": 1, "nearness": 1, "found": 1, "listed": False}
     # Every cell and level right, an extra letter D: not the right letters.
     second = marker_step_scores(reference, "A at 3,4 near 7; B at 3,0 near 2; C at 3,6 near 5; D at 1,1 near 1. (A)")
-    assert second == {"markers": 3, "cells": 3, "nearness": 3, "listed": False}
+    assert second == {"markers": 3, "cells": 3, "nearness": 3, "found": 3, "listed": False}
     # The format broken after A: one cell, nothing else.
     third = marker_step_scores("A at 2,2 near 9; B at 3,0 near 1. (A)", "A at 2,2 near 8; B)")
-    assert third == {"markers": 2, "cells": 1, "nearness": 0, "listed": False}
+    assert third == {"markers": 2, "cells": 1, "nearness": 0, "found": 1, "listed": False}
     assert marker_step_scores("(B)", "A at 1,1 near 1. (A)") is None  # no step in the reference: not scored
     exact = marker_step_scores(reference, reference)
-    assert exact == {"markers": 3, "cells": 3, "nearness": 3, "listed": True}
+    assert exact == {"markers": 3, "cells": 3, "nearness": 3, "found": 3, "listed": True}
+    # Every marker found, every letter on another's cell: no cell right, all found.
+    permuted = marker_step_scores(reference, "A at 3,0 near 2; B at 3,6 near 5; C at 3,4 near 7. (C)")
+    assert permuted == {"markers": 3, "cells": 0, "nearness": 0, "found": 3, "listed": True}
     group = group_marker_scores([first, second, third, exact],
                                 [reference, reference, "A at 2,2 near 9; B at 3,0 near 1. (A)", reference])
     # 11 markers: cells 1 + 3 + 1 + 3 = 8, nearness 1 + 3 + 0 + 3 = 7; one of four answers lists the right letters.
     # Most frequent cells: A (3,4) three times of four, B (3,0) four of four, C (3,6) three of three: 10 of 11.
-    assert group == {"marker_cells": 8 / 11, "marker_nearness": 7 / 11, "marker_listed": 0.25,
-                     "marker_cells_mode": 10 / 11, "marker_count": 11, "marker_items": 4}
+    # Found, any letter: 1 + 3 + 1 + 3 = 8. The most frequent cells over all letters are (3,0) 4, (3,4) 3, (3,6) 3,
+    # (2,2) 1: the three-marker items get (3,0), (3,4), (3,6), all found (9); the two-marker one (3,0), (3,4): 1.
+    assert group == {"marker_cells": 8 / 11, "marker_nearness": 7 / 11, "marker_found": 8 / 11, "marker_listed": 0.25,
+                     "marker_cells_mode": 10 / 11, "marker_found_mode": 10 / 11, "marker_count": 11, "marker_items": 4}
 
     # Through the evaluation's scoring: the same four answers as relative-depth items of one group.
     from perceptio_dist.eval.benchmarks import EvalItem
@@ -258,7 +263,7 @@ def test_marker_step_scored_by_hand():
     metrics, rows = score(items, [Prediction(text, [], None, None, None) for text in answers])
     assert {k: metrics["synthetic_depth_3"][k] for k in group} == group
     assert rows[0]["marker_step"] == first
-    assert "| synthetic_depth_3 | 72.7 | 63.6 | 25.0 | 90.9 | 11 |" in marker_step_table(metrics)
+    assert "| synthetic_depth_3 | 72.7 | 90.9 | 72.7 | 90.9 | 63.6 | 25.0 | 11 |" in marker_step_table(metrics)
 
 
 def test_marker_step_reads_cells_and_nearness_by_hand():

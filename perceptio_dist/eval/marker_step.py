@@ -6,18 +6,22 @@ the markers and misreads their depth from one that does not find them; the step 
 
 * ``cells``     markers whose grid cell (row, column) the answer names as the reference does;
 * ``nearness``  markers whose nearness level (0-9) it names as the reference does;
+* ``found``      markers whose cell it names for any letter (each named cell matched once): a model that finds the
+  markers but binds the letters wrongly scores here and not in ``cells``;
 * ``listed``    whether it names exactly the reference's letters (neither one missing nor one extra).
 
 A letter named twice counts with its first mention. Per group: ``marker_cells`` and ``marker_nearness`` are shares
 of all the reference's markers, ``marker_listed`` the share of answers. The shortcut to beat is
 ``marker_cells_mode``: naming, for every letter, the cell that letter has most often in the group's own references
-(the "memorised cells" answer).
+(the "memorised cells" answer); ``marker_found_mode``, its counterpart for ``found``, names the group's most frequent
+cells, as many as the item has markers.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from itertools import chain
 
 STEP = re.compile(r"\b([A-Z]) at (\d+),(\d+) near (\d+)")
 
@@ -36,9 +40,11 @@ def marker_step_scores(reference: str, prediction: str) -> dict | None:
     if not truth:
         return None
     named = parse_marker_step(prediction)
+    found = Counter(cell[:2] for cell in truth.values()) & Counter(cell[:2] for cell in named.values())
     return {"markers": len(truth),
             "cells": sum(named.get(k, (None, None))[:2] == cell[:2] for k, cell in truth.items()),
             "nearness": sum(k in named and named[k][2] == cell[2] for k, cell in truth.items()),
+            "found": sum(found.values()),
             "listed": set(named) == set(truth)}
 
 
@@ -52,10 +58,17 @@ def group_marker_scores(scores: list[dict], references: list[str]) -> dict:
             by_letter.setdefault(letter, Counter())[(row, col)] += 1
     mode = {letter: counts.most_common(1)[0][0] for letter, counts in by_letter.items()}
     mode_right = sum(mode[letter] == (row, col) for truth in truths for letter, (row, col, _) in truth.items())
+    frequent = [cell for cell, _ in Counter(chain.from_iterable(
+        [cell[:2] for cell in truth.values()] for truth in truths)).most_common()]
+    found_mode = sum(sum((Counter(cell[:2] for cell in truth.values()) & Counter(frequent[:len(truth)])).values())
+                     for truth in truths)
+    reference_markers = max(1, sum(len(t) for t in truths))
     return {"marker_cells": sum(s["cells"] for s in scores) / markers,
             "marker_nearness": sum(s["nearness"] for s in scores) / markers,
+            "marker_found": sum(s["found"] for s in scores) / markers,
             "marker_listed": sum(s["listed"] for s in scores) / len(scores),
-            "marker_cells_mode": mode_right / max(1, sum(len(t) for t in truths)),
+            "marker_cells_mode": mode_right / reference_markers,
+            "marker_found_mode": found_mode / reference_markers,
             "marker_count": markers, "marker_items": len(scores)}
 
 
@@ -65,12 +78,15 @@ def marker_step_table(metrics: dict) -> list[str]:
     if not groups:
         return []
     lines = ["", "## Does the answer find the markers?", "",
-             "The marker step of each answer (\"A at 3,5 near 7; ...\") against the reference's: markers whose cell it "
-             "names right, markers whose nearness level it names right, answers listing exactly the right letters, "
-             "and the shortcut of naming each letter's most frequent cell in these references (%).", "",
-             "| group | cells right | nearness right | right letters listed | most frequent cell per letter | markers |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "The marker step of each answer (\"A at 3,5 near 7; ...\") against the reference's (%): markers whose cell "
+             "it names right, beside the shortcut of naming each letter's most frequent cell in these references; "
+             "markers whose cell it names for any letter, beside naming the references' most frequent cells; "
+             "markers whose nearness level it names right; answers listing exactly the right letters.", "",
+             "| group | cells right | most frequent cell per letter | cells found, any letter | most frequent cells | "
+             "nearness right | right letters listed | markers |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, m in groups:
-        lines.append(f"| {name} | {100 * m['marker_cells']:.1f} | {100 * m['marker_nearness']:.1f} | "
-                     f"{100 * m['marker_listed']:.1f} | {100 * m['marker_cells_mode']:.1f} | {m['marker_count']} |")
+        lines.append(f"| {name} | {100 * m['marker_cells']:.1f} | {100 * m['marker_cells_mode']:.1f} | "
+                     f"{100 * m['marker_found']:.1f} | {100 * m['marker_found_mode']:.1f} | "
+                     f"{100 * m['marker_nearness']:.1f} | {100 * m['marker_listed']:.1f} | {m['marker_count']} |")
     return lines
