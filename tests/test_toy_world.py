@@ -211,12 +211,12 @@ def test_sweep_table_by_hand(tmp_path):
                                 "configurations": [{"name": "base"}]}))
     sweep = load_sweep(path)
     depth = {"synthetic_depth_3": {"accuracy": 0.6, "chain_consistency": 0.85, "depth_dependence": {"ratio": 0.614},
-                                   "marker_cells": 0.125,
+                                   "marker_cells": 0.125, "marker_found": 0.25,
                                    "interventions": {"random": 0.3, "ground_truth": 0.62}},
              "synthetic_depth_4": {"accuracy": 0.5}, "train_seconds": 100}
     ablation = {"synthetic_depth_3": {"accuracy": 0.4}, "synthetic_depth_5": {"accuracy": 0.2}, "train_seconds": 90}
     rows = table_lines(sweep, [{"name": "base", "depth": depth, "ablation": ablation}])
-    assert rows[-1] == "| base | 60.0 / 50.0 / – | 40.0 / – / 20.0 | 30.0 | 62.0 | 85 | 12.5 | 0.61 | 190 |"
+    assert rows[-1] == "| base | 60.0 / 50.0 / – | 40.0 / – / 20.0 | 30.0 | 62.0 | 85 | 12.5 / 25.0 | 0.61 | 190 |"
 
 
 def test_marker_step_scored_by_hand():
