@@ -203,6 +203,21 @@ def test_sweep_file_is_checked_before_anything_trains(tmp_path):
             load_sweep(path)
 
 
+@pytest.mark.parametrize("name", ["toy_spatial", "toy_localisation"])
+def test_shipped_sweep_files_validate(tmp_path, name):
+    """Every configuration of the sweeps the README reports loads against its recipe (held-out scenes: a stand-in)."""
+    import yaml
+
+    from .conftest import ROOT
+
+    data = yaml.safe_load((ROOT / "tools" / "sweeps" / f"{name}.yaml").read_text())
+    (tmp_path / "heldout").mkdir()
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps({**data, "heldout_scenes": str(tmp_path / "heldout")}))
+    sweep = load_sweep(path)
+    assert len(sweep.configurations) == len(data["configurations"]) >= 5
+
+
 def test_sweep_table_by_hand(tmp_path):
     scenes = tmp_path / "heldout"
     scenes.mkdir()
