@@ -3,8 +3,8 @@
 torch, DeepSpeed and transformers are pinned (constraints.txt) and the shards are byte-reproducible, so any
 change of the numbers (a refactor that reorders a reduction, a changed default, a different sample order)
 shows here. Exactly, on a CPU of the instruction set the file was written on (``cpu_capability``): torch and
-oneDNN pick their kernels by it, and between AVX2 and AVX-512 machines the same run differs from the 8th digit
-at step 1 to 2e-5 relative by step 10. On another instruction set the terms are compared within 1e-4 relative,
+oneDNN pick their kernels by it, and between an AVX-512 machine and the one that wrote the earlier file the same
+run differed from the 8th digit at step 1 to 2e-5 relative by step 10. On another instruction set the terms are compared within 1e-4 relative,
 which still catches a changed default or sample order (percent-level changes). A change that is meant to move
 the numbers regenerates the file and says why in its commit:
 
