@@ -254,8 +254,11 @@ def test_marker_step_scored_by_hand():
     # Every marker found, every letter on another's cell: no cell right, all found.
     permuted = marker_step_scores(reference, "A at 3,0 near 2; B at 3,6 near 5; C at 3,4 near 7. (C)")
     assert permuted == {"markers": 3, "cells": 0, "nearness": 0, "found": 3, "listed": True}
-    group = group_marker_scores([first, second, third, exact],
-                                [reference, reference, "A at 2,2 near 9; B at 3,0 near 1. (A)", reference])
+    group = group_marker_scores([
+        (reference, "A at 3,4 near 5; B at 3,5 near 2; B at 3,0 near 2. (A)"),
+        (reference, "A at 3,4 near 7; B at 3,0 near 2; C at 3,6 near 5; D at 1,1 near 1. (A)"),
+        ("A at 2,2 near 9; B at 3,0 near 1. (A)", "A at 2,2 near 8; B)"), (reference, reference),
+        ("(B)", "A at 1,1 near 1. (A)")])  # the last has no step in its reference: left out
     # 11 markers: cells 1 + 3 + 1 + 3 = 8, nearness 1 + 3 + 0 + 3 = 7; one of four answers lists the right letters.
     # Most frequent cells: A (3,4) three times of four, B (3,0) four of four, C (3,6) three of three: 10 of 11.
     # Found, any letter: 1 + 3 + 1 + 3 = 8. The most frequent cells over all letters are (3,0) 4, (3,4) 3, (3,6) 3,

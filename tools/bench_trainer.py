@@ -47,7 +47,7 @@ def text_model(width: int) -> list[str]:
             f"model.backbone.text.intermediate_size={688 * width // 256}"]
 
 
-MODEL = [*text_model(256), "model.depth_vqvae.checkpoint=null", "train.precision=fp32", "data.num_workers=1",
+MODEL = ["model.depth_vqvae.checkpoint=null", "train.precision=fp32", "data.num_workers=1",
          "logging.wandb=disabled", "logging.progress_bar=false"]
 
 
@@ -62,10 +62,12 @@ def build_shards(folder: Path) -> Path:
 
 
 MICRO = 2  # samples per step (set from --micro)
+TEXT_WIDTH = 256  # the language model's width (set from --text-width)
 
 
 def overrides(shards: Path, steps: int, out: Path, *extra: str) -> list[str]:
-    return [*MODEL, f"data.shards={shards}", f"train.max_steps={steps}", "train.warmup_steps=2",
+    return [*text_model(TEXT_WIDTH), *MODEL, f"data.shards={shards}", f"train.max_steps={steps}",
+            "train.warmup_steps=2",
             f"train.micro_batch_size={MICRO}",
             f"logging.output_dir={out}", "checkpoint.save_final=false", *extra]
 
@@ -159,6 +161,10 @@ def trainer_step_s(run_dir: Path, warmup: int) -> float:
     return statistics.median(r["step_time_s"] for r in records[warmup:])
 
 
+def engine_loop_name(stage: int) -> str:
+    return f"the same loop through a DeepSpeed engine, ZeRO stage {stage}"
+
+
 def parse_stages(text: str) -> list[int]:
     try:
         stages = sorted({int(part) for part in text.split(",") if part.strip()})
@@ -191,9 +197,8 @@ def main() -> None:
         parser.error("--micro must be positive")
     if args.text_width < 8 or args.text_width % 8:
         parser.error("--text-width must be a positive multiple of 8 (8 heads)")
-    global MICRO
-    MICRO = args.micro
-    MODEL[:5] = text_model(args.text_width)
+    global MICRO, TEXT_WIDTH
+    MICRO, TEXT_WIDTH = args.micro, args.text_width
     if args.plain_worker:
         import torch
 
@@ -214,8 +219,7 @@ def main() -> None:
         shards = args.shards or build_shards(tmp / "data")
         print(f"shards: {shards}", flush=True)
         workers = [(["--plain-worker"], "plain PyTorch loop (AdamW, no DeepSpeed)")]
-        workers += [(["--deepspeed-worker", str(stage)],
-                     f"the same loop through a DeepSpeed engine, ZeRO stage {stage}") for stage in args.engine_stages]
+        workers += [(["--deepspeed-worker", str(stage)], engine_loop_name(stage)) for stage in args.engine_stages]
         trainers = ["perceptio-train, ZeRO-2, 1 rank", "perceptio-train, ZeRO-3, 1 rank"]
         medians: dict[str, list[float]] = {name: [] for name in [*(n for _, n in workers), *trainers]}
         for repeat in range(args.repeats):  # interleaved, so a slow spell of the machine hits every loop alike
@@ -247,7 +251,7 @@ def main() -> None:
     print("| --- | ---: | ---: |")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.4f} | {seconds / plain:.3f}x |")
-    engine2 = medians.get("the same loop through a DeepSpeed engine, ZeRO stage 2")
+    engine2 = medians.get(engine_loop_name(2))
     if engine2:
         print(f"perceptio-train ZeRO-2 over the bare ZeRO-2 engine loop (what the stack adds to DeepSpeed): "
               f"{min(medians[trainers[0]]) / min(engine2):.3f}x")

@@ -47,7 +47,7 @@ def _balance(rows: list[list[int]], lengths: list[int], budget: int) -> list[lis
     fill = [sum(lengths[i] for i in row) for row in rows]
     while True:
         top = max(range(len(rows)), key=lambda r: (fill[r], -r))
-        best = None  # (new max of the two rows, row, sample out of top, sample out of row or None)
+        best = None  # (new max of the two rows, row, sample out of top, sample out of row or None, tokens moved)
         for r in range(len(rows)):
             if r == top:
                 continue
@@ -58,16 +58,15 @@ def _balance(rows: list[list[int]], lengths: list[int], budget: int) -> list[lis
                         continue
                     worst = max(fill[top] - moved, fill[r] + moved)
                     if worst < fill[top] and (best is None or worst < best[0]):
-                        best = (worst, r, i, j)
+                        best = (worst, r, i, j, moved)
         if best is None:
             return rows
-        _, r, i, j = best
+        _, r, i, j, moved = best
         rows[top].remove(i)
         rows[r].append(i)
         if j is not None:
             rows[r].remove(j)
             rows[top].append(j)
-        moved = lengths[i] - (lengths[j] if j is not None else 0)
         fill[top] -= moved
         fill[r] += moved
 

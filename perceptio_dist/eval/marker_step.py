@@ -48,10 +48,12 @@ def marker_step_scores(reference: str, prediction: str) -> dict | None:
             "listed": set(named) == set(truth)}
 
 
-def group_marker_scores(scores: list[dict], references: list[str]) -> dict:
-    """Per-group shares from per-item ``marker_step_scores`` and the group's reference answers."""
-    markers = sum(s["markers"] for s in scores)
-    truths = [parse_marker_step(r) for r in references]
+def group_marker_scores(pairs: list[tuple[str, str]]) -> dict:
+    """Per-group shares over (reference, prediction) answers whose reference has a marker step."""
+    scored = [(parse_marker_step(ref), marker_step_scores(ref, pred)) for ref, pred in pairs]
+    scored = [(truth, s) for truth, s in scored if s is not None]
+    truths = [truth for truth, _ in scored]
+    markers = sum(s["markers"] for _, s in scored)
     by_letter: dict[str, Counter] = {}
     for truth in truths:
         for letter, (row, col, _) in truth.items():
@@ -62,14 +64,11 @@ def group_marker_scores(scores: list[dict], references: list[str]) -> dict:
         [cell[:2] for cell in truth.values()] for truth in truths)).most_common()]
     found_mode = sum(sum((Counter(cell[:2] for cell in truth.values()) & Counter(frequent[:len(truth)])).values())
                      for truth in truths)
-    reference_markers = max(1, sum(len(t) for t in truths))
-    return {"marker_cells": sum(s["cells"] for s in scores) / markers,
-            "marker_nearness": sum(s["nearness"] for s in scores) / markers,
-            "marker_found": sum(s["found"] for s in scores) / markers,
-            "marker_listed": sum(s["listed"] for s in scores) / len(scores),
-            "marker_cells_mode": mode_right / reference_markers,
-            "marker_found_mode": found_mode / reference_markers,
-            "marker_count": markers, "marker_items": len(scores)}
+    share = lambda key: sum(s[key] for _, s in scored) / markers  # noqa: E731
+    return {"marker_cells": share("cells"), "marker_nearness": share("nearness"), "marker_found": share("found"),
+            "marker_listed": sum(s["listed"] for _, s in scored) / len(scored),
+            "marker_cells_mode": mode_right / markers, "marker_found_mode": found_mode / markers,
+            "marker_count": markers, "marker_items": len(scored)}
 
 
 def marker_step_table(metrics: dict) -> list[str]:

@@ -159,8 +159,7 @@ def score(items: list[EvalItem], predictions: list[Prediction],
             located = marker_step_scores(item.answer, pred.text)
             if located is not None:
                 row["marker_step"] = located
-                g.setdefault("located", []).append(located)
-                g.setdefault("marker_references", []).append(item.answer)
+                g.setdefault("marker_steps", []).append((item.answer, pred.text))
             consistent = chain_consistent(item, pred, letter)
             if consistent is not None:
                 row["chain_consistent"] = consistent
@@ -185,8 +184,8 @@ def score(items: list[EvalItem], predictions: list[Prediction],
             metrics[name] = {"accuracy": accuracy(g["correct"]), "count": len(g["correct"])}
             if g.get("letters"):  # a constant answer shows at once
                 metrics[name]["answer_letters"] = dict(sorted(Counter(g["letters"]).items()))
-        if g.get("located"):
-            metrics[name].update(group_marker_scores(g["located"], g["marker_references"]))
+        if g.get("marker_steps"):
+            metrics[name].update(group_marker_scores(g["marker_steps"]))
         if "consistent" in g:
             metrics[name]["chain_consistency"] = accuracy(g["consistent"])
             metrics[name]["chain_count"] = len(g["consistent"])
