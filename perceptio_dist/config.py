@@ -275,6 +275,15 @@ TASKS = ("referring_seg", "relative_depth", "depth", "vqa")
 
 
 @dataclass
+class CurriculumPhase:
+    until_step: int = doc_field("The phase holds for the optimizer steps before this one (after the previous "
+                                "phase's); data.task_weights hold after the last phase.")
+    task_weights: dict[str, float] = doc_field(
+        "The phase's sampling weight per task, as data.task_weights; tasks missing here are weighted 0.",
+        default_factory=dict)
+
+
+@dataclass
 class DataConfig:
     shards: Optional[str] = path_field(
         "Folder written by the preprocessing job (ray_jobs/preprocess.py): manifest.json and <task>/*.tar shards; "
@@ -304,6 +313,11 @@ class DataConfig:
         "shards or weighted 0 are not drawn.",
         default_factory=lambda: {"referring_seg": 1.0, "relative_depth": 1.0, "depth": 0.5, "vqa": 0.5},
     )
+    curriculum: list[CurriculumPhase] = doc_field(
+        "Earlier phases with their own task weights, e.g. [{until_step: 750, task_weights: {relative_depth: 1}}]: "
+        "relative-depth questions only for the first 750 steps, then data.task_weights (AURORA's depth-first "
+        "curriculum). Every task of any phase needs samples; resume and rank splits stay exact. []: none.",
+        default_factory=list)
     num_workers: int = doc_field("DataLoader worker processes per rank (0: load in the training process).", 2)
     seed: int = doc_field("Seed of the task mixing and of the shard/sample shuffles (with the epoch).", 1234)
     max_seq_len: int = doc_field("Longest tokenised sample; longer samples are skipped and counted, not truncated.", 4096)
@@ -705,11 +719,21 @@ def validate(cfg: PerceptioConfig) -> None:
     check_depth_downsampling(vq.input_size, tok.depth_grid, "model.depth_vqvae.input_size")
     if not 0 < vq.ema_decay < 1:
         raise err("model.depth_vqvae.ema_decay", f"must be in (0, 1), got {vq.ema_decay}.")
-    unknown = sorted(set(cfg.data.task_weights) - set(TASKS))
-    if unknown:
-        raise err("data.task_weights", f"unknown task(s) {unknown}; tasks are {list(TASKS)}.")
-    if any(w < 0 for w in cfg.data.task_weights.values()) or not any(w > 0 for w in cfg.data.task_weights.values()):
-        raise err("data.task_weights", "weights must be >= 0 with at least one positive.")
+    weightings = [("data.task_weights", cfg.data.task_weights)] + [
+        (f"data.curriculum[{i}].task_weights", phase.task_weights) for i, phase in enumerate(cfg.data.curriculum)]
+    for where, weights in weightings:
+        unknown = sorted(set(weights) - set(TASKS))
+        if unknown:
+            raise err(where, f"unknown task(s) {unknown}; tasks are {list(TASKS)}.")
+        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+            raise err(where, "weights must be >= 0 with at least one positive.")
+    previous = 0
+    for i, phase in enumerate(cfg.data.curriculum):
+        if not previous < phase.until_step < cfg.train.max_steps:
+            raise err(f"data.curriculum[{i}].until_step",
+                      f"{phase.until_step} must lie after the previous phase's end ({previous}) and before "
+                      f"train.max_steps={cfg.train.max_steps}, or data.task_weights would never be used.")
+        previous = phase.until_step
     if cfg.data.shuffle_window < 1:
         raise err("data.shuffle_window", f"must be >= 1 shard, got {cfg.data.shuffle_window}.")
     if not 0.0 <= cfg.data.depth_context_noise <= 1.0:

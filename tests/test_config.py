@@ -62,6 +62,13 @@ def test_yaml_file_recipe(tmp_path):
         ("data.task_weights={vqa: 1, ocr: 1}", ["'data.task_weights'", "'ocr'"]),
         ("data.task_weights={vqa: 0}", ["'data.task_weights'", "at least one positive"]),
         ("data.depth_context_noise=1.5", ["'data.depth_context_noise'", "[0, 1]"]),
+        ("data.curriculum=[{until_step: 10, task_weights: {ocr: 1}}]", ["'data.curriculum[0].task_weights'", "'ocr'"]),
+        ("data.curriculum=[{until_step: 10, task_weights: {}}]", ["'data.curriculum[0].task_weights'", "positive"]),
+        ("data.curriculum=[{until_step: 40, task_weights: {vqa: 1}}]", ["'data.curriculum[0].until_step'",
+                                                                        "train.max_steps=40"]),
+        ("data.curriculum=[{until_step: 20, task_weights: {vqa: 1}}, {until_step: 10, task_weights: {vqa: 1}}]",
+         ["'data.curriculum[1].until_step'", "previous phase's end (20)"]),
+        ("data.curriculum=[{task_weights: {vqa: 1}}]", ["'data.curriculum[0].until_step'", "missing"]),
         ("trainlr", ["section.key=value"]),
     ],
 )

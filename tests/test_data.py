@@ -320,6 +320,22 @@ def test_task_weights_and_the_no_depth_ablation(tiny_cfg, tiny_tokenizer):
     assert int((ablation.labels == ids.depth_start).sum()) == 0 and ablation.teacher_depth.shape[0] == 0
 
 
+def test_a_curriculum_phase_reads_only_its_tasks_and_resumes_across_the_switch(tiny_cfg, tiny_tokenizer):
+    """data.curriculum through the real loader: depth samples only for the first 3 steps, then VQA only; a
+    loader restored at step 2 reads what the uninterrupted one reads, across the switch."""
+    from perceptio_dist.config import CurriculumPhase
+
+    changes = {"data": {"task_weights": {"vqa": 1.0}, "curriculum": [CurriculumPhase(3, {"depth": 1.0})]}}
+    loader = _loader(tiny_cfg, tiny_tokenizer, 0, 1, **changes)
+    keys = _keys(loader, 6)
+    assert all("depth" in k for b in keys[:3] for k in b) and all("vqa" in k for b in keys[3:] for k in b), keys
+    again = _loader(tiny_cfg, tiny_tokenizer, 0, 1, **changes)
+    _keys(again, 2)
+    fresh = _loader(tiny_cfg, tiny_tokenizer, 0, 1, **changes)
+    fresh.load_state_dict(again.state_dict())
+    assert _keys(fresh, 4) == keys[2:]
+
+
 def test_depth_context_noise_corrupts_only_the_input_codes(tiny_cfg, tiny_tokenizer):
     """data.depth_context_noise: the same samples, the same labels; inputs differ only at depth-code positions,
     by about the configured share, with codes; drawn from the sample key (two loaders agree); evaluation's

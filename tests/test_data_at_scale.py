@@ -18,11 +18,11 @@ from perceptio_dist.data.shards import read_shard
 
 
 def read_in_global_order(sizes: dict[str, list[int]], weights: list[float], slots: int, epochs: int = 2,
-                         window: int = 4) -> tuple[dict[str, list], list[list]]:
+                         window: int = 4, phases=()) -> tuple[dict[str, list], list[list]]:
     """Every slot of every step in global order until each task has been read ``epochs`` times over:
     per task its reads (epoch, shard, index), and per step the (task, shard) pairs it touched."""
     tasks = sorted(sizes)
-    sampler = GlobalSampler(tasks, np.asarray(weights) / sum(weights), sizes, 7, slots, window)
+    sampler = GlobalSampler(tasks, np.asarray(weights) / sum(weights), sizes, 7, slots, window, phases)
     totals = {t: sum(sizes[t]) for t in tasks}
     reads: dict[str, list] = {t: [] for t in tasks}
     touched, step = [], 0
@@ -66,6 +66,30 @@ def test_mixed_tasks_are_each_read_exactly_once_per_epoch():
         assert_exactly_once_per_epoch(reads[task], task_sizes)
     shares = Counter(task for task, r in reads.items() for _ in r)
     assert shares["a"] > shares["b"]
+
+
+def test_a_curriculum_draws_each_phase_by_its_weights_and_reads_every_sample_once_per_epoch():
+    """Phase 'a only' until step 300 (inside the second block of 256 steps), then 'b only'. Before 256 the draws
+    are those of a sampler weighted 'a only'; from block 1 on the tasks are those of a sampler weighted 'b only'
+    past step 300, and epochs stay exact across the switch."""
+    sizes = {"a": [50, 30, 80], "b": [20, 20, 7]}
+    a_only, b_only = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    staged = GlobalSampler(["a", "b"], b_only, sizes, 3, 4, 2, [(300, a_only)])
+    plain_a = GlobalSampler(["a", "b"], a_only, sizes, 3, 4, 2)
+    assert {staged.draw(step, slot).task for step in range(300) for slot in range(4)} == {"a"}
+    assert {staged.draw(step, slot).task for step in range(300, 700) for slot in range(4)} == {"b"}
+    assert all(staged.draw(step, slot) == plain_a.draw(step, slot) for step in (0, 17, 255) for slot in range(4))
+    # a mixed final phase: its draws from block 2 on are a plain sampler's task choices
+    mixed = np.array([0.4, 0.6])
+    staged = GlobalSampler(["a", "b"], mixed, sizes, 3, 4, 2, [(100, a_only), (300, b_only)])
+    plain = GlobalSampler(["a", "b"], mixed, sizes, 3, 4, 2)
+    tasks = [(staged.draw(s, k).task, plain.draw(s, k).task) for s in range(512, 600) for k in range(4)]
+    assert all(x == y for x, y in tasks) and {x for x, _ in tasks} == {"a", "b"}
+    reads, _ = read_in_global_order(sizes, [0.4, 0.6], slots=4, phases=[(100, a_only), (300, b_only)])
+    for task, task_sizes in sizes.items():
+        assert_exactly_once_per_epoch(reads[task], task_sizes)
+    with pytest.raises(ValueError, match="increasing"):
+        GlobalSampler(["a", "b"], mixed, sizes, 3, 4, 2, [(300, a_only), (100, b_only)])
 
 
 def test_the_samples_of_a_step_do_not_depend_on_which_rank_computes_them():

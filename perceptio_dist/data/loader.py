@@ -70,7 +70,8 @@ class ShardLoader:
     def __init__(self, folder: str | Path, task_weights: dict[str, float], seed: int, rank: int, world_size: int,
                  grad_accum: int, micro_batch_size: int, builder, num_workers: int = 0, pad_token_id: int = 0,
                  shuffle_window: int = 4, damaged_shards: str = "stop", verify: str = "size",
-                 cache_dir: str | Path | None = None, max_tokens_per_row: int | None = None):
+                 cache_dir: str | Path | None = None, max_tokens_per_row: int | None = None,
+                 curriculum: list[tuple[int, dict[str, float]]] = ()):
         self.store = ShardStore(folder, cache_dir, verify)
         self.folder = self.store.location
         self.manifest = self.store.manifest
@@ -83,20 +84,21 @@ class ShardLoader:
         for s in self.manifest["shards"]:
             if s["num_samples"]:
                 shards.setdefault(s["task"], []).append(s)
-        self.tasks = sorted(t for t, w in task_weights.items() if w > 0 and t in shards)
-        if not self.tasks:
-            raise ValueError(f"none of the weighted tasks {sorted(task_weights)} has samples in {self.folder}")
+        weightings = [weights for _, weights in curriculum] + [task_weights]
+        for weights in weightings:
+            if not any(w > 0 and t in shards for t, w in weights.items()):
+                raise ValueError(f"none of the weighted tasks {sorted(weights)} has samples in {self.folder}")
+        self.tasks = sorted({t for weights in weightings for t, w in weights.items() if w > 0 and t in shards})
         for task in self.tasks:
             total = sum(s["num_samples"] for s in shards[task])
             if total < self.num_slots:
                 raise ValueError(f"task {task} has {total} samples in {self.folder}, fewer than the global batch of "
                                  f"{self.num_slots}: give it weight 0 or more data")
-        weights = np.array([task_weights[t] for t in self.tasks], dtype=np.float64)
-        self.weights = weights / weights.sum()
+        self.weights = self._normalised(task_weights)
         self.shards = shards
         self.sampler = GlobalSampler(self.tasks, self.weights, {t: [s["num_samples"] for s in shards[t]]
                                                                 for t in self.tasks}, seed, self.num_slots,
-                                     shuffle_window)
+                                     shuffle_window, [(until, self._normalised(w)) for until, w in curriculum])
         # A step reads one window of shards per task (two at a boundary); one more absorbs the turnover.
         self.max_open_shards = (2 * shuffle_window + 1) * len(self.tasks)
         self.known_bad = self._check_sizes([s for t in self.tasks for s in shards[t]])
@@ -104,6 +106,11 @@ class ShardLoader:
         self._open_pid = -1
         self.position = 0  # micro-batches consumed by this rank
         self.skipped = 0
+
+    def _normalised(self, task_weights: dict[str, float]) -> np.ndarray:
+        """Sampling probabilities over self.tasks (a task without samples is never drawn)."""
+        weights = np.array([task_weights.get(t, 0.0) for t in self.tasks], dtype=np.float64)
+        return weights / weights.sum()
 
     def _check_sizes(self, entries: list[dict]) -> dict[str, str]:
         """Every rank stats every local shard at start: a truncated copy stops the run before the first step."""

@@ -13,6 +13,10 @@ windows are read one after the other. The trade: a step's samples of a task come
 boundary), so a rank has at most about ``window`` shards of a task open at a time, in exchange for mixing
 samples only within a window (shards themselves are visited in a fresh random order every epoch). window = the
 shard count gives a full shuffle of the epoch.
+
+A curriculum (data.curriculum) gives earlier steps other task weights: phase p holds until its ``until_step``,
+the last weights hold after. Within a block, the rows of each phase are drawn one phase after the other from the
+block's generator, so a block inside one phase draws exactly what a run without the curriculum draws.
 """
 
 from __future__ import annotations
@@ -91,19 +95,37 @@ class TaskEpochOrder:
 
 
 class GlobalSampler:
-    """(step, slot) -> SampleRef for a global batch of ``num_slots``; any rank computes any slot's sample."""
+    """(step, slot) -> SampleRef for a global batch of ``num_slots``; any rank computes any slot's sample.
+
+    ``phases``: the curriculum, (until_step, weights) with until_step increasing; ``weights`` hold after the last.
+    """
 
     def __init__(self, tasks: list[str], weights: np.ndarray, shard_sizes: dict[str, list[int]], seed: int,
-                 num_slots: int, window: int):
+                 num_slots: int, window: int, phases: list[tuple[int, np.ndarray]] = ()):
         self.tasks, self.weights, self.seed, self.num_slots = tasks, np.asarray(weights, float), seed, num_slots
+        self.phases = [(int(until), np.asarray(w, float)) for until, w in phases]
+        if any(b[0] <= a[0] for a, b in zip(self.phases, self.phases[1:])):
+            raise ValueError("curriculum phases must end at increasing steps")
         self.orders = [TaskEpochOrder(shard_sizes[t], seed, i, window) for i, t in enumerate(tasks)]
         self._choices_cache: _LRU = _LRU(4)
         self._block_starts = [np.zeros(len(tasks), dtype=np.int64)]  # task reads before each step block
 
+    def _segments(self, first: int, end: int) -> list[tuple[int, np.ndarray]]:
+        """(rows, weights) of the steps first..end-1, one segment per curriculum phase they touch, in order."""
+        segments, step = [], first
+        for until, weights in self.phases:
+            if step < min(until, end):
+                segments.append((min(until, end) - step, weights))
+                step = min(until, end)
+        if step < end:
+            segments.append((end - step, self.weights))
+        return segments
+
     def _choices(self, b: int) -> np.ndarray:
         """The task of every slot for the steps of block b: [STEP_BLOCK, G]."""
         rng = np.random.default_rng([self.seed, 3, b])
-        return rng.choice(len(self.tasks), size=(STEP_BLOCK, self.num_slots), p=self.weights)
+        return np.concatenate([rng.choice(len(self.tasks), size=(rows, self.num_slots), p=weights)
+                               for rows, weights in self._segments(b * STEP_BLOCK, (b + 1) * STEP_BLOCK)])
 
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """(block b's task choices, the reads of each task before each of its steps)."""

@@ -46,7 +46,8 @@ def build_loader(cfg: PerceptioConfig, tokenizer: PreTrainedTokenizerBase, token
                              cfg.train.micro_batch_size, builder, d.num_workers, tokenizer.pad_token_id,
                              shuffle_window=d.shuffle_window, damaged_shards=d.damaged_shards, verify=d.verify,
                              cache_dir=d.cache_dir,
-                             max_tokens_per_row=(d.max_tokens_per_row or d.max_seq_len) if d.packing else None)
+                             max_tokens_per_row=(d.max_tokens_per_row or d.max_seq_len) if d.packing else None,
+                             curriculum=[(phase.until_step, phase.task_weights) for phase in d.curriculum])
     except ConfigError:
         raise
     except ValueError as exc:
