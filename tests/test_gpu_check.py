@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,11 @@ def test_gpu_check_dry_run_on_cpu_prints_its_table():
     assert "loss agrees" in rows["loss: fused_triton"] and "loss agrees" in rows["loss: fused_torch"]
     assert rows["tiny proxy (CPU dry run): loss finite"].rstrip().endswith("ok |")
     assert "skipped" in rows["flash_attention_2 vs sdpa"]  # no GPU here
+    # the overhead baseline trains the same weights on the same samples: fp32 on CPU, the same first loss
+    plain = re.search(r"first loss ([\d.]+) \(ZeRO-3: ([\d.]+)\)",
+                      rows["tiny proxy (CPU dry run): plain PyTorch loop, same samples"])
+    assert plain and abs(float(plain[1]) - float(plain[2])) <= 1e-5 * float(plain[2]), plain
+    assert re.search(r"\| [\d.]+x \|", rows["tiny proxy (CPU dry run): ZeRO-3 step over the plain loop's"])
 
 
 def test_gpu_check_refuses_cuda_without_a_gpu():

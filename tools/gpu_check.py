@@ -17,6 +17,9 @@ Rows:
    activation checkpointing, through the trainer's own pieces (DeepSpeed config, partitioned construction, training
    module, optimizer): step time, tokens/s, MFU by train/flops.py, peak memory against perceptio-plan's prediction
    for the same proxy. Goal: MFU >= 45 %.
+4. The stack's overhead (issue 18): the same proxy, weights and samples in a plain PyTorch loop (bf16 weights, torch
+   AdamW, no DeepSpeed, no fp32 master copy: a lower bound on a hand-written loop's cost); step time and the
+   ZeRO-3 run's ratio over it. Goal: <= 1.10x. Both loops' first losses are printed: they must agree.
 
 Wheels beyond a stock CUDA PyTorch image (pip install --no-deps where they would pull another torch): deepspeed,
 transformers, accelerate, safetensors, tokenizers, peft, sam2 (SAM2_BUILD_CUDA=0), hydra-core, omegaconf, iopath,
@@ -137,7 +140,6 @@ def check_proxy(device, steps: int) -> list[dict]:
 
     from bench_packing import sample_stream
     from perceptio_dist.config import load_config
-    from perceptio_dist.data.batch import collate
     from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
     from perceptio_dist.losses.objective import PerceptioObjective
     from perceptio_dist.model.perceptio import build_perceptio
@@ -157,9 +159,9 @@ def check_proxy(device, steps: int) -> list[dict]:
     cfg = load_config("tiny_cpu" if cpu else "perceptio_8b", PROXY_CPU if cpu else PROXY_8B)
     dist = init_distributed("auto")
     ds_config = build_deepspeed_config(cfg, 1)
-    seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.backbone)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    seed_everything(cfg.train.seed)
     with partitioned_construction(ds_config, enabled=cfg.parallel.zero_stage == 3 and cfg.parallel.zero_init):
         model = build_perceptio(cfg.model, tokenizer, dtype, seed=cfg.train.seed).train()
     if cfg.train.activation_checkpointing:
@@ -168,24 +170,33 @@ def check_proxy(device, steps: int) -> list[dict]:
                                      LMHeadTermsModule(cfg.objective.implementation))
     if cfg.parallel.zero_stage == 3:
         register_external_parameters(module.external_parameters())
+    samples = list(sample_stream(cfg, tokenizer, model, steps + 2, mix=PROXY_MIX))
+    # The baseline trains the same initial weights (partitioned construction draws them differently) on the same
+    # samples, with a fresh tokenizer: build_perceptio counts a tokenizer's spatial tokens into the base vocabulary
+    # once they are added, so a second build from the same one would be another model.
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=cfg.parallel.zero_stage == 3):
+        initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    plain_s, plain_first_loss = plain_loop_step_s(cfg, load_tokenizer(cfg.model.backbone), samples, dist.device,
+                                                  dtype, initial)
+    del initial
     optimizer, scheduler = build_optimizer(module, cfg.train)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
-    samples = sample_stream(cfg, tokenizer, model, steps + 2, mix=PROXY_MIX)
     flops = flops_model_for(model)
     peak_tflops, peak_source = device_peak_tflops(dist.device, cfg.logging.peak_tflops_per_device)
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, tokens, work = [], 0, 0.0
+    seed_everything(cfg.train.seed)
     for i, sample in enumerate(samples):
-        batch = collate([sample], tokenizer.pad_token_id).to(dist.device)
-        batch.pixel_values = batch.pixel_values.to(dtype)
+        batch = proxy_batch(sample, tokenizer, dist.device, dtype)
         start = time.perf_counter()
         loss, _, _ = engine(**batch.as_dict())
         engine.backward(loss)
         engine.step()
         if dist.device.type == "cuda":
             torch.cuda.synchronize()
+        first_loss = float(loss) if i == 0 else first_loss
         if i >= 2:  # two warm-up steps
             times.append(time.perf_counter() - start)
             tokens += batch.num_tokens
@@ -209,7 +220,65 @@ def check_proxy(device, steps: int) -> list[dict]:
          f"{predicted_gb:.1f} GB (model states {predicted.model_states_gb:.1f} + activations "
          f"{predicted.activations_per_sample_gb:.2f})"},
         {"check": f"{name}: loss finite", "result": "ok" if bool(torch.isfinite(loss.detach()).all()) else "NOT FINITE"},
+        {"check": f"{name}: plain PyTorch loop, same samples", "figure": f"{plain_s:.3f} s/step; first loss "
+         f"{plain_first_loss:.6f} (ZeRO-3: {first_loss:.6f})"},
+        {"check": f"{name}: ZeRO-3 step over the plain loop's", "figure": f"{seconds / len(times) / plain_s:.2f}x",
+         "goal": "<= 1.10x" if not cpu else "",
+         "result": "" if cpu else ("ok" if seconds / len(times) <= 1.10 * plain_s else "above goal")},
     ]
+
+
+def proxy_batch(sample, tokenizer, device, dtype):
+    from perceptio_dist.data.batch import collate
+
+    batch = collate([sample], tokenizer.pad_token_id).to(device)
+    batch.pixel_values = batch.pixel_values.to(dtype)
+    return batch
+
+
+def plain_loop_step_s(cfg, tokenizer, samples, device, dtype, initial: dict) -> tuple[float, float]:
+    """(median step time after two warm-up steps, first loss): the proxy with the ``initial`` weights trained on the
+    same samples by a plain loop; freed before the ZeRO-3 engine takes the memory."""
+    import gc
+    import statistics
+
+    import torch
+
+    from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
+    from perceptio_dist.losses.objective import PerceptioObjective
+    from perceptio_dist.model.perceptio import build_perceptio
+    from perceptio_dist.parallel.zero import PerceptioTrainingModule
+    from perceptio_dist.train.optim import build_optimizer
+    from perceptio_dist.train.trainer import seed_everything
+
+    seed_everything(cfg.train.seed)
+    model = build_perceptio(cfg.model, tokenizer, dtype, seed=cfg.train.seed).to(device).train()
+    if cfg.train.activation_checkpointing:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
+                                     LMHeadTermsModule(cfg.objective.implementation))
+    module.load_state_dict(initial)
+    optimizer, scheduler = build_optimizer(module, cfg.train)
+    times, first_loss = [], None
+    seed_everything(cfg.train.seed)  # the objective's random mask points: as in the ZeRO-3 run's first step
+    for sample in samples:
+        batch = proxy_batch(sample, tokenizer, device, dtype)
+        start = time.perf_counter()
+        loss, _, _ = module(**batch.as_dict())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        first_loss = float(loss) if first_loss is None else first_loss
+        times.append(time.perf_counter() - start)
+    del model, module, optimizer, scheduler
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(times[2:]), first_loss
 
 
 def main() -> None:
