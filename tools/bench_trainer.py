@@ -97,21 +97,26 @@ def training_setup(args_overrides: list[str]):
     return cfg, module, optimizer, scheduler, iter(build_loader(cfg, tokenizer, model.token_ids, rank=0, world_size=1))
 
 
-def plain_loop(args_overrides: list[str], steps: int, warmup: int) -> dict:
-    """The baseline, in this (fresh) process."""
+def plain_step(module, optimizer, scheduler, batch, grad_clip: float):
+    """One optimizer step of the plain PyTorch baseline (also gpu_check's); returns the loss."""
     import torch
 
+    loss, _, _ = module(**batch.as_dict())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def plain_loop(args_overrides: list[str], steps: int, warmup: int) -> dict:
+    """The baseline, in this (fresh) process."""
     cfg, module, optimizer, scheduler, batches = training_setup(args_overrides)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        batch = next(batches)
-        loss, _, _ = module(**batch.as_dict())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_step(module, optimizer, scheduler, next(batches), cfg.train.grad_clip)
         times.append(time.perf_counter() - start)
     return {"step_s": statistics.median(times[warmup:])}
 

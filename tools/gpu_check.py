@@ -244,6 +244,7 @@ def plain_loop_step_s(cfg, tokenizer, samples, device, dtype, initial: dict) -> 
 
     import torch
 
+    from bench_trainer import plain_step
     from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
     from perceptio_dist.losses.objective import PerceptioObjective
     from perceptio_dist.model.perceptio import build_perceptio
@@ -264,12 +265,7 @@ def plain_loop_step_s(cfg, tokenizer, samples, device, dtype, initial: dict) -> 
     for sample in samples:
         batch = proxy_batch(sample, tokenizer, device, dtype)
         start = time.perf_counter()
-        loss, _, _ = module(**batch.as_dict())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = plain_step(module, optimizer, scheduler, batch, cfg.train.grad_clip)
         if device.type == "cuda":
             torch.cuda.synchronize()
         first_loss = float(loss) if first_loss is None else first_loss
