@@ -1,4 +1,4 @@
-"""Golden losses: the tiny recipe's first 10 steps on 2 ranks (ZeRO-3), every logged term, compared exactly.
+"""Golden losses: the tiny recipe's first 10 steps on 2 ranks (ZeRO-3), every logged term, compared within 1e-6 relative on the CPU instruction set that wrote them.
 
 torch, DeepSpeed and transformers are pinned (constraints.txt) and the shards are byte-reproducible, so any
 change of the numbers (a refactor that reorders a reduction, a changed default, a different sample order)
@@ -39,12 +39,11 @@ def test_tiny_recipe_reproduces_its_golden_losses(tmp_path, tiny_shards):
     golden = json.loads(GOLDEN.read_text())
     expected = golden["steps"]
     assert len(observed) == len(expected)
-    exact = golden["cpu_capability"] == capability
+    # Same instruction set: within 1e-6 relative. A fresh-clone run on the machine that wrote the file differed by
+    # 4e-8 (loss/marker, grad_norm at step 1), float summation order; a real change moves these by far more.
+    rel = 1e-6 if golden["cpu_capability"] == capability else 1e-4
     for step, (got, want) in enumerate(zip(observed, expected), start=1):
-        if exact:
-            assert got == want, f"step {step}: {got} != golden {want} (see this file's docstring to regenerate)"
-        else:
-            close = {k: want[k] if want[k] is None else pytest.approx(want[k], rel=1e-4) for k in want}  # None: no item
-            assert got == close, (
-                f"step {step}: {got} != golden {want} within 1e-4 (golden written on {golden['cpu_capability']}, "
-                f"this CPU {capability})")
+        close = {k: want[k] if want[k] is None else pytest.approx(want[k], rel=rel) for k in want}  # None: no item
+        assert got == close, (
+            f"step {step}: {got} != golden {want} within {rel:g} (golden written on {golden['cpu_capability']}, "
+            f"this CPU {capability}; see this file's docstring to regenerate)")
