@@ -1,4 +1,4 @@
-"""Golden losses: the tiny recipe's first 10 steps on 2 ranks (ZeRO-3), every logged term, compared within 1e-6 relative on the CPU instruction set that wrote them.
+"""Golden losses: the tiny recipe's first 10 steps on 2 ranks (ZeRO-3), every logged term, compared within 1e-4 relative.
 
 torch, DeepSpeed and transformers are pinned (constraints.txt) and the shards are byte-reproducible, so any
 change of the numbers (a refactor that reorders a reduction, a changed default, a different sample order)
@@ -39,9 +39,9 @@ def test_tiny_recipe_reproduces_its_golden_losses(tmp_path, tiny_shards):
     golden = json.loads(GOLDEN.read_text())
     expected = golden["steps"]
     assert len(observed) == len(expected)
-    # Same instruction set: within 1e-6 relative. A fresh-clone run on the machine that wrote the file differed by
-    # 4e-8 (loss/marker, grad_norm at step 1), float summation order; a real change moves these by far more.
-    rel = 1e-6 if golden["cpu_capability"] == capability else 1e-4
+    # Not exact even on the instruction set that wrote the file: on that machine type the same code (c944258 and
+    # later) drifted from it by up to 5e-6 relative by step 3 (grad_norm), float summation order. 1e-4 everywhere.
+    rel = 1e-4
     for step, (got, want) in enumerate(zip(observed, expected), start=1):
         close = {k: want[k] if want[k] is None else pytest.approx(want[k], rel=rel) for k in want}  # None: no item
         assert got == close, (
