@@ -2,10 +2,10 @@
 
 torch, DeepSpeed and transformers are pinned (constraints.txt) and the shards are byte-reproducible, so any
 change of the numbers (a refactor that reorders a reduction, a changed default, a different sample order)
-shows here. Exactly, on a CPU of the instruction set the file was written on (``cpu_capability``): torch and
-oneDNN pick their kernels by it, and between an AVX-512 machine and the one that wrote the earlier file the same
-run differed from the 8th digit at step 1 to 2e-5 relative by step 10. On another instruction set the terms are compared within 1e-4 relative,
-which still catches a changed default or sample order (percent-level changes). A change that is meant to move
+shows here. Within 1e-4 relative: torch and oneDNN pick their kernels by the instruction set (``cpu_capability``,
+recorded in the file), and even on the one that wrote it the same code drifted by up to 5e-6 by step 3; between
+instruction sets the same run differed by 2e-5 by step 10. 1e-4 still catches a changed default or sample order
+(percent-level changes). A change that is meant to move
 the numbers regenerates the file and says why in its commit:
 
     PERCEPTIO_WRITE_GOLDEN=1 ./run_tests.sh tests/test_golden.py
