@@ -41,8 +41,13 @@ def test_spatial_tokens_added_contiguously_and_rows_trainable(tiny_cfg):
     assert model.backbone.get_input_embeddings().weight.requires_grad and model.lm_head.weight.requires_grad
     # "[SEG]" in text is one token, never split into characters
     assert tokenizer("x [SEG] y", add_special_tokens=False)["input_ids"].count(ids.seg) == 1
-    # adding again is idempotent
-    assert build_perceptio(tiny_cfg.model, tokenizer).token_ids == ids
+    # adding again is idempotent, and a second build from the same (now extended) tokenizer is the same model:
+    # its base vocabulary leaves the spatial tokens out, and the same seed gives the same weights
+    torch.manual_seed(0)
+    again = build_perceptio(tiny_cfg.model, tokenizer)
+    assert again.token_ids == ids and again.base_vocab_size == base
+    first, second = model.state_dict(), again.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_forward_outputs_and_frozen_parts(tiny_cfg, tiny_tokenizer):

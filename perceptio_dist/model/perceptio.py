@@ -147,7 +147,10 @@ def build_perceptio(
     ZeRO-3; the SAM2 parts and the VQ-VAE are cast before anything partitions them).
     """
     b = cfg.backbone
-    base_vocab = b.text.vocab_size or len(tokenizer)
+    # The vocabulary before the spatial tokens: a tokenizer that already has them (a second build, an export's
+    # tokenizer) holds them at its end.
+    known = tokenizer.get_vocab()
+    base_vocab = b.text.vocab_size or len(tokenizer) - sum(s in known for s in spatial_token_strings(cfg.tokens))
     # A checkpoint whose tokenizer already knows the spatial tokens (an export, a fine-tune of a Perceptio run)
     # holds trained rows for them: initialisations of those rows apply only to rows this build creates.
     fresh_spatial_rows = b.pretrained_path is None or not spatial_tokens_known(tokenizer, cfg.tokens)
