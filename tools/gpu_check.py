@@ -140,14 +140,10 @@ def check_proxy(device, steps: int) -> list[dict]:
 
     from bench_packing import sample_stream
     from perceptio_dist.config import load_config
-    from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
-    from perceptio_dist.losses.objective import PerceptioObjective
-    from perceptio_dist.model.perceptio import build_perceptio
     from perceptio_dist.model.tokenizer import load_tokenizer
     from perceptio_dist.parallel.deepspeed_config import build_deepspeed_config
     from perceptio_dist.parallel.distributed import init_distributed
-    from perceptio_dist.parallel.zero import PerceptioTrainingModule, partitioned_construction, \
-        register_external_parameters
+    from perceptio_dist.parallel.zero import partitioned_construction, register_external_parameters
     from perceptio_dist.plan import Cluster, model_sizes, plan
     from perceptio_dist.train.flops import device_peak_tflops, flops_model_for
     from perceptio_dist.train.optim import build_optimizer
@@ -163,21 +159,16 @@ def check_proxy(device, steps: int) -> list[dict]:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     seed_everything(cfg.train.seed)
     with partitioned_construction(ds_config, enabled=cfg.parallel.zero_stage == 3 and cfg.parallel.zero_init):
-        model = build_perceptio(cfg.model, tokenizer, dtype, seed=cfg.train.seed).train()
-    if cfg.train.activation_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
-                                     LMHeadTermsModule(cfg.objective.implementation))
+        module = training_module(cfg, tokenizer, dtype)
+    model = module.model
     if cfg.parallel.zero_stage == 3:
         register_external_parameters(module.external_parameters())
     samples = list(sample_stream(cfg, tokenizer, model, steps + 2, mix=PROXY_MIX))
     # The baseline trains the same initial weights (partitioned construction draws them differently) on the same
-    # samples, with a fresh tokenizer: build_perceptio counts a tokenizer's spatial tokens into the base vocabulary
-    # once they are added, so a second build from the same one would be another model.
+    # samples.
     with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=cfg.parallel.zero_stage == 3):
         initial = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    plain_s, plain_first_loss = plain_loop_step_s(cfg, load_tokenizer(cfg.model.backbone), samples, dist.device,
-                                                  dtype, initial)
+    plain_s, plain_first_loss = plain_loop_step_s(cfg, tokenizer, samples, dist.device, dtype, initial)
     del initial
     optimizer, scheduler = build_optimizer(module, cfg.train)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
@@ -196,7 +187,8 @@ def check_proxy(device, steps: int) -> list[dict]:
         engine.step()
         if dist.device.type == "cuda":
             torch.cuda.synchronize()
-        first_loss = float(loss) if i == 0 else first_loss
+        if i == 0:
+            first_loss = float(loss)
         if i >= 2:  # two warm-up steps
             times.append(time.perf_counter() - start)
             tokens += batch.num_tokens
@@ -228,6 +220,20 @@ def check_proxy(device, steps: int) -> list[dict]:
     ]
 
 
+def training_module(cfg, tokenizer, dtype):
+    """The proxy as the trainer builds it: the model (activation checkpointing as configured), objective, LM head."""
+    from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
+    from perceptio_dist.losses.objective import PerceptioObjective
+    from perceptio_dist.model.perceptio import build_perceptio
+    from perceptio_dist.parallel.zero import PerceptioTrainingModule
+
+    model = build_perceptio(cfg.model, tokenizer, dtype, seed=cfg.train.seed).train()
+    if cfg.train.activation_checkpointing:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
+                                   LMHeadTermsModule(cfg.objective.implementation))
+
+
 def proxy_batch(sample, tokenizer, device, dtype):
     from perceptio_dist.data.batch import collate
 
@@ -245,19 +251,10 @@ def plain_loop_step_s(cfg, tokenizer, samples, device, dtype, initial: dict) -> 
     import torch
 
     from bench_trainer import plain_step
-    from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
-    from perceptio_dist.losses.objective import PerceptioObjective
-    from perceptio_dist.model.perceptio import build_perceptio
-    from perceptio_dist.parallel.zero import PerceptioTrainingModule
     from perceptio_dist.train.optim import build_optimizer
     from perceptio_dist.train.trainer import seed_everything
 
-    seed_everything(cfg.train.seed)
-    model = build_perceptio(cfg.model, tokenizer, dtype, seed=cfg.train.seed).to(device).train()
-    if cfg.train.activation_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
-                                     LMHeadTermsModule(cfg.objective.implementation))
+    module = training_module(cfg, tokenizer, dtype).to(device)
     module.load_state_dict(initial)
     optimizer, scheduler = build_optimizer(module, cfg.train)
     times, first_loss = [], None
@@ -270,7 +267,7 @@ def plain_loop_step_s(cfg, tokenizer, samples, device, dtype, initial: dict) -> 
             torch.cuda.synchronize()
         first_loss = float(loss) if first_loss is None else first_loss
         times.append(time.perf_counter() - start)
-    del model, module, optimizer, scheduler
+    del module, optimizer, scheduler
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
