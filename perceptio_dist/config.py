@@ -140,6 +140,11 @@ class BackboneConfig:
     image_token: str = doc_field("Placeholder token replaced by image features.", "<IMG_CONTEXT>")
     image_start_token: str = doc_field("Token opening an image span.", "<img>")
     image_end_token: str = doc_field("Token closing an image span.", "</img>")
+    image_position: Literal["before_question", "after_question"] = doc_field(
+        "Where the image span sits in the first user turn. before_question: InternVL's chat template "
+        "('<image>\\n{question}'). after_question: '{question}\\n<image>', so the distance from image token i to "
+        "depth token i is the same for every question whatever its length (a lever of the toy world, README). "
+        "Training and evaluation read it from the same config.", "before_question")
     max_tiles: int = doc_field("Most 448-px tiles per image in dynamic tiling (a thumbnail is added when > 1).", 12)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = doc_field(
         "Attention kernel. 'auto': flash_attention_2 when flash-attn imports and a GPU is present, else sdpa.", "auto"

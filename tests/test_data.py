@@ -61,6 +61,35 @@ def test_spatial_chain_of_thought_layout_and_multi_turn(tiny_tokenizer, ids):
         spatial_answer_ids(ids, with_seg=False, depth_codes=[1, 2])
 
 
+def test_image_after_question_keeps_the_image_to_depth_distance_fixed(tiny_tokenizer, ids):
+    """image_position: after_question moves the image span behind the question (the default keeps InternVL's order),
+    so image token i and depth token i are the same distance apart whatever the question's length."""
+    from perceptio_dist.data.conversation import encode_prompt
+
+    spatial = spatial_answer_ids(ids, with_seg=False, depth_codes=list(range(16)))
+    context = tiny_tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    questions = ["Which is nearest?", "Please segment the small orange teddy on the left of the table."]
+
+    def distances(after: bool) -> list[int]:
+        image = ImageTokens("<img>", "<IMG_CONTEXT>", "</img>", per_tile=16, after_question=after)
+        out = []
+        for question in questions:
+            input_ids, labels = encode_conversation(tiny_tokenizer, image, 1, [[question, "Done."]], spatial)
+            first_image = int((input_ids == context).nonzero()[0])
+            first_code = int((labels == ids.code_start).nonzero()[0])
+            out.append(first_code - first_image)
+            text = tiny_tokenizer.decode(input_ids)
+            user = text.split("<|im_start|>user\n", 1)[1]
+            assert user.startswith(question + "\n<img>") if after else user.startswith("<img>")
+            prompt = encode_prompt(tiny_tokenizer, image, 1, question)
+            assert prompt.tolist() == input_ids[:int((labels != IGNORE_INDEX).nonzero()[0])].tolist()
+        return out
+
+    before, after = distances(False), distances(True)
+    assert before[0] != before[1]  # InternVL's order: the distance grows with the question
+    assert after[0] == after[1]
+
+
 # ---------------------------------------------------------------------------------- scenes
 
 
