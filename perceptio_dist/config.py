@@ -343,6 +343,11 @@ class DataConfig:
         "labels keep the true codes), so the block cannot be predicted from its own earlier codes alone and must "
         "be read from the image (the toy lever of issue 16; drawn per sample key, so resume stays exact). 0: off.",
         0.0)
+    depth_context_noise_tasks: Optional[list[str]] = doc_field(
+        "The tasks whose depth blocks get data.depth_context_noise; null: every task. A task left out keeps its true "
+        "codes in the input, so an answer after the block can learn to read them: under the noise an answer can only "
+        "trust what the image says, and then random or true codes in its chain change nothing (README, the toy "
+        "world, seventh round).", None)
 
 
 # ----------------------------------------------------------------------------- train
@@ -743,6 +748,10 @@ def validate(cfg: PerceptioConfig) -> None:
         raise err("data.shuffle_window", f"must be >= 1 shard, got {cfg.data.shuffle_window}.")
     if not 0.0 <= cfg.data.depth_context_noise <= 1.0:
         raise err("data.depth_context_noise", f"must be in [0, 1], got {cfg.data.depth_context_noise}.")
+    if cfg.data.depth_context_noise_tasks is not None:
+        bad = sorted(set(cfg.data.depth_context_noise_tasks) - set(TASKS))
+        if bad:
+            raise err("data.depth_context_noise_tasks", f"unknown task(s) {bad}; tasks are {list(TASKS)}.")
     if cfg.data.num_workers < 0:
         raise err("data.num_workers", "must be >= 0.")
     if cfg.data.max_tokens_per_row is not None and cfg.data.max_tokens_per_row < cfg.data.max_seq_len:

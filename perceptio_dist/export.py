@@ -156,7 +156,8 @@ CHAIN_FILE = "chain.json"
 QUESTIONS_FILE = "questions.json"
 # The synthetic source's fields that say how relative-depth questions look (preprocess SourceConfig): evaluation
 # on held-out scenes asks them the way training did.
-QUESTION_FIELDS = ("questions_per_scene", "point_counts", "marker_style", "marker_grid", "marker_step")
+QUESTION_FIELDS = ("questions_per_scene", "point_counts", "marker_style", "marker_grid", "marker_step",
+                   "marker_cells")
 
 
 def training_store(cfg: PerceptioConfig):

@@ -170,7 +170,7 @@ def run_sweep(sweep: Sweep, out: Path, progress=print) -> list[dict]:
 
 def _pct(metrics: dict | None, group: str, key: str = "accuracy") -> str:
     m = (metrics or {}).get(group, {})
-    return f"{100 * m[key]:.1f}" if key in m else "–"
+    return "–" if m.get(key) is None else f"{100 * m[key]:.1f}"
 
 
 def _intervention(metrics: dict, group: str, name: str) -> str:
@@ -184,10 +184,11 @@ def table_lines(sweep: Sweep, rows: list[dict]) -> list[str]:
              f"(at most {sweep.eval_limit or 'all'} items per group). Accuracy (%) on held-out relative-depth "
              "questions with 3 / 4 / 5 points: the depth model, the ablation, the depth model with random and with "
              "ground-truth codes in its chain (3 points), its chain consistency (3 points), the markers whose cell its "
-             "marker step names right / names for any letter (3 points; eval/marker_step.py), its depth maps' AbsRel over the training mean "
+             "marker step names right / names for any letter and the markers whose nearness it names right (3 points; "
+             "eval/marker_step.py; – : no cells in the step), its depth maps' AbsRel over the training mean "
              "map's (3 points; under 1: the maps follow the image), training seconds.", "",
              "| configuration | depth 3 / 4 / 5 | ablation 3 / 4 / 5 | random codes | ground-truth codes | "
-             "consistency | marker cells right / found | map / mean AbsRel | train s |",
+             "consistency | marker cells right / found / nearness right | map / mean AbsRel | train s |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         d, a = row["depth"], row.get("ablation")
@@ -198,7 +199,8 @@ def table_lines(sweep: Sweep, rows: list[dict]) -> list[str]:
             f"| {row['name']} | {' / '.join(_pct(d, g) for g in GROUPS)} | "
             f"{' / '.join(_pct(a, g) for g in GROUPS) if a else 'not trained'} | {_intervention(d, g3, 'random')} | "
             f"{_intervention(d, g3, 'ground_truth')} | "
-            f"{'–' if consistency is None else f'{100 * consistency:.0f}'} | {_pct(d, g3, 'marker_cells')} / {_pct(d, g3, 'marker_found')} | "
+            f"{'–' if consistency is None else f'{100 * consistency:.0f}'} | {_pct(d, g3, 'marker_cells')} / {_pct(d, g3, 'marker_found')} / "
+            f"{_pct(d, g3, 'marker_nearness')} | "
             f"{'–' if ratio is None else f'{ratio:.2f}'} | "
             f"{d.get('train_seconds', 0) + (a or {}).get('train_seconds', 0):.0f} |")
     return lines

@@ -62,6 +62,7 @@ def test_yaml_file_recipe(tmp_path):
         ("data.task_weights={vqa: 1, ocr: 1}", ["'data.task_weights'", "'ocr'"]),
         ("data.task_weights={vqa: 0}", ["'data.task_weights'", "at least one positive"]),
         ("data.depth_context_noise=1.5", ["'data.depth_context_noise'", "[0, 1]"]),
+        ("data.depth_context_noise_tasks=[depht]", ["'data.depth_context_noise_tasks'", "depht"]),
         ("data.curriculum=[{until_step: 10, task_weights: {ocr: 1}}]", ["'data.curriculum[0].task_weights'", "'ocr'"]),
         ("data.curriculum=[{until_step: 10, task_weights: {}}]", ["'data.curriculum[0].task_weights'", "positive"]),
         ("data.curriculum=[{until_step: 40, task_weights: {vqa: 1}}]", ["'data.curriculum[0].until_step'",

@@ -390,6 +390,20 @@ def test_depth_context_noise_corrupts_only_the_input_codes(tiny_cfg, tiny_tokeni
     assert build_sample_builder(noisy_cfg, tiny_tokenizer, ids, training=True).context_noise == 0.5
 
 
+def test_depth_context_noise_only_in_the_named_tasks(tiny_cfg, tiny_tokenizer):
+    """data.depth_context_noise_tasks: the named task's blocks are noised, the others keep their true codes."""
+    ids = add_spatial_tokens(tiny_tokenizer, tiny_cfg.model.tokens)
+    weights = {"task_weights": {"depth": 1.0, "referring_seg": 1.0}}
+    clean = next(iter(_loader(tiny_cfg, tiny_tokenizer, 0, 1, data=weights, train={"micro_batch_size": 8})))
+    noisy = next(iter(_loader(tiny_cfg, tiny_tokenizer, 0, 1, train={"micro_batch_size": 8}, data={
+        **weights, "depth_context_noise": 0.5, "depth_context_noise_tasks": ["depth"]})))
+    assert clean.keys == noisy.keys
+    changed = (clean.input_ids != noisy.input_ids).any(dim=1)
+    is_depth_task = torch.tensor(["depth" in key and "seg" not in key for key in clean.keys])
+    assert is_depth_task.any() and (~is_depth_task).any(), clean.keys  # both tasks in the batch
+    assert torch.equal(changed, is_depth_task), (clean.keys, changed)
+
+
 def test_loader_batches_are_well_formed(tiny_cfg, tiny_tokenizer):
     loader = _loader(tiny_cfg, tiny_tokenizer, 0, 1, train={"micro_batch_size": 6})
     ids = add_spatial_tokens(tiny_tokenizer, tiny_cfg.model.tokens)

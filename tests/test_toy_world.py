@@ -226,12 +226,12 @@ def test_sweep_table_by_hand(tmp_path):
                                 "configurations": [{"name": "base"}]}))
     sweep = load_sweep(path)
     depth = {"synthetic_depth_3": {"accuracy": 0.6, "chain_consistency": 0.85, "depth_dependence": {"ratio": 0.614},
-                                   "marker_cells": 0.125, "marker_found": 0.25,
+                                   "marker_cells": 0.125, "marker_found": 0.25, "marker_nearness": 0.5,
                                    "interventions": {"random": 0.3, "ground_truth": 0.62}},
              "synthetic_depth_4": {"accuracy": 0.5}, "train_seconds": 100}
     ablation = {"synthetic_depth_3": {"accuracy": 0.4}, "synthetic_depth_5": {"accuracy": 0.2}, "train_seconds": 90}
     rows = table_lines(sweep, [{"name": "base", "depth": depth, "ablation": ablation}])
-    assert rows[-1] == "| base | 60.0 / 50.0 / – | 40.0 / – / 20.0 | 30.0 | 62.0 | 85 | 12.5 / 25.0 | 0.61 | 190 |"
+    assert rows[-1] == "| base | 60.0 / 50.0 / – | 40.0 / – / 20.0 | 30.0 | 62.0 | 85 | 12.5 / 25.0 / 50.0 | 0.61 | 190 |"
 
 
 def test_marker_step_scored_by_hand():
@@ -263,8 +263,10 @@ def test_marker_step_scored_by_hand():
     # Most frequent cells: A (3,4) three times of four, B (3,0) four of four, C (3,6) three of three: 10 of 11.
     # Found, any letter: 1 + 3 + 1 + 3 = 8. The most frequent cells over all letters are (3,0) 4, (3,4) 3, (3,6) 3,
     # (2,2) 1: the three-marker items get (3,0), (3,4), (3,6), all found (9); the two-marker one (3,0), (3,4): 1.
+    # Most frequent level per letter: A 7 (three of four), B 2 (three of four), C 5 (three of three): 9 of 11.
     assert group == {"marker_cells": 8 / 11, "marker_nearness": 7 / 11, "marker_found": 8 / 11, "marker_listed": 0.25,
-                     "marker_cells_mode": 10 / 11, "marker_found_mode": 10 / 11, "marker_count": 11, "marker_items": 4}
+                     "marker_cells_mode": 10 / 11, "marker_found_mode": 10 / 11, "marker_nearness_mode": 9 / 11,
+                     "marker_count": 11, "marker_items": 4}
 
     # Through the evaluation's scoring: the same four answers as relative-depth items of one group.
     from perceptio_dist.eval.benchmarks import EvalItem
@@ -281,7 +283,34 @@ def test_marker_step_scored_by_hand():
     metrics, rows = score(items, [Prediction(text, [], None, None, None) for text in answers])
     assert {k: metrics["synthetic_depth_3"][k] for k in group} == group
     assert rows[0]["marker_step"] == first
-    assert "| synthetic_depth_3 | 72.7 | 90.9 | 72.7 | 90.9 | 63.6 | 25.0 | 11 |" in marker_step_table(metrics)
+    assert "| synthetic_depth_3 | 72.7 | 90.9 | 72.7 | 90.9 | 63.6 | 81.8 | 25.0 | 11 |" in marker_step_table(metrics)
+
+
+def test_marker_step_without_cells_scored_by_hand():
+    """marker_cells: false: "A near 7; B near 2. (A)" is scored on nearness and letters; no cell scores."""
+    from perceptio_dist.eval.marker_step import group_marker_scores, marker_step_scores, marker_step_table, \
+        parse_marker_step
+    from perceptio_dist.preprocess.scenes.tasks import marker_step_answer
+
+    readout = [(3, 4, 7), (3, 0, 2), (4, 6, 5)]
+    reference = marker_step_answer(readout, 0, cells=False)
+    assert reference == "A near 7; B near 2; C near 5. (A)"
+    assert marker_step_answer(readout, 0) == "A at 3,4 near 7; B at 3,0 near 2; C at 4,6 near 5. (A)"
+    assert marker_step_answer(readout, 2, cells=False) is None  # C is not the nearest by its level
+    assert parse_marker_step(reference) == {"A": (None, None, 7), "B": (None, None, 2), "C": (None, None, 5)}
+    # A right, B wrong, C missing; the cells a prediction names anyway are not scored.
+    first = marker_step_scores(reference, "A at 1,1 near 7; B near 3. (A)")
+    assert first == {"markers": 3, "cells": None, "nearness": 1, "found": None, "listed": False}
+    second = "A near 6; B near 2; C near 5. (C)"
+    two = "A near 4; B near 8. (B)"
+    group = group_marker_scores([(reference, "A at 1,1 near 7; B near 3. (A)"), (reference, second),
+                                 (two, two)])
+    # 8 markers: nearness 1 + 2 + 2 = 5; listed: the second and third answers. Most frequent level per letter:
+    # A 7 (two of three), B 2 (two of three), C 5 (two of two): 6 of 8.
+    assert group == {"marker_nearness": 5 / 8, "marker_listed": 2 / 3, "marker_nearness_mode": 6 / 8,
+                     "marker_cells": None, "marker_found": None, "marker_cells_mode": None, "marker_found_mode": None,
+                     "marker_count": 8, "marker_items": 3}
+    assert "| g | – | – | – | – | 62.5 | 75.0 | 66.7 | 8 |" in marker_step_table({"g": group})
 
 
 def test_marker_step_reads_cells_and_nearness_by_hand():

@@ -7,7 +7,8 @@
 * the depth codes and teacher map (unless the no-depth-token ablation drops them);
 * the conversation with the chat template and the label mask (data/conversation.py);
 * optionally (training only, ``context_noise``) depth codes in the *input* replaced by random codes while the
-  labels keep the true ones, so a depth block cannot be predicted from its own earlier codes alone.
+  labels keep the true ones, so a depth block cannot be predicted from its own earlier codes alone (in the
+  samples of ``noise_tasks``, or of every task when it is None).
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ class SampleTooLong(ValueError):
 class SampleBuilder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, token_ids: SpatialTokenIds, image_tokens: ImageTokens,
                  geometry: SampleGeometry, max_seq_len: int, depth_tokens: bool = True,
-                 context_noise: float = 0.0, noise_seed: int = 0):
+                 context_noise: float = 0.0, noise_seed: int = 0, noise_tasks: frozenset[str] | None = None):
         from transformers import GotOcr2ImageProcessorPil
 
         self.tokenizer, self.ids, self.image_tokens, self.geo = tokenizer, token_ids, image_tokens, geometry
         self.max_seq_len, self.depth_tokens = max_seq_len, depth_tokens
-        self.context_noise, self.noise_seed = context_noise, noise_seed
+        self.context_noise, self.noise_seed, self.noise_tasks = context_noise, noise_seed, noise_tasks
         self.processor = GotOcr2ImageProcessorPil(
             size={"height": geometry.tile_size, "width": geometry.tile_size},
             crop_to_patches=geometry.max_tiles > 1, min_patches=1, max_patches=geometry.max_tiles,
@@ -87,7 +88,7 @@ class SampleBuilder:
                                                 info["turns"], spatial)
         if input_ids.numel() > self.max_seq_len:
             raise SampleTooLong(f"{input_ids.numel()} tokens > data.max_seq_len={self.max_seq_len}")
-        if self.context_noise > 0 and codes is not None:
+        if self.context_noise > 0 and codes is not None and (self.noise_tasks is None or info["task"] in self.noise_tasks):
             input_ids = self.noisy_code_context(input_ids, labels, stored.key)
         return Sample(
             input_ids=input_ids, labels=labels, pixel_values=pixel_values,

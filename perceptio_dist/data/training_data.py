@@ -34,7 +34,9 @@ def build_sample_builder(cfg: PerceptioConfig, tokenizer: PreTrainedTokenizerBas
     image_tokens = ImageTokens(b.image_start_token, b.image_token, b.image_end_token, geometry.image_tokens_per_tile,
                                after_question=b.image_position == "after_question")
     return SampleBuilder(tokenizer, token_ids, image_tokens, geometry, cfg.data.max_seq_len, cfg.data.depth_tokens,
-                         context_noise=cfg.data.depth_context_noise if training else 0.0, noise_seed=cfg.data.seed)
+                         context_noise=cfg.data.depth_context_noise if training else 0.0, noise_seed=cfg.data.seed,
+                         noise_tasks=None if cfg.data.depth_context_noise_tasks is None
+                         else frozenset(cfg.data.depth_context_noise_tasks))
 
 
 def build_loader(cfg: PerceptioConfig, tokenizer: PreTrainedTokenizerBase, token_ids: SpatialTokenIds,

@@ -55,6 +55,11 @@ class SourceConfig:
         "3,1 near 3. (A)': depth-grid cell, nearness 0-9), then answer; needs marker_grid. A chain-of-thought "
         "option after AURORA (marker coordinates, then depth); the ablation without depth tokens gets the same "
         "text.", False)
+    marker_cells: bool = doc_field(
+        "synthetic, with marker_step: name each marker's depth-grid cell in the step ('A at 3,5 near 7'). false: "
+        "nearness only ('A near 7; B near 3. (A)'): the model finds each marker by its look, with no need to write "
+        "out where it is (a position a tiny model from scratch does not learn to read out; README, the toy world).",
+        True)
 
     def question_rules(self):
         """The synthetic relative-depth question rules these fields describe (preprocess/scenes/tasks.py)."""
@@ -62,7 +67,7 @@ class SourceConfig:
 
         return QuestionRules(per_scene=self.questions_per_scene, counts=tuple(self.point_counts),
                              marker_style=self.marker_style, points=PointRules(grid=self.marker_grid),
-                             marker_step=self.marker_step)
+                             marker_step=self.marker_step, marker_cells=self.marker_cells)
 
 
 @dataclass

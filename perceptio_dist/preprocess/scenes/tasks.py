@@ -13,6 +13,8 @@
   "A at 3,5 near 7; B at 3,1 near 3; C at 4,6 near 5. (A)" (cell row,column of the depth grid, nearness
   0-9 = the cell's mean normalised inverse depth in tenths); only sets whose closest marker has the strictly
   highest nearness are kept. A documented option after AURORA's best chain (marker coordinates, then depth).
+  With ``QuestionRules.marker_cells`` false the step names no cells: "A near 7; B near 3; C near 5. (A)", so
+  each level is found by the marker's look alone (content), never by writing out where it is.
 * depth: depth-only generation.
 * vqa: object count, or the colour of the only object of a kind.
 """
@@ -54,6 +56,7 @@ class QuestionRules:
     marker_style: str = "hardblink"  # records.MARKER_STYLES
     points: PointRules = PointRules()
     marker_step: bool = False  # answers read each marker's cell and nearness first (needs points.grid)
+    marker_cells: bool = True  # the marker step names each marker's cell ("A at 3,5 near 7"); false: "A near 7"
 
 
 def describe(obj: dict) -> str:
@@ -130,12 +133,14 @@ def marker_readout(depth: np.ndarray, points: list[list[float]], grid: int) -> l
     return out
 
 
-def marker_step_answer(readout: list[tuple[int, int, int]], closest: int) -> Optional[str]:
-    """The answer with its marker step, or None when the nearness levels do not single out ``closest``."""
+def marker_step_answer(readout: list[tuple[int, int, int]], closest: int, cells: bool = True) -> Optional[str]:
+    """The answer with its marker step, or None when the nearness levels do not single out ``closest``.
+    ``cells``: name each marker's cell before its nearness."""
     levels = [level for _, _, level in readout]
     if any(level >= levels[closest] for i, level in enumerate(levels) if i != closest):
         return None
-    steps = "; ".join(f"{LETTERS[i]} at {r},{c} near {level}" for i, (r, c, level) in enumerate(readout))
+    steps = "; ".join(f"{LETTERS[i]} at {r},{c} near {level}" if cells else f"{LETTERS[i]} near {level}"
+                      for i, (r, c, level) in enumerate(readout))
     return f"{steps}. ({LETTERS[closest]})"
 
 
@@ -174,7 +179,8 @@ def scene_records(folder: Path, meta: dict, depth: np.ndarray, tasks: list[str],
                     break
                 points, closest = found
                 answer = f"({LETTERS[closest]})" if not questions.marker_step else \
-                    marker_step_answer(marker_readout(depth, points, questions.points.grid), closest)
+                    marker_step_answer(marker_readout(depth, points, questions.points.grid), closest,
+                                       questions.marker_cells)
                 if answer is not None:
                     break
             if answer is None:
