@@ -157,7 +157,7 @@ QUESTIONS_FILE = "questions.json"
 # The synthetic source's fields that say how relative-depth questions look (preprocess SourceConfig): evaluation
 # on held-out scenes asks them the way training did.
 QUESTION_FIELDS = ("questions_per_scene", "point_counts", "marker_style", "marker_grid", "marker_step",
-                   "marker_cells")
+                   "marker_step_format")
 
 
 def training_store(cfg: PerceptioConfig):

@@ -235,25 +235,25 @@ def test_sweep_table_by_hand(tmp_path):
 
 
 def test_marker_step_scored_by_hand():
-    from perceptio_dist.eval.marker_step import group_marker_scores, marker_step_scores, parse_marker_step
+    from perceptio_dist.eval.marker_step import MarkerStep, group_marker_scores, marker_step_scores, parse_marker_step
 
     reference = "A at 3,4 near 7; B at 3,0 near 2; C at 3,6 near 5. (A)"
-    assert parse_marker_step(reference) == {"A": (3, 4, 7), "B": (3, 0, 2), "C": (3, 6, 5)}
+    assert parse_marker_step(reference) == MarkerStep({"A": (3, 4), "B": (3, 0), "C": (3, 6)}, {"A": 7, "B": 2, "C": 5})
     # A's cell right, nearness wrong; B named twice, its first mention counts (cell wrong, nearness right); C missing.
     first = marker_step_scores(reference, "A at 3,4 near 5; B at 3,5 near 2; B at 3,0 near 2. (A)")
-    assert first == {"markers": 3, "cells": 1, "nearness": 1, "found": 1, "listed": False}
+    assert first == {"markers": 3, "cells": 1, "nearness": 1, "found": 1, "listed": False, "running": None, "running_of": None}
     # Every cell and level right, an extra letter D: not the right letters.
     second = marker_step_scores(reference, "A at 3,4 near 7; B at 3,0 near 2; C at 3,6 near 5; D at 1,1 near 1. (A)")
-    assert second == {"markers": 3, "cells": 3, "nearness": 3, "found": 3, "listed": False}
+    assert second == {"markers": 3, "cells": 3, "nearness": 3, "found": 3, "listed": False, "running": None, "running_of": None}
     # The format broken after A: one cell, nothing else.
     third = marker_step_scores("A at 2,2 near 9; B at 3,0 near 1. (A)", "A at 2,2 near 8; B)")
-    assert third == {"markers": 2, "cells": 1, "nearness": 0, "found": 1, "listed": False}
+    assert third == {"markers": 2, "cells": 1, "nearness": 0, "found": 1, "listed": False, "running": None, "running_of": None}
     assert marker_step_scores("(B)", "A at 1,1 near 1. (A)") is None  # no step in the reference: not scored
     exact = marker_step_scores(reference, reference)
-    assert exact == {"markers": 3, "cells": 3, "nearness": 3, "found": 3, "listed": True}
+    assert exact == {"markers": 3, "cells": 3, "nearness": 3, "found": 3, "listed": True, "running": None, "running_of": None}
     # Every marker found, every letter on another's cell: no cell right, all found.
     permuted = marker_step_scores(reference, "A at 3,0 near 2; B at 3,6 near 5; C at 3,4 near 7. (C)")
-    assert permuted == {"markers": 3, "cells": 0, "nearness": 0, "found": 3, "listed": True}
+    assert permuted == {"markers": 3, "cells": 0, "nearness": 0, "found": 3, "listed": True, "running": None, "running_of": None}
     group = group_marker_scores([
         (reference, "A at 3,4 near 5; B at 3,5 near 2; B at 3,0 near 2. (A)"),
         (reference, "A at 3,4 near 7; B at 3,0 near 2; C at 3,6 near 5; D at 1,1 near 1. (A)"),
@@ -266,7 +266,7 @@ def test_marker_step_scored_by_hand():
     # Most frequent level per letter: A 7 (three of four), B 2 (three of four), C 5 (three of three): 9 of 11.
     assert group == {"marker_cells": 8 / 11, "marker_nearness": 7 / 11, "marker_found": 8 / 11, "marker_listed": 0.25,
                      "marker_cells_mode": 10 / 11, "marker_found_mode": 10 / 11, "marker_nearness_mode": 9 / 11,
-                     "marker_count": 11, "marker_items": 4}
+                     "marker_running": None, "marker_count": 11, "marker_items": 4}
 
     # Through the evaluation's scoring: the same four answers as relative-depth items of one group.
     from perceptio_dist.eval.benchmarks import EvalItem
@@ -283,24 +283,24 @@ def test_marker_step_scored_by_hand():
     metrics, rows = score(items, [Prediction(text, [], None, None, None) for text in answers])
     assert {k: metrics["synthetic_depth_3"][k] for k in group} == group
     assert rows[0]["marker_step"] == first
-    assert "| synthetic_depth_3 | 72.7 | 90.9 | 72.7 | 90.9 | 63.6 | 81.8 | 25.0 | 11 |" in marker_step_table(metrics)
+    assert "| synthetic_depth_3 | 72.7 | 90.9 | 72.7 | 90.9 | 63.6 | 81.8 | 25.0 | – | 11 |" in marker_step_table(metrics)
 
 
 def test_marker_step_without_cells_scored_by_hand():
-    """marker_cells: false: "A near 7; B near 2. (A)" is scored on nearness and letters; no cell scores."""
-    from perceptio_dist.eval.marker_step import group_marker_scores, marker_step_scores, marker_step_table, \
-        parse_marker_step
+    """marker_step_format: nearness: "A near 7; B near 2. (A)" is scored on nearness and letters; no cell scores."""
+    from perceptio_dist.eval.marker_step import MarkerStep, group_marker_scores, marker_step_scores, \
+        marker_step_table, parse_marker_step
     from perceptio_dist.preprocess.scenes.tasks import marker_step_answer
 
     readout = [(3, 4, 7), (3, 0, 2), (4, 6, 5)]
-    reference = marker_step_answer(readout, 0, cells=False)
+    reference = marker_step_answer(readout, 0, "nearness")
     assert reference == "A near 7; B near 2; C near 5. (A)"
     assert marker_step_answer(readout, 0) == "A at 3,4 near 7; B at 3,0 near 2; C at 4,6 near 5. (A)"
-    assert marker_step_answer(readout, 2, cells=False) is None  # C is not the nearest by its level
-    assert parse_marker_step(reference) == {"A": (None, None, 7), "B": (None, None, 2), "C": (None, None, 5)}
+    assert marker_step_answer(readout, 2, "nearness") is None  # C is not the nearest by its level
+    assert parse_marker_step(reference) == MarkerStep({"A": None, "B": None, "C": None}, {"A": 7, "B": 2, "C": 5})
     # A right, B wrong, C missing; the cells a prediction names anyway are not scored.
     first = marker_step_scores(reference, "A at 1,1 near 7; B near 3. (A)")
-    assert first == {"markers": 3, "cells": None, "nearness": 1, "found": None, "listed": False}
+    assert first == {"markers": 3, "cells": None, "nearness": 1, "found": None, "listed": False, "running": None, "running_of": None}
     second = "A near 6; B near 2; C near 5. (C)"
     two = "A near 4; B near 8. (B)"
     group = group_marker_scores([(reference, "A at 1,1 near 7; B near 3. (A)"), (reference, second),
@@ -309,8 +309,8 @@ def test_marker_step_without_cells_scored_by_hand():
     # A 7 (two of three), B 2 (two of three), C 5 (two of two): 6 of 8.
     assert group == {"marker_nearness": 5 / 8, "marker_listed": 2 / 3, "marker_nearness_mode": 6 / 8,
                      "marker_cells": None, "marker_found": None, "marker_cells_mode": None, "marker_found_mode": None,
-                     "marker_count": 8, "marker_items": 3}
-    assert "| g | – | – | – | – | 62.5 | 75.0 | 66.7 | 8 |" in marker_step_table({"g": group})
+                     "marker_running": None, "marker_count": 8, "marker_items": 3}
+    assert "| g | – | – | – | – | 62.5 | 75.0 | 66.7 | – | 8 |" in marker_step_table({"g": group})
 
 
 def test_marker_step_reads_cells_and_nearness_by_hand():
@@ -341,6 +341,60 @@ def test_marker_step_answers_parse_to_their_closest_letter(rendered):
         letter = parse_choice_letter(answer, len(record.points))
         assert letter == "ABCDE"[int(np.argmax(levels))]
         assert sorted(levels)[-1] > sorted(levels)[-2]
+
+
+def test_scan_step_by_hand():
+    """marker_step_format: scan: the band's cells in reading order; markers, running nearest level, its letter."""
+    from perceptio_dist.preprocess.scenes.tasks import band_rows, marker_step_answer
+
+    rules = PointRules(grid=8)
+    assert band_rows(rules) == range(3, 5)  # points at 0.42-0.58 of the height: rows 3 and 4 of 8
+    # A at row 3 col 2 (level 5), B at row 3 col 5 (level 3: not nearer), C at row 4 col 0 (level 8: the nearest).
+    readout = [(3, 2, 5), (3, 5, 3), (4, 0, 8)]
+    assert marker_step_answer(readout, 2, "scan", rules) == \
+        "--A--B--C-------|--PPPPPPSSSSSSSS|--AAAAAACCCCCCCC. (C)"  # K=0 ... P=5, S=8
+    assert marker_step_answer(readout, 0, "scan", rules) is None  # A is not the nearest by its level
+    with pytest.raises(ValueError, match="rows"):
+        marker_step_answer([(2, 2, 5), (3, 5, 3)], 0, "scan", rules)  # a marker outside the band
+
+
+def test_scan_rows_are_one_token_per_cell(rendered):
+    """The scan step's characters stay apart in the shipped tokenizer (every row character one token, so each sits
+    at a fixed distance from its cell's depth token), and the answer parses to its closest letter."""
+    from perceptio_dist.model.tokenizer import load_builtin_tokenizer
+
+    tokenizer = load_builtin_tokenizer("tiny_bpe")
+    folder, meta, depth = rendered[2]
+    rules = dataclasses.replace(toy_questions(), marker_step=True, step_format="scan")
+    records = scene_records(folder, meta, depth, ["relative_depth"], rules)
+    assert records
+    for record in records:
+        answer = record.turns[0][1]
+        rows = answer.split(". (")[0]
+        assert len(rows) == 3 * 16 + 2
+        assert len(tokenizer(rows, add_special_tokens=False)["input_ids"]) == len(rows), rows
+        letter = parse_choice_letter(answer, len(record.points))
+        assert letter == rows.split("|")[2][-1]  # the nearest so far after the last cell
+
+
+def test_scan_step_scored_by_hand():
+    from perceptio_dist.eval.marker_step import MarkerStep, group_marker_scores, marker_step_scores, \
+        marker_step_table, parse_marker_step
+
+    reference = "--A--B--C-------|--PPPPPPSSSSSSSS|--AAAAAACCCCCCCC. (C)"
+    assert parse_marker_step(reference) == MarkerStep({"A": (2,), "B": (5,), "C": (8,)},
+                                                      {"A": None, "B": None, "C": None},
+                                                      running="--PPPPPPSSSSSSSS--AAAAAACCCCCCCC")
+    # B one cell too far right; the last running letter wrong: 31 of 32 running characters right.
+    prediction = "--A---B-C-------|--PPPPPPSSSSSSSS|--AAAAAACCCCCCCB. (B)"
+    assert marker_step_scores(reference, prediction) == {
+        "markers": 3, "cells": 2, "nearness": None, "found": 2, "listed": True, "running": 31, "running_of": 32}
+    assert marker_step_scores(reference, "--A--B--C---|--PP|--AA. (A)")["running"] == 0  # rows of another length
+    group = group_marker_scores([(reference, prediction), (reference, reference)])
+    assert group == {"marker_cells": 5 / 6, "marker_nearness": None, "marker_found": 5 / 6, "marker_listed": 1.0,
+                     "marker_running": 63 / 64, "marker_cells_mode": 1.0, "marker_nearness_mode": None,
+                     "marker_found_mode": 1.0, "marker_count": 6, "marker_items": 2}
+    assert "| g | 83.3 | 100.0 | 83.3 | 100.0 | – | – | 100.0 | 98.4 | 6 |" in marker_step_table({"g": group})
 
 
 def test_sincos_positions_by_hand():

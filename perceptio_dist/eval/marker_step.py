@@ -4,72 +4,100 @@ With ``marker_step`` (preprocess/scenes/tasks.py) an answer first reads every ma
 answers: "A at 3,5 near 7; B at 3,1 near 3; C at 4,6 near 5. (A)". The letter alone cannot tell a model that finds
 the markers and misreads their depth from one that does not find them; the step can. Per item:
 
-* ``cells``     markers whose grid cell (row, column) the answer names as the reference does;
+* ``cells``     markers whose grid cell the answer names as the reference does;
 * ``nearness``  markers whose nearness level (0-9) it names as the reference does;
 * ``found``      markers whose cell it names for any letter (each named cell matched once): a model that finds the
   markers but binds the letters wrongly scores here and not in ``cells``;
-* ``listed``    whether it names exactly the reference's letters (neither one missing nor one extra).
+* ``listed``    whether it names exactly the reference's letters (neither one missing nor one extra);
+* ``running``   scan steps only: the characters of the running rows (nearest level and letter so far) it writes
+  as the reference does, of all of them.
 
 A letter named twice counts with its first mention. Per group: ``marker_cells`` and ``marker_nearness`` are shares
-of all the reference's markers, ``marker_listed`` the share of answers. The shortcut to beat is
-``marker_cells_mode``: naming, for every letter, the cell that letter has most often in the group's own references
-(the "memorised cells" answer); ``marker_found_mode``, its counterpart for ``found``, names the group's most frequent
-cells, as many as the item has markers; ``marker_nearness_mode`` names each letter's most frequent level.
+of all the reference's markers, ``marker_listed`` the share of answers, ``marker_running`` the share of running-row
+characters. The shortcut to beat is ``marker_cells_mode``: naming, for every letter, the cell that letter has most
+often in the group's own references (the "memorised cells" answer); ``marker_found_mode``, its counterpart for
+``found``, names the group's most frequent cells, as many as the item has markers; ``marker_nearness_mode`` names
+each letter's most frequent level.
 
-A step without cells ("A near 7; B near 3. (A)", ``marker_cells: false``) is scored on nearness and letters only:
-its cell scores are None.
+The three step forms (``marker_step_format``): "cells" as above; "nearness" ("A near 7; B near 3. (A)") has no
+cells, so its cell scores are None; "scan" ("--A--B--|--KKKMMM|--AAABBB. (B)") names a marker's cell by its place
+in the first row and its own level only where it becomes the nearest so far, so its nearness scores are None and
+``running`` scores the rest.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 from itertools import chain
+from typing import Optional
 
 STEP = re.compile(r"\b([A-Z])(?: at (\d+),(\d+))? near (\d+)")
+SCAN = re.compile(r"([A-E-]+)\|([K-T-]+)\|([A-E-]+)")
 
-Cell = tuple  # (row, column), or (None, None) for a step without cells
+
+@dataclass(frozen=True)
+class MarkerStep:
+    """One answer's marker step: per letter its cell ((row, column), or (place in the scan row,), or None) and
+    nearness level (or None); for a scan step also its running rows (levels, letters)."""
+
+    cells: dict[str, Optional[tuple]]
+    levels: dict[str, Optional[int]]
+    running: Optional[str] = None
 
 
-def parse_marker_step(text: str) -> dict[str, tuple]:
-    """{letter: (row, column, nearness)} of every "X at r,c near n" or "X near n" in ``text`` (row and column None
-    in the second form), first mention of each letter."""
-    out: dict[str, tuple] = {}
+def parse_marker_step(text: str) -> MarkerStep:
+    """The marker step in ``text``, of any form (empty when it has none); a letter named twice counts once, first."""
+    scan = SCAN.search(text)
+    if scan:
+        markers, levels, letters = scan.groups()
+        cells: dict[str, Optional[tuple]] = {}
+        for place, letter in enumerate(markers):
+            if letter != "-":
+                cells.setdefault(letter, (place,))
+        return MarkerStep(cells, {letter: None for letter in cells}, running=levels + letters)
+    cells, levels = {}, {}
     for letter, row, col, near in STEP.findall(text):
-        cell = (int(row), int(col)) if row else (None, None)
-        out.setdefault(letter, (*cell, int(near)))
-    return out
-
-
-def _has_cells(step: dict[str, tuple]) -> bool:
-    return any(value[0] is not None for value in step.values())
+        if letter not in cells:
+            cells[letter] = (int(row), int(col)) if row else None
+            levels[letter] = int(near)
+    return MarkerStep(cells, levels)
 
 
 def marker_step_scores(reference: str, prediction: str) -> dict | None:
     """The prediction's marker step against the reference's (None: the reference has none)."""
     truth = parse_marker_step(reference)
-    if not truth:
+    if not truth.cells:
         return None
     named = parse_marker_step(prediction)
-    scores = {"markers": len(truth), "cells": None, "found": None,
-              "nearness": sum(k in named and named[k][2] == cell[2] for k, cell in truth.items()),
-              "listed": set(named) == set(truth)}
-    if _has_cells(truth):
-        found = Counter(cell[:2] for cell in truth.values()) & Counter(cell[:2] for cell in named.values())
-        scores["cells"] = sum(named.get(k, (None, None))[:2] == cell[:2] for k, cell in truth.items())
-        scores["found"] = sum(found.values())
-    return scores
+    with_cells = all(cell is not None for cell in truth.cells.values())
+    with_levels = all(level is not None for level in truth.levels.values())
+    found = Counter(truth.cells.values()) & Counter(cell for cell in named.cells.values() if cell is not None)
+    running = None
+    if truth.running is not None:
+        mine = named.running or ""
+        running = sum(a == b for a, b in zip(truth.running, mine)) if len(mine) == len(truth.running) else 0
+    return {"markers": len(truth.cells),
+            "cells": sum(named.cells.get(k) == cell for k, cell in truth.cells.items()) if with_cells else None,
+            "nearness": sum(named.levels.get(k) == level for k, level in truth.levels.items()) if with_levels
+            else None,
+            "found": sum(found.values()) if with_cells else None,
+            "listed": set(named.cells) == set(truth.cells),
+            "running": running, "running_of": None if truth.running is None else len(truth.running)}
 
 
-def _per_letter_mode(truths: list[dict[str, tuple]], part) -> int:
-    """Markers a constant answer gets right that names, for every letter, its most frequent ``part`` (of
-    (row, column, nearness)) in ``truths``."""
+def _per_letter_mode(truths: list[dict], scored: int) -> Optional[float]:
+    """Share of ``scored`` markers a constant answer gets right that names, for every letter, its most frequent
+    value in ``truths`` ({letter: value} per item); None when the values are unknown."""
+    if any(value is None for truth in truths for value in truth.values()):
+        return None
     by_letter: dict[str, Counter] = {}
     for truth in truths:
         for letter, value in truth.items():
-            by_letter.setdefault(letter, Counter())[part(value)] += 1
+            by_letter.setdefault(letter, Counter())[value] += 1
     mode = {letter: counts.most_common(1)[0][0] for letter, counts in by_letter.items()}
-    return sum(mode[letter] == part(value) for truth in truths for letter, value in truth.items())
+    return sum(mode[letter] == value for truth in truths for letter, value in truth.items()) / scored
 
 
 def group_marker_scores(pairs: list[tuple[str, str]]) -> dict:
@@ -78,20 +106,22 @@ def group_marker_scores(pairs: list[tuple[str, str]]) -> dict:
     scored = [(truth, s) for truth, s in scored if s is not None]
     truths = [truth for truth, _ in scored]
     markers = sum(s["markers"] for _, s in scored)
-    share = lambda key: sum(s[key] for _, s in scored) / markers  # noqa: E731
-    out = {"marker_nearness": share("nearness"),
+
+    def share(key: str, of: str | None = None) -> Optional[float]:
+        if any(s[key] is None for _, s in scored):
+            return None
+        return sum(s[key] for _, s in scored) / (sum(s[of] for _, s in scored) if of else markers)
+
+    out = {"marker_cells": share("cells"), "marker_nearness": share("nearness"), "marker_found": share("found"),
            "marker_listed": sum(s["listed"] for _, s in scored) / len(scored),
-           "marker_nearness_mode": _per_letter_mode(truths, lambda v: v[2]) / markers,
-           "marker_cells": None, "marker_found": None, "marker_cells_mode": None, "marker_found_mode": None,
-           "marker_count": markers, "marker_items": len(scored)}
-    if all(s["cells"] is not None for _, s in scored):
-        frequent = [cell for cell, _ in Counter(chain.from_iterable(
-            [cell[:2] for cell in truth.values()] for truth in truths)).most_common()]
-        found_mode = sum(sum((Counter(cell[:2] for cell in truth.values()) & Counter(frequent[:len(truth)])).values())
-                         for truth in truths)
-        out.update(marker_cells=share("cells"), marker_found=share("found"),
-                   marker_cells_mode=_per_letter_mode(truths, lambda v: v[:2]) / markers,
-                   marker_found_mode=found_mode / markers)
+           "marker_running": share("running", "running_of"),
+           "marker_cells_mode": _per_letter_mode([t.cells for t in truths], markers),
+           "marker_nearness_mode": _per_letter_mode([t.levels for t in truths], markers),
+           "marker_found_mode": None, "marker_count": markers, "marker_items": len(scored)}
+    if out["marker_cells"] is not None:
+        frequent = [cell for cell, _ in Counter(chain.from_iterable(t.cells.values() for t in truths)).most_common()]
+        out["marker_found_mode"] = sum(sum((Counter(t.cells.values()) & Counter(frequent[:len(t.cells)])).values())
+                                       for t in truths) / markers
     return out
 
 
@@ -102,18 +132,19 @@ def marker_step_table(metrics: dict) -> list[str]:
         return []
     pct = lambda value: "–" if value is None else f"{100 * value:.1f}"  # noqa: E731
     lines = ["", "## Does the answer find the markers?", "",
-             "The marker step of each answer (\"A at 3,5 near 7; ...\" or, without cells, \"A near 7; ...\") "
-             "against the reference's (%): markers whose cell it names right, beside the shortcut of naming each "
-             "letter's most frequent cell in these references; markers whose cell it names for any letter, beside "
-             "naming the references' most frequent cells; markers whose nearness level it names right, beside naming "
-             "each letter's most frequent level; answers listing exactly the right letters. – : the step names no "
-             "cells.", "",
+             "The marker step of each answer (\"A at 3,5 near 7; ...\", \"A near 7; ...\" or the scan rows "
+             "\"--A--B--|--KKKMMM|--AAABBB\") against the reference's (%): markers whose cell it names right, beside "
+             "the shortcut of naming each letter's most frequent cell in these references; markers whose cell it "
+             "names for any letter, beside naming the references' most frequent cells; markers whose nearness level "
+             "it names right, beside naming each letter's most frequent level; answers listing exactly the right "
+             "letters; characters of the scan's running rows (nearest level and letter so far) right. – : not in "
+             "this step's form.", "",
              "| group | cells right | most frequent cell per letter | cells found, any letter | most frequent cells | "
-             "nearness right | most frequent level per letter | right letters listed | markers |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "nearness right | most frequent level per letter | right letters listed | running rows right | markers |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, m in groups:
         lines.append(f"| {name} | {pct(m['marker_cells'])} | {pct(m['marker_cells_mode'])} | "
                      f"{pct(m['marker_found'])} | {pct(m['marker_found_mode'])} | "
                      f"{pct(m['marker_nearness'])} | {pct(m.get('marker_nearness_mode'))} | "
-                     f"{pct(m['marker_listed'])} | {m['marker_count']} |")
+                     f"{pct(m['marker_listed'])} | {pct(m.get('marker_running'))} | {m['marker_count']} |")
     return lines

@@ -55,11 +55,13 @@ class SourceConfig:
         "3,1 near 3. (A)': depth-grid cell, nearness 0-9), then answer; needs marker_grid. A chain-of-thought "
         "option after AURORA (marker coordinates, then depth); the ablation without depth tokens gets the same "
         "text.", False)
-    marker_cells: bool = doc_field(
-        "synthetic, with marker_step: name each marker's depth-grid cell in the step ('A at 3,5 near 7'). false: "
-        "nearness only ('A near 7; B near 3. (A)'): the model finds each marker by its look, with no need to write "
-        "out where it is (a position a tiny model from scratch does not learn to read out; README, the toy world).",
-        True)
+    marker_step_format: Literal["cells", "nearness", "scan"] = doc_field(
+        "synthetic, with marker_step: the step's form. cells: 'A at 3,5 near 7; B at 3,1 near 3. (A)'. nearness: "
+        "'A near 7; B near 3. (A)'. scan (toy-only): the marker band's cells in reading order, three rows of one "
+        "character per cell (the marker there or -, the nearest marker's level so far as K-T = 0-9, its letter), "
+        "then the answer: '--A--B--|--KKKMMM|--AAABBB. (B)'; every character is a read at a fixed distance, the "
+        "lookup a tiny model learns (README, the toy world, seventh round). Needs a tokenizer that keeps the row "
+        "characters apart (the builtin tiny BPE does).", "cells")
 
     def question_rules(self):
         """The synthetic relative-depth question rules these fields describe (preprocess/scenes/tasks.py)."""
@@ -67,7 +69,7 @@ class SourceConfig:
 
         return QuestionRules(per_scene=self.questions_per_scene, counts=tuple(self.point_counts),
                              marker_style=self.marker_style, points=PointRules(grid=self.marker_grid),
-                             marker_step=self.marker_step, marker_cells=self.marker_cells)
+                             marker_step=self.marker_step, step_format=self.marker_step_format)
 
 
 @dataclass

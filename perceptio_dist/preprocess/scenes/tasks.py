@@ -13,8 +13,13 @@
   "A at 3,5 near 7; B at 3,1 near 3; C at 4,6 near 5. (A)" (cell row,column of the depth grid, nearness
   0-9 = the cell's mean normalised inverse depth in tenths); only sets whose closest marker has the strictly
   highest nearness are kept. A documented option after AURORA's best chain (marker coordinates, then depth).
-  With ``QuestionRules.marker_cells`` false the step names no cells: "A near 7; B near 3; C near 5. (A)", so
-  each level is found by the marker's look alone (content), never by writing out where it is.
+  ``QuestionRules.step_format`` chooses the step (MARKER_STEP_FORMATS): "cells" as above; "nearness" names no
+  cells ("A near 7; B near 3; C near 5. (A)"); "scan" walks the cells of the marker band in reading order and
+  writes three rows, one character per cell: the marker in the cell (or -), the nearness of the nearest marker so
+  far (LEVEL_SYMBOLS, or -), and that marker's letter (or -), then the answer:
+  "--A--B-C--D-----|--KKKMMMMMQQQQQQ|--AAABBBBBDDDDDD. (D)". Every character of a row sits at a fixed distance
+  from its cell's image token, depth token and the rows before, so each is a positional read, the kind of lookup
+  a tiny model learns from scratch; the nearest marker is the running maximum, carried cell by cell.
 * depth: depth-only generation.
 * vqa: object count, or the colour of the only object of a kind.
 """
@@ -55,8 +60,8 @@ class QuestionRules:
     counts: tuple[int, ...] = (3, 4, 5)  # number of points, drawn uniformly
     marker_style: str = "hardblink"  # records.MARKER_STYLES
     points: PointRules = PointRules()
-    marker_step: bool = False  # answers read each marker's cell and nearness first (needs points.grid)
-    marker_cells: bool = True  # the marker step names each marker's cell ("A at 3,5 near 7"); false: "A near 7"
+    marker_step: bool = False  # answers read the markers out of the depth grid first (needs points.grid)
+    step_format: str = "cells"  # MARKER_STEP_FORMATS
 
 
 def describe(obj: dict) -> str:
@@ -116,6 +121,10 @@ def cell_means(depth: np.ndarray, grid: int) -> np.ndarray:
 
 
 NEARNESS_LEVELS = 10
+MARKER_STEP_FORMATS = ("cells", "nearness", "scan")
+# The scan rows' nearness levels 0-9, one symbol each: the tiny BPE merges pairs of digits ("10", "55"), which would
+# move every later character of a row, so the levels are written as ten capitals it never merges (K far ... T near).
+LEVEL_SYMBOLS = "KLMNOPQRST"
 
 
 def marker_readout(depth: np.ndarray, points: list[list[float]], grid: int) -> list[tuple[int, int, int]]:
@@ -133,13 +142,41 @@ def marker_readout(depth: np.ndarray, points: list[list[float]], grid: int) -> l
     return out
 
 
-def marker_step_answer(readout: list[tuple[int, int, int]], closest: int, cells: bool = True) -> Optional[str]:
-    """The answer with its marker step, or None when the nearness levels do not single out ``closest``.
-    ``cells``: name each marker's cell before its nearness."""
+def band_rows(rules: PointRules) -> range:
+    """The depth-grid rows the markers can lie in: rules.band at rules.grid."""
+    return range(int(rules.band[0] * rules.grid), min(rules.grid - 1, int(rules.band[1] * rules.grid)) + 1)
+
+
+def scan_rows(readout: list[tuple[int, int, int]], rows: range, grid: int) -> tuple[str, str, str]:
+    """The scan step's three rows over the cells of ``rows`` in reading order: the marker in each cell, the
+    nearness symbol of the nearest marker so far, its letter ('-' for none / none yet)."""
+    at = {(r, c): i for i, (r, c, _) in enumerate(readout)}
+    if len(at) < len(readout) or any(r not in rows for r, _, _ in readout):
+        raise ValueError(f"scan step: markers {readout} must have their own cells in rows {list(rows)}")
+    markers, levels, nearest = [], [], []
+    best = None
+    for cell in ((r, c) for r in rows for c in range(grid)):
+        i = at.get(cell)
+        markers.append("-" if i is None else LETTERS[i])
+        if i is not None and (best is None or readout[i][2] > readout[best][2]):
+            best = i
+        levels.append("-" if best is None else LEVEL_SYMBOLS[readout[best][2]])
+        nearest.append("-" if best is None else LETTERS[best])
+    return "".join(markers), "".join(levels), "".join(nearest)
+
+
+def marker_step_answer(readout: list[tuple[int, int, int]], closest: int, step_format: str = "cells",
+                       rules: PointRules | None = None) -> Optional[str]:
+    """The answer with its marker step (``step_format``, MARKER_STEP_FORMATS; "scan" needs the ``rules`` with the
+    grid), or None when the nearness levels do not single out ``closest``."""
     levels = [level for _, _, level in readout]
     if any(level >= levels[closest] for i, level in enumerate(levels) if i != closest):
         return None
-    steps = "; ".join(f"{LETTERS[i]} at {r},{c} near {level}" if cells else f"{LETTERS[i]} near {level}"
+    if step_format == "scan":
+        return f"{'|'.join(scan_rows(readout, band_rows(rules), rules.grid))}. ({LETTERS[closest]})"
+    if step_format not in MARKER_STEP_FORMATS:
+        raise ValueError(f"unknown marker step format {step_format!r}; one of {MARKER_STEP_FORMATS}")
+    steps = "; ".join(f"{LETTERS[i]} at {r},{c} near {level}" if step_format == "cells" else f"{LETTERS[i]} near {level}"
                       for i, (r, c, level) in enumerate(readout))
     return f"{steps}. ({LETTERS[closest]})"
 
@@ -180,7 +217,7 @@ def scene_records(folder: Path, meta: dict, depth: np.ndarray, tasks: list[str],
                 points, closest = found
                 answer = f"({LETTERS[closest]})" if not questions.marker_step else \
                     marker_step_answer(marker_readout(depth, points, questions.points.grid), closest,
-                                       questions.marker_cells)
+                                       questions.step_format, questions.points)
                 if answer is not None:
                     break
             if answer is None:
