@@ -397,6 +397,28 @@ def test_scan_step_scored_by_hand():
     assert "| g | 83.3 | 100.0 | 83.3 | 100.0 | – | – | 100.0 | 98.4 | 6 |" in marker_step_table({"g": group})
 
 
+def test_chain_probe_sequences_and_run():
+    """tools/probe_chain.py: labels are the next token on the answer only, the scan answer ends on its running
+    letter, which is the nearest marker's; a few steps run and report both interventions."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "probe_chain.py"
+    spec = importlib.util.spec_from_file_location("probe_chain", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    gen = torch.Generator().manual_seed(0)
+    ids, labels, markers, nearest = probe.make_batch(gen, 6, "scan", [3, 4, 5], 0.0)
+    answer_start = probe.DEPTH_AT + probe.GRID * probe.GRID + 1
+    assert (labels[:, :answer_start - 1] == -100).all() and (labels[:, -1] == -100).all()
+    assert torch.equal(labels[:, answer_start - 1:-1], ids[:, answer_start:])
+    assert torch.equal(ids[:, -2], nearest) and torch.equal(ids[:, -5], nearest)  # "...X|(X)": row 3 ends on it
+    assert ((markers > 0).sum(1) >= 3).all()
+    rows = probe.main(["--formats", "letter", "scan", "--steps", "2", "--eval-items", "4"])
+    assert [r["format"] for r in rows] == ["letter", "scan"]
+    assert all(0.0 <= r["own"] <= 1.0 and 0.0 <= r["random"] <= 1.0 for r in rows)
+
+
 def test_sincos_positions_by_hand():
     """Patch (r, c) of a 16-wide grid: channels [0, q) sin(r f_k), [q, 2q) cos(r f_k), then the same of c, with
     f_k = 10000^(-k/q); the built tower carries exactly that table after its [CLS] row."""
