@@ -332,7 +332,7 @@ def test_marker_step_reads_cells_and_nearness_by_hand():
 
 def test_marker_step_answers_parse_to_their_closest_letter(rendered):
     folder, meta, depth = rendered[2]
-    rules = dataclasses.replace(toy_questions(), marker_step=True)
+    rules = dataclasses.replace(toy_questions(), marker_step=True, step_format="cells")
     records = scene_records(folder, meta, depth, ["relative_depth"], rules)
     assert records
     for record in records:

@@ -88,7 +88,8 @@ class SampleBuilder:
                                                 info["turns"], spatial)
         if input_ids.numel() > self.max_seq_len:
             raise SampleTooLong(f"{input_ids.numel()} tokens > data.max_seq_len={self.max_seq_len}")
-        if self.context_noise > 0 and codes is not None and (self.noise_tasks is None or info["task"] in self.noise_tasks):
+        noised_task = self.noise_tasks is None or info["task"] in self.noise_tasks
+        if self.context_noise > 0 and codes is not None and noised_task:
             input_ids = self.noisy_code_context(input_ids, labels, stored.key)
         return Sample(
             input_ids=input_ids, labels=labels, pixel_values=pixel_values,

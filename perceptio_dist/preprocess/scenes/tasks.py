@@ -176,8 +176,8 @@ def marker_step_answer(readout: list[tuple[int, int, int]], closest: int, step_f
         return f"{'|'.join(scan_rows(readout, band_rows(rules), rules.grid))}. ({LETTERS[closest]})"
     if step_format not in MARKER_STEP_FORMATS:
         raise ValueError(f"unknown marker step format {step_format!r}; one of {MARKER_STEP_FORMATS}")
-    steps = "; ".join(f"{LETTERS[i]} at {r},{c} near {level}" if step_format == "cells" else f"{LETTERS[i]} near {level}"
-                      for i, (r, c, level) in enumerate(readout))
+    where = (lambda r, c: f" at {r},{c}") if step_format == "cells" else (lambda r, c: "")
+    steps = "; ".join(f"{LETTERS[i]}{where(r, c)} near {level}" for i, (r, c, level) in enumerate(readout))
     return f"{steps}. ({LETTERS[closest]})"
 
 
