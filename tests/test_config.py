@@ -199,6 +199,9 @@ def test_depth_downsampling_rule_is_shared():
         recipe = {load_config: "tiny_cpu", load_preprocess_config: "preprocess_tiny", load_vqvae_config: "vqvae_tiny"}[load]
         with pytest.raises(ConfigError, match=f"'{field_name}'.*power of two"):
             load(recipe, [f"{field_name}=96"])
+        decoder = field_name.replace("input_size", "decoder")
+        with pytest.raises(ConfigError, match=f"'{decoder}'.*'local'.*one of.*'conv', 'cell'"):
+            load(recipe, [f"{decoder}=local"])
 
 
 def test_a_checkpoint_from_before_a_new_model_field_resumes():

@@ -4,6 +4,7 @@ hand-made maps, the real RGB-D frames, the evaluation report and its train/eval 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,23 @@ def test_training_writes_a_loadable_tokenizer_and_metrics(trained):
     assert (out / "checkpoints" / "step_0000006" / "state.json").exists()
     with pytest.raises(ConfigError, match="another architecture.*num_codes: recipe 32, tokenizer 16"):
         load_depth_vqvae(DepthVQVAEConfig(**meta["depth_vqvae"]), 32, 4, str(out / "tokenizer.safetensors"))
+    with pytest.raises(ConfigError, match="another architecture.*decoder: recipe cell, tokenizer conv"):
+        load_depth_vqvae(DepthVQVAEConfig(**{**meta["depth_vqvae"], "decoder": "cell"}), 16, 4,
+                         str(out / "tokenizer.safetensors"))
+
+
+def test_a_tokenizer_written_before_the_decoder_field_loads_as_conv(trained, tmp_path):
+    """tokenizer.json files from before depth_vqvae.decoder existed name no decoder: they were conv decoders."""
+    _, out, _ = trained
+    meta = json.loads((out / "tokenizer.json").read_text())
+    assert meta["depth_vqvae"].pop("decoder") == "conv"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(meta))
+    shutil.copy(out / "tokenizer.safetensors", tmp_path / "tokenizer.safetensors")
+    weights = str(tmp_path / "tokenizer.safetensors")
+    model = load_depth_vqvae(DepthVQVAEConfig(**meta["depth_vqvae"]), 16, 4, weights)
+    assert type(model.decoder).__name__ == "DepthDecoder"
+    with pytest.raises(ConfigError, match="decoder: recipe cell, tokenizer conv"):
+        load_depth_vqvae(DepthVQVAEConfig(**{**meta["depth_vqvae"], "decoder": "cell"}), 16, 4, weights)
 
 
 def test_training_resumes_from_its_last_checkpoint(trained, tmp_path):

@@ -33,6 +33,29 @@ def test_encoder_grid_follows_config():
     assert vq.encode(torch.rand(1, 1, 64, 64)).shape == (1, 64)
 
 
+@pytest.mark.parametrize("decoder, local", [("cell", True), ("conv", False)])
+def test_cell_decoder_keeps_every_code_in_its_own_cell(decoder, local):
+    """decoder: cell: changing one code changes its own 8x8 patch of the map and no other pixel; the conv decoder
+    (the reference that the check can fail on) spreads it into the neighbouring cells."""
+    torch.manual_seed(0)
+    vq = DepthVQVAE(DepthVQVAEConfig(input_size=32, code_dim=8, base_channels=4, max_channels=16, decoder=decoder),
+                    num_codes=16, grid=4).eval()
+    codes = torch.randint(0, 16, (1, 16))
+    changed = codes.clone()
+    changed[0, 5] = (codes[0, 5] + 1) % 16  # cell (1, 1): pixels 8-15 x 8-15
+    with torch.no_grad():
+        moved = (vq.decode(changed) - vq.decode(codes))[0, 0].abs() > 1e-7
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[8:16, 8:16] = True
+    assert moved[inside].any()
+    assert bool(moved[~inside].any()) is not local
+    if local:  # the same code decodes to the same patch wherever it stands
+        with torch.no_grad():
+            flat = vq.decode(torch.full((1, 16), 3))[0, 0]
+            mixed = vq.decode(torch.tensor([[3] + list(range(4, 19))]) % 16)[0, 0]
+        torch.testing.assert_close(mixed[:8, :8], flat[:8, :8])
+
+
 def test_ema_codebook_moves_towards_assigned_vectors_only_in_training():
     torch.manual_seed(0)
     quant = EMAVectorQuantizer(num_codes=2, code_dim=2, decay=0.5)

@@ -25,10 +25,11 @@ from ..config import DepthVQVAEConfig
 
 
 class ResBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, kernel: int = 3):
         super().__init__()
         self.block = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, channels, 1)
+            nn.ReLU(), nn.Conv2d(channels, channels, kernel, padding=kernel // 2), nn.ReLU(),
+            nn.Conv2d(channels, channels, 1)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,29 @@ class DepthDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
+
+
+class CellDepthDecoder(nn.Module):
+    """Every code to its own (input_size / grid)-pixel patch and nothing else: 1x1 convolutions and non-overlapping
+    2x2 transposed convolutions, so a code decodes to the same patch wherever it stands (depth_vqvae.decoder: cell).
+    """
+
+    def __init__(self, cfg: DepthVQVAEConfig, levels: int):
+        super().__init__()
+        ch = _stage_channels(cfg, levels)
+        layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, ch[-1], 1)]
+        layers += [ResBlock(ch[-1], kernel=1) for _ in range(cfg.num_res_blocks)]
+        for i in reversed(range(levels)):
+            layers.append(nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2))
+            layers += [ResBlock(ch[i], kernel=1) for _ in range(cfg.num_res_blocks)]
+        layers += [nn.ReLU(), nn.Conv2d(ch[0], 1, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+DECODERS = {"conv": DepthDecoder, "cell": CellDepthDecoder}
 
 
 class EMAVectorQuantizer(nn.Module):
@@ -147,7 +171,7 @@ class DepthVQVAE(nn.Module):
         self.input_size, self.grid, self.num_codes = cfg.input_size, grid, num_codes
         self.encoder = DepthEncoder(cfg, levels)
         self.quantizer = EMAVectorQuantizer(num_codes, cfg.code_dim, cfg.ema_decay)
-        self.decoder = DepthDecoder(cfg, levels)
+        self.decoder = DECODERS[cfg.decoder](cfg, levels)
 
     @property
     def num_tokens(self) -> int:
@@ -207,7 +231,9 @@ def load_depth_vqvae(cfg: DepthVQVAEConfig, num_codes: int, grid: int, weights: 
         meta = json.loads(meta_path.read_text())
         expected = {**{k: v for k, v in asdict(cfg).items() if k not in ("checkpoint", "ema_decay")},
                     "num_codes": num_codes, "grid": grid}
-        found = {**{k: meta["depth_vqvae"].get(k) for k in expected if k not in ("num_codes", "grid")},
+        # A field the file does not name (written before the field existed) had its default then.
+        defaults = asdict(DepthVQVAEConfig())
+        found = {**{k: meta["depth_vqvae"].get(k, defaults[k]) for k in expected if k not in ("num_codes", "grid")},
                  "num_codes": meta["num_codes"], "grid": meta["grid"]}
         diffs = [f"{k}: recipe {expected[k]}, tokenizer {found[k]}" for k in expected if expected[k] != found[k]]
         if diffs:
