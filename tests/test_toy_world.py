@@ -400,13 +400,7 @@ def test_scan_step_scored_by_hand():
 def test_chain_probe_sequences_and_run():
     """tools/probe_chain.py: labels are the next token on the answer only, the scan answer ends on its running
     letter, which is the nearest marker's; a few steps run and report both interventions."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "tools" / "probe_chain.py"
-    spec = importlib.util.spec_from_file_location("probe_chain", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _tools_module("probe_chain")
     gen = torch.Generator().manual_seed(0)
     ids, labels, markers, nearest = probe.make_batch(gen, 6, "scan", [3, 4, 5], 0.0)
     answer_start = probe.DEPTH_AT + probe.GRID * probe.GRID + 1
@@ -477,3 +471,47 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, tiny_shards):
     assert (out / "sweep.md").read_text() == table
     bad = subprocess.run([*cmd[:-2], "--out", str(out), "--only", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "names no configuration" in bad.stderr
+
+
+def _tools_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_code_level_lookup_by_hand():
+    """tools/code_levels.py: code 1 is level 3 twice and level 4 once, code 2 always level 7: the best table gets
+    3 of 4; levels are tenths of the normalised inverse depth, clipped to 0-9."""
+    tool = _tools_module("code_levels")
+    assert tool.best_lookup_accuracy([(1, 3), (1, 3), (1, 4), (2, 7)]) == 0.75
+    assert [tool.level_of(x) for x in (0.0, 0.09, 0.1, 0.55, 0.999, 1.0, -0.2)] == [0, 0, 1, 5, 9, 9, 0]
+
+
+def test_code_levels_on_real_shards(tiny_shards, tmp_path):
+    """On the session's shards with a saved cell-decoder tokenizer: one marker per point of every relative-depth
+    question, and (a cell's decoded depth being a function of its code alone) the best code -> level table is at
+    least as right as the decoded cells' levels, which are one such table."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from perceptio_dist.config import DepthVQVAEConfig
+    from perceptio_dist.data.shards import read_shard
+    from perceptio_dist.model.depth_vqvae import DepthVQVAE
+
+    tool = _tools_module("code_levels")
+    arch = DepthVQVAEConfig(input_size=32, code_dim=4, base_channels=2, max_channels=4, decoder="cell")
+    torch.manual_seed(0)
+    save_file(DepthVQVAE(arch, 8, 4).state_dict(), str(tmp_path / "tokenizer.safetensors"))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"depth_vqvae": vars(arch), "num_codes": 8, "grid": 4}))
+    result = tool.measure(tiny_shards, tiny_shards.parent / "scenes", tmp_path)
+    questions = [s.info for tar in sorted((tiny_shards / "relative_depth").glob("*.tar")) for s in read_shard(tar)]
+    assert result["questions"] == len(questions) > 0
+    assert result["markers"] == sum(len(q["points"]) for q in questions)
+    assert result["level_from_own_code"] >= result["decoded_level_right"] - 1e-12
+    assert 0.0 <= result["decoded_single_out_nearest"] + result["decoded_ties"] <= 1.0
