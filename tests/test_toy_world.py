@@ -330,12 +330,17 @@ def test_marker_step_reads_cells_and_nearness_by_hand():
         load_preprocess_config("preprocess_toy", ["sources.0.marker_step=true", "sources.0.marker_grid=null"])
 
 
-def test_marker_step_answers_parse_to_their_closest_letter(rendered):
+def _marker_step_records(rendered, step_format: str) -> list:
+    """The relative-depth records of one rendered scene with the toy questions and the given marker step."""
     folder, meta, depth = rendered[2]
-    rules = dataclasses.replace(toy_questions(), marker_step=True, step_format="cells")
+    rules = dataclasses.replace(toy_questions(), marker_step=True, step_format=step_format)
     records = scene_records(folder, meta, depth, ["relative_depth"], rules)
     assert records
-    for record in records:
+    return records
+
+
+def test_marker_step_answers_parse_to_their_closest_letter(rendered):
+    for record in _marker_step_records(rendered, "cells"):
         answer = record.turns[0][1]
         levels = [int(part.rsplit(" ", 1)[1]) for part in answer.split(". (")[0].split("; ")]
         letter = parse_choice_letter(answer, len(record.points))
@@ -364,11 +369,7 @@ def test_scan_rows_are_one_token_per_cell(rendered):
     from perceptio_dist.model.tokenizer import load_builtin_tokenizer
 
     tokenizer = load_builtin_tokenizer("tiny_bpe")
-    folder, meta, depth = rendered[2]
-    rules = dataclasses.replace(toy_questions(), marker_step=True, step_format="scan")
-    records = scene_records(folder, meta, depth, ["relative_depth"], rules)
-    assert records
-    for record in records:
+    for record in _marker_step_records(rendered, "scan"):
         answer = record.turns[0][1]
         rows = answer.split(". (")[0]
         assert len(rows) == 3 * 16 + 2
