@@ -202,7 +202,7 @@ class DepthVQVAEConfig:
     max_channels: int = doc_field("Cap on the channel count of the conv stages.", 512)
     num_res_blocks: int = doc_field("Residual blocks per resolution level.", 1)
     ema_decay: float = doc_field("EMA decay of the codebook updates (training the tokenizer only).", 0.99)
-    decoder: str = doc_field(
+    decoder: Literal["conv", "cell"] = doc_field(
         "conv: 3x3 convolutions at every level, so a cell's decoded depth also depends on its neighbours' codes. "
         "cell: every code decodes to its own grid cell only (1x1 convolutions, non-overlapping 2x2 upsampling), so "
         "a code means one depth patch wherever it stands and a cell's depth can be read from its code alone.",
@@ -673,16 +673,6 @@ def is_power_of_two(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-DEPTH_DECODERS = ("conv", "cell")
-
-
-def check_depth_vqvae(vq: "DepthVQVAEConfig", depth_grid: int, prefix: str) -> None:
-    """The depth tokenizer's architecture against its grid (``prefix``: where the block sits in the config)."""
-    check_depth_downsampling(vq.input_size, depth_grid, f"{prefix}.input_size")
-    if vq.decoder not in DEPTH_DECODERS:
-        raise ConfigError(f"Config error at '{prefix}.decoder': {vq.decoder!r} is not one of {DEPTH_DECODERS}.")
-
-
 def check_depth_downsampling(input_size: int, depth_grid: int, where: str) -> None:
     """The VQ-VAE encoder halves the depth map down to the grid: input_size / depth_grid must be a power of two >= 2.
 
@@ -741,7 +731,7 @@ def validate(cfg: PerceptioConfig) -> None:
                   "or a local tokenizer folder.")
     if "{}" not in tok.depth_code_template:
         raise err("model.tokens.depth_code_template", "must contain '{}' where the code index goes.")
-    check_depth_vqvae(vq, tok.depth_grid, "model.depth_vqvae")
+    check_depth_downsampling(vq.input_size, tok.depth_grid, "model.depth_vqvae.input_size")
     if not 0 < vq.ema_decay < 1:
         raise err("model.depth_vqvae.ema_decay", f"must be in (0, 1), got {vq.ema_decay}.")
     weightings = [("data.task_weights", cfg.data.task_weights)] + [

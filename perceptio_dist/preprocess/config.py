@@ -10,7 +10,7 @@ from ..config import (
     ConfigError,
     DepthVQVAEConfig,
     SpatialTokensConfig,
-    check_depth_vqvae,
+    check_depth_downsampling,
     check_input_paths,
     doc_field,
     load_typed_config,
@@ -128,7 +128,7 @@ def validate_preprocess(cfg: PreprocessConfig) -> None:
             raise err(f"sources[{i}].marker_step", "reads markers out of depth-grid cells: set marker_grid too.")
         if cfg.split == "train" and src.type == "hardblink":
             raise err(f"sources[{i}].type", "HardBLINK is evaluation data: never train on it (use split: eval).")
-    check_depth_vqvae(cfg.depth_vqvae, cfg.tokens.depth_grid, "depth_vqvae")
+    check_depth_downsampling(cfg.depth_vqvae.input_size, cfg.tokens.depth_grid, "depth_vqvae.input_size")
     if cfg.teacher.input_size % 14:
         raise err("teacher.input_size", "must be a multiple of 14 (the ViT patch size).")
     if cfg.teacher.num_cpus <= 0 or cfg.tokenizer_num_cpus <= 0:

@@ -9,7 +9,7 @@ from ..config import (
     ConfigError,
     DepthVQVAEConfig,
     SpatialTokensConfig,
-    check_depth_vqvae,
+    check_depth_downsampling,
     doc_field,
     load_typed_config,
     path_field,
@@ -69,7 +69,7 @@ def validate_vqvae(cfg: VQVAETrainConfig) -> None:
         raise err("data", "set at least one of data.scenes, data.shards, data.image_folder.")
     if d.image_folder and not d.teacher:
         raise err("data.teacher", "data.image_folder needs a teacher (a Depth Anything V2 folder).")
-    check_depth_vqvae(cfg.depth_vqvae, cfg.tokens.depth_grid, "depth_vqvae")
+    check_depth_downsampling(cfg.depth_vqvae.input_size, cfg.tokens.depth_grid, "depth_vqvae.input_size")
     if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
         raise err("data.crop_scale", "two fractions 0 < low <= high <= 1.")
     for name in ("steps", "batch_size", "usage_window", "log_every"):
