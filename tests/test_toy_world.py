@@ -487,10 +487,12 @@ def _tools_module(name: str):
 
 def test_code_level_lookup_by_hand():
     """tools/code_levels.py: code 1 is level 3 twice and level 4 once, code 2 always level 7: the best table gets
-    3 of 4; levels are tenths of the normalised inverse depth, clipped to 0-9."""
+    3 of 4; levels (tasks.nearness_level) are tenths of the normalised inverse depth, clipped to 0-9."""
+    from perceptio_dist.preprocess.scenes.tasks import nearness_level
+
     tool = _tools_module("code_levels")
     assert tool.best_lookup_accuracy([(1, 3), (1, 3), (1, 4), (2, 7)]) == 0.75
-    assert [tool.level_of(x) for x in (0.0, 0.09, 0.1, 0.55, 0.999, 1.0, -0.2)] == [0, 0, 1, 5, 9, 9, 0]
+    assert [nearness_level(x) for x in (0.0, 0.09, 0.1, 0.55, 0.999, 1.0, -0.2)] == [0, 0, 1, 5, 9, 9, 0]
 
 
 def test_code_levels_on_real_shards(tiny_shards, tmp_path):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from perceptio_dist.data.shards import npy_load, read_shard
-from perceptio_dist.preprocess.scenes.tasks import NEARNESS_LEVELS, cell_means, marker_readout
+from perceptio_dist.preprocess.scenes.tasks import cell_means, marker_readout, nearness_level
 from perceptio_dist.teachers.depth_anything import inverse_depth_target
 
 
@@ -39,31 +39,26 @@ def best_lookup_accuracy(pairs: list[tuple[int, int]]) -> float:
     return sum(max(c.values()) for c in by_code.values()) / max(1, len(pairs))
 
 
-def level_of(nearness: float) -> int:
-    """A normalised inverse depth in [0, 1] as the scan's level 0-9 (as marker_readout makes it)."""
-    return min(NEARNESS_LEVELS - 1, max(0, int(NEARNESS_LEVELS * nearness)))
-
-
 def measure(shards: Path, scenes: Path, tokenizer: Path) -> dict:
     from perceptio_dist.train.vqvae_trainer import load_tokenizer
 
     model, meta = load_tokenizer(tokenizer)
     grid = meta["grid"]
     pairs, decoded_right, single, ties, questions = [], 0, 0, 0, 0
-    per_scene: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    per_scene: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # several question sets share a scene
     for tar in sorted((shards / "relative_depth").glob("*.tar")):
         for sample in read_shard(tar):
             scene = sample.info["meta"]["scene"]
-            depth = np.load(scenes / scene / "depth.npy")
             if scene not in per_scene:
+                depth = np.load(scenes / scene / "depth.npy")
                 target = torch.from_numpy(inverse_depth_target(depth, model.input_size))[None, None]
                 with torch.no_grad():
                     codes = model.encode(target)
                     decoded = model.decode(codes)[0, 0].numpy()
-                per_scene[scene] = codes[0].numpy().reshape(grid, grid), cell_means(decoded, grid)
-            codes, decoded_means = per_scene[scene]
+                per_scene[scene] = depth, codes[0].numpy().reshape(grid, grid), cell_means(decoded, grid)
+            depth, codes, decoded_means = per_scene[scene]
             readout = marker_readout(depth, sample.info["points"], grid)
-            decoded_levels = [level_of(decoded_means[r, c]) for r, c, _ in readout]
+            decoded_levels = [nearness_level(decoded_means[r, c]) for r, c, _ in readout]
             for (r, c, level), decoded in zip(readout, decoded_levels):
                 pairs.append((int(codes[r, c]), level))
                 decoded_right += decoded == level

@@ -138,8 +138,13 @@ def marker_readout(depth: np.ndarray, points: list[list[float]], grid: int) -> l
     out = []
     for x, y in points:
         row, col = min(grid - 1, int(y * grid / h)), min(grid - 1, int(x * grid / w))
-        out.append((row, col, min(NEARNESS_LEVELS - 1, int(NEARNESS_LEVELS * means[row, col]))))
+        out.append((row, col, nearness_level(means[row, col])))
     return out
+
+
+def nearness_level(nearness: float) -> int:
+    """A normalised inverse depth in [0, 1] (larger is nearer) as the marker step's level 0-9."""
+    return min(NEARNESS_LEVELS - 1, max(0, int(NEARNESS_LEVELS * nearness)))
 
 
 def band_rows(rules: PointRules) -> range:
