@@ -23,6 +23,8 @@ from perceptio_dist.preprocess.scenes.tasks import PointRules, QuestionRules, cl
 from perceptio_dist.preprocess.stages import MARKER_COLOURS, draw_markers
 from perceptio_dist.sweep import load_sweep, table_lines
 
+from .conftest import tools_module
+
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
@@ -401,7 +403,7 @@ def test_scan_step_scored_by_hand():
 def test_chain_probe_sequences_and_run():
     """tools/probe_chain.py: labels are the next token on the answer only, the scan answer ends on its running
     letter, which is the nearest marker's; a few steps run and report both interventions."""
-    probe = _tools_module("probe_chain")
+    probe = tools_module("probe_chain")
     gen = torch.Generator().manual_seed(0)
     ids, labels, markers, nearest = probe.make_batch(gen, 6, "scan", [3, 4, 5], 0.0)
     answer_start = probe.DEPTH_AT + probe.GRID * probe.GRID + 1
@@ -474,23 +476,12 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, tiny_shards):
     assert bad.returncode != 0 and "names no configuration" in bad.stderr
 
 
-def _tools_module(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_code_level_lookup_by_hand():
     """tools/code_levels.py: code 1 is level 3 twice and level 4 once, code 2 always level 7: the best table gets
     3 of 4; levels (tasks.nearness_level) are tenths of the normalised inverse depth, clipped to 0-9."""
     from perceptio_dist.preprocess.scenes.tasks import nearness_level
 
-    tool = _tools_module("code_levels")
+    tool = tools_module("code_levels")
     assert tool.best_lookup_accuracy([(1, 3), (1, 3), (1, 4), (2, 7)]) == 0.75
     assert [nearness_level(x) for x in (0.0, 0.09, 0.1, 0.55, 0.999, 1.0, -0.2)] == [0, 0, 1, 5, 9, 9, 0]
 
@@ -507,7 +498,7 @@ def test_code_levels_on_real_shards(tiny_shards, tmp_path):
     from perceptio_dist.data.shards import read_shard
     from perceptio_dist.model.depth_vqvae import DepthVQVAE
 
-    tool = _tools_module("code_levels")
+    tool = tools_module("code_levels")
     arch = DepthVQVAEConfig(input_size=32, code_dim=4, base_channels=2, max_channels=4, decoder="cell")
     torch.manual_seed(0)
     save_file(DepthVQVAE(arch, 8, 4).state_dict(), str(tmp_path / "tokenizer.safetensors"))

@@ -262,3 +262,26 @@ def test_training_ignores_the_outer_allocation_of_the_users_shell(tmp_path, tiny
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == (nproc or 1) and summary["steps"] == 2
     assert f"ranks: {nproc or 1} (cpu)" in proc.stderr
+
+
+def test_cpu_ranks_tell_deepspeed_their_local_count_without_numactl(tmp_path):
+    """DeepSpeed's CPU accelerator counts local "devices" from LOCAL_SIZE (set only by DeepSpeed's own launcher) and
+    otherwise runs `numactl --hardware` on every count: ZeRO-3 counts once per gradient bucket. Under torchrun
+    init_distributed sets it from LOCAL_WORLD_SIZE; the numactl query here fails the test if it still runs."""
+    script = tmp_path / "count.py"
+    script.write_text(
+        "import os\n"
+        "import deepspeed.utils.numa as numa\n"
+        "def numactl_queried():\n"
+        "    raise AssertionError('DeepSpeed ran numactl to count CPU devices')\n"
+        "numa.get_numa_cores = numactl_queried\n"
+        "from deepspeed.accelerator import get_accelerator\n"
+        "from perceptio_dist.parallel.distributed import init_distributed\n"
+        "assert 'LOCAL_SIZE' not in os.environ\n"
+        "init_distributed()\n"
+        "assert os.environ['LOCAL_SIZE'] == os.environ['LOCAL_WORLD_SIZE'] == '2', os.environ.get('LOCAL_SIZE')\n"
+        "assert get_accelerator().device_count() == 2\n"
+        "print('counted', flush=True)\n"
+    )
+    proc = run_ranks(2, [], timeout=120, script=str(script))
+    assert proc.stdout.count("counted") == 2

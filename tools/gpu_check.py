@@ -262,7 +262,7 @@ def plain_loop_step_s(cfg, tokenizer, samples, device, dtype, initial: dict) -> 
     for sample in samples:
         batch = proxy_batch(sample, tokenizer, device, dtype)
         start = time.perf_counter()
-        loss = plain_step(module, optimizer, scheduler, batch, cfg.train.grad_clip)
+        loss = plain_step(module, optimizer, scheduler, [batch], cfg.train.grad_clip)
         if device.type == "cuda":
             torch.cuda.synchronize()
         first_loss = float(loss) if first_loss is None else first_loss

@@ -38,6 +38,11 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistIn
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if not torch.cuda.is_available() and "LOCAL_WORLD_SIZE" in os.environ:  # torchrun's, or a world of one's
+        # DeepSpeed's CPU accelerator counts "devices" (local ranks) from LOCAL_SIZE, which only DeepSpeed's own
+        # launcher sets; without it every count runs `numactl --hardware` in a subprocess, and ZeRO-3 counts once
+        # per gradient bucket (about 50 forks a step for the tiny recipe).
+        os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():

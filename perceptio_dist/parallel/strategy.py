@@ -57,6 +57,16 @@ class StepResult:
     batches: list = field(default_factory=list)  # this rank's batches to count as work (each sample once)
 
 
+def step_item_counts(objective: PerceptioObjective, micro_batches: list, device: torch.device) -> torch.Tensor:
+    """The items each term scores over one rank's micro-batches of a step ([len(TERMS)] float64), from the labels
+    alone: the local part of the step's normaliser (also tools/bench_trainer.py's plain loop)."""
+    counts = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
+    for batch in micro_batches:
+        items = objective.item_counts(batch.labels, int(batch.seg_masks.shape[0]), batch.sample_index)
+        counts += torch.tensor([items[t] for t in TERMS], dtype=torch.float64, device=device)
+    return counts
+
+
 class ParallelStrategy:
     """Base: what both modes share. Subclasses set ``stage``, ``data_rank`` and ``data_ranks``."""
 
@@ -76,11 +86,8 @@ class ParallelStrategy:
         """
         accum, device = self.cfg.train.grad_accum_steps, self.dist.device
         micro_batches = [next(batches).to(device) for _ in range(accum)]
-        counts = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
-        for batch in micro_batches:
-            items = self.objective.item_counts(batch.labels, int(batch.seg_masks.shape[0]), batch.sample_index)
-            counts += torch.tensor([items[t] for t in TERMS], dtype=torch.float64, device=device)
-        counts = all_reduce_sum(counts) / (self.dist.world_size // self.data_ranks)
+        counts = all_reduce_sum(step_item_counts(self.objective, micro_batches, device))
+        counts = counts / (self.dist.world_size // self.data_ranks)
         self.objective.normaliser = StepNormaliser(counts.cpu(), scale=float(accum * self.data_ranks))
         return micro_batches
 
