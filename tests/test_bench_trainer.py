@@ -10,7 +10,7 @@ import sys
 from .conftest import ROOT, read_metrics, tools_module
 
 
-def test_plain_baseline_takes_perceptio_trains_steps_with_accumulation(tmp_path, tiny_shards):
+def test_plain_baseline_takes_the_steps_perceptio_train_takes_with_accumulation(tmp_path, tiny_shards):
     bench = tools_module("bench_trainer")
     bench.MICRO, bench.ACCUM, bench.TEXT_WIDTH = 2, 2, 64
     steps = 4
