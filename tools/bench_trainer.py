@@ -158,18 +158,12 @@ def deepspeed_loop(args_overrides: list[str], steps: int, warmup: int, stage: in
     """The plain loop's steps through a DeepSpeed engine built from the trainer's own DeepSpeed config (1 rank) with
     its ZeRO stage set to ``stage`` (3: the trainer's ZeRO-3 JSON, the module partitioned by the engine, its shared
     LM-head weight registered as the trainer registers it): what DeepSpeed costs, without the trainer around it."""
-    import socket
-
     import deepspeed
 
     from perceptio_dist.parallel.deepspeed_config import build_deepspeed_config
+    from perceptio_dist.parallel.distributed import init_distributed
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", LOCAL_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # LOCAL_SIZE: as init_distributed sets it
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")  # a world of one, set up as the trainer sets it up
     cfg, module, optimizer, scheduler, batches = training_setup(args_overrides)
     ds_config = build_deepspeed_config(cfg, 1)
     ds_config["zero_optimization"]["stage"] = stage  # mode zero's config is for 2-3; the engine takes any
