@@ -9,6 +9,11 @@
 #   transformers on CPU) and without its optional CUDA extension; what it really needs at import
 #   time (hydra-core, iopath, omegaconf, tqdm, pillow, numpy) is in our own dependencies.
 # * the venv is rebuilt only when pyproject.toml or constraints.txt change (a stamp holds their hash).
+# * DeepSpeed JIT-compiles its CPU shared-memory op (deepspeed_shm_comm) the first time a process starts its
+#   backend, under a lock file in TORCH_EXTENSIONS_DIR. The default folder (~/.cache/torch_extensions) is shared
+#   by every clone, and a clone in another path makes torch rebuild it there; a rank killed while compiling (a
+#   test's timeout, a preemption test, Ray's memory monitor) leaves the lock behind and every later DeepSpeed
+#   start waits on it forever. So the cache lives in this venv, and one process builds it here, before any run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PERCEPTIO_VENV:-$ROOT/.venv}"
@@ -38,3 +43,12 @@ PY
 fi
 export PATH="$VENV/bin:$PATH"
 export VIRTUAL_ENV="$VENV"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
+if ! compgen -G "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/"*.so > /dev/null; then
+  echo "[venv] building DeepSpeed's CPU communication op into $TORCH_EXTENSIONS_DIR (once, about 30 s)" >&2
+fi
+if ! ops_log="$("$VENV/bin/python" -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' 2>&1)"; then
+  echo "$ops_log" | tail -20 >&2
+  echo "[venv] building DeepSpeed's CPU communication op into $TORCH_EXTENSIONS_DIR failed (above)" >&2
+  exit 1
+fi

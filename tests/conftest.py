@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -61,16 +62,34 @@ def _restore_environment():
         yield
 
 
+def run_process(cmd: list[str], timeout: float, **popen) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=...)`` in a session of its own, so that a
+    timeout (or an interrupted suite) kills the whole process group: torchrun's ranks and a private Ray's workers
+    too, which would otherwise outlive the test, hold their memory and keep running for the rest of the suite."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **popen) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except BaseException as exc:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def make_shards(folder: Path, num_scenes: int, shard_size: int, *overrides: str) -> Path:
     """Render scenes and preprocess them into shards with the real job (a private local Ray instance)."""
     from perceptio_dist.preprocess.scenes.folders import write_scenes
 
     write_scenes(folder / "scenes", num_scenes, progress=False)
-    proc = subprocess.run(
+    proc = run_process(
         [sys.executable, "-m", "ray_jobs.preprocess", "--config", "preprocess_tiny",
          f"sources.0.path={folder / 'scenes'}", f"output_dir={folder / 'shards'}", f"shard_size={shard_size}",
          "depth_vqvae.checkpoint=null", *overrides],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return folder / "shards"
@@ -104,7 +123,7 @@ def run_ranks(nproc: int, args: list[str], timeout: float, cwd: Path = ROOT, mod
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *args]
     env = {**without_launcher_variables(dict(os.environ)), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = run_process(cmd, timeout, cwd=cwd, env=env)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{nproc}-rank run did not finish within {timeout}s (hang?)\n{(exc.stdout or '')[-3000:]}"
                     f"\n{(exc.stderr or '')[-3000:]}")

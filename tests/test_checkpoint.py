@@ -21,7 +21,7 @@ import torch
 from perceptio_dist.train.checkpoint import CheckpointManager, read_marker, tag_for
 from perceptio_dist.train.signals import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE
 
-from .conftest import NO_TOKENIZER, ROOT, run_ranks
+from .conftest import NO_TOKENIZER, ROOT, run_process, run_ranks
 
 HELPER = str(ROOT / "tests/helpers/train_with_rank_overrides.py")
 STEPS = 10
@@ -109,10 +109,10 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference_run,
     newest = manager_view[-1]
     victim = max((p for p in newest.rglob("*.pt")), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    proc = subprocess.run(
+    proc = run_process(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", HELPER,
          *common(run_dir, tiny_shards), *layout(2), "checkpoint.resume=auto", f"train.max_steps={STEPS + 1}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=400)
+        timeout=400, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stderr + proc.stdout
     assert f"checkpoint {newest.name} is damaged" in log and "falling back to the previous one" in log
@@ -172,10 +172,10 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_shards, tmp_path, r
     assert {s: k for s, k in step_keys(ok).items()} == {s: planned[s] for s in range(1, 5)}
     assert losses(ok)[1] == losses(reference_run)[1] and losses(ok)[2] != losses(reference_run)[2]
     bad = tmp_path / "bad"
-    proc = subprocess.run(
+    proc = run_process(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", HELPER,
          *common(bad, tiny_shards), *layout(2), "--nan-at", "3,4,5", "train.max_nonfinite_in_a_row=3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        timeout=300, cwd=ROOT)
     assert proc.returncode != 0
     assert f"exitcode  : {NONFINITE_EXIT_CODE}" in proc.stderr + proc.stdout, proc.stderr[-4000:]
     diagnostic = CheckpointManager(bad / "checkpoints", dist=None).find_resumable()

@@ -22,7 +22,7 @@ from perceptio_dist.eval.generate import GenerationSettings, SpatialConstraint, 
 from perceptio_dist.eval.scoring import MaskScores, parse_choice_letter
 from perceptio_dist.model.spatial_tokens import SpatialTokenIds
 
-from .conftest import NO_TOKENIZER, ROOT
+from .conftest import NO_TOKENIZER, ROOT, run_process
 from .fixtures import make_refcoco
 
 HARDBLINK = DEFAULT_HARDBLINK
@@ -255,8 +255,7 @@ def _eval(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
            "OMP_NUM_THREADS": "1"}
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    return subprocess.run([*launcher, "-m", "perceptio_dist.cli.eval", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_process([*launcher, "-m", "perceptio_dist.cli.eval", *args], timeout=600, cwd=ROOT, env=env)
 
 
 def test_perceptio_eval_on_one_and_two_ranks_gives_the_same_report(exported, tmp_path):

@@ -264,24 +264,50 @@ def test_training_ignores_the_outer_allocation_of_the_users_shell(tmp_path, tiny
     assert f"ranks: {nproc or 1} (cpu)" in proc.stderr
 
 
-def test_cpu_ranks_tell_deepspeed_their_local_count_without_numactl(tmp_path):
+_DEEPSPEED_SHM = Path("/dev/shm")
+
+
+def _deepspeed_shm_segments() -> set[str]:
+    return {p.name for p in _DEEPSPEED_SHM.glob("deepspeed_allreduce_buffer_*")}
+
+
+_LOCAL_COUNT_SCRIPT = """\
+import os, sys
+from pathlib import Path
+import deepspeed.utils.numa as numa
+from deepspeed.accelerator import get_accelerator
+from perceptio_dist.parallel.distributed import init_distributed
+init_distributed()  # DeepSpeed's start counts once itself, before LOCAL_SIZE can be set
+def numactl_queried():
+    raise AssertionError('DeepSpeed ran numactl to count CPU devices')
+numa.get_numa_cores = numactl_queried
+expected = sys.argv[1]
+assert os.environ['LOCAL_SIZE'] == os.environ['LOCAL_WORLD_SIZE'] == expected, os.environ.get('LOCAL_SIZE')
+assert get_accelerator().device_count() == int(expected)
+port = os.environ['MASTER_PORT']
+leaked = sorted(p.name for p in Path('/dev/shm').glob(f'deepspeed_allreduce_buffer_*_{port}_*'))
+assert not leaked, f'DeepSpeed created shared-memory segments it never unlinks: {leaked}'
+print('counted', flush=True)
+"""
+
+
+def test_cpu_ranks_tell_deepspeed_their_local_count_without_numactl_or_leaking_shared_memory(tmp_path):
     """DeepSpeed's CPU accelerator counts local "devices" from LOCAL_SIZE (set only by DeepSpeed's own launcher) and
     otherwise runs `numactl --hardware` on every count: ZeRO-3 counts once per gradient bucket. Under torchrun
-    init_distributed sets it from LOCAL_WORLD_SIZE; the numactl query here fails the test if it still runs."""
+    init_distributed sets it from LOCAL_WORLD_SIZE; the numactl query here fails the test if it still runs.
+    LOCAL_SIZE present while DeepSpeed's backend starts makes it create a /dev/shm segment per rank that it never
+    unlinks (69 MB each; the suite filled /dev/shm that way), also when the variable is inherited."""
     script = tmp_path / "count.py"
-    script.write_text(
-        "import os\n"
-        "import deepspeed.utils.numa as numa\n"
-        "def numactl_queried():\n"
-        "    raise AssertionError('DeepSpeed ran numactl to count CPU devices')\n"
-        "numa.get_numa_cores = numactl_queried\n"
-        "from deepspeed.accelerator import get_accelerator\n"
-        "from perceptio_dist.parallel.distributed import init_distributed\n"
-        "assert 'LOCAL_SIZE' not in os.environ\n"
-        "init_distributed()\n"
-        "assert os.environ['LOCAL_SIZE'] == os.environ['LOCAL_WORLD_SIZE'] == '2', os.environ.get('LOCAL_SIZE')\n"
-        "assert get_accelerator().device_count() == 2\n"
-        "print('counted', flush=True)\n"
-    )
-    proc = run_ranks(2, [], timeout=120, script=str(script))
-    assert proc.stdout.count("counted") == 2
+    script.write_text(_LOCAL_COUNT_SCRIPT)
+    before = _deepspeed_shm_segments()
+    try:
+        proc = run_ranks(2, ["2"], timeout=120, script=str(script))
+        assert proc.stdout.count("counted") == 2
+        inherited = subprocess.run(
+            [sys.executable, str(script), "1"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+            env={**without_launcher_variables(dict(os.environ)), "LOCAL_SIZE": "1"})
+        assert inherited.returncode == 0 and "counted" in inherited.stdout, inherited.stderr[-3000:]
+        assert not _deepspeed_shm_segments() - before
+    finally:  # a failure here must not leave its segments to fill /dev/shm for the rest of the suite
+        for name in _deepspeed_shm_segments() - before:
+            (_DEEPSPEED_SHM / name).unlink(missing_ok=True)

@@ -38,17 +38,23 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistIn
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        # LOCAL_SIZE is kept away from DeepSpeed while its backend starts: with LOCAL_SIZE equal to the world size,
+        # DeepSpeed's CPU backend creates a 69 MB /dev/shm segment per rank for its inference all-reduce (which
+        # training never calls) and never unlinks it, so every run leaked it until /dev/shm filled.
+        inherited_local_size = os.environ.pop("LOCAL_SIZE", None)
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False
+        )
+        if inherited_local_size is not None:
+            os.environ["LOCAL_SIZE"] = inherited_local_size
     if not torch.cuda.is_available() and "LOCAL_WORLD_SIZE" in os.environ:  # torchrun's, or a world of one's
         # DeepSpeed's CPU accelerator counts "devices" (local ranks) from LOCAL_SIZE, which only DeepSpeed's own
         # launcher sets; without it every count runs `numactl --hardware` in a subprocess, and ZeRO-3 counts once
         # per gradient bucket (about 50 forks a step for the tiny recipe).
         os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False
-        )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
