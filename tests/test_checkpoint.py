@@ -152,7 +152,7 @@ def test_sigusr1_saves_requeues_and_resumes_exactly(reference_run, tiny_shards, 
     found = manager.find_resumable()
     assert found is not None and found.step == marker["step"] and manager.verify(found.path) is None
     assert read_marker(found.path)["reason"] == "signal SIGUSR1"
-    resume = subprocess.run([*cmd, "--resume", "auto"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    resume = run_process([*cmd, "--resume", "auto"], timeout=400, cwd=ROOT)
     assert resume.returncode == 0, resume.stderr[-3000:]
     assert not (run_dir / "requeue.json").exists()
     want, got = losses(reference_run), losses(run_dir)

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
-from .conftest import CLUSTER_SHELL, ROOT, without_launcher_variables
+from .conftest import CLUSTER_SHELL, ROOT, run_process, without_launcher_variables
 
 STAGES = ("scenes", "tokenizer", "shards", "train", "ablation", "evaluate", "report")
 
@@ -19,7 +18,7 @@ def test_quick_demo_runs_every_stage_then_reuses_them(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "perceptio_dist.cli.demo", "--quick", "--out", str(out)]
     env = {**without_launcher_variables(dict(os.environ)), **CLUSTER_SHELL}
-    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500, env=env)
+    first = run_process(cmd, timeout=1500, cwd=ROOT, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     assert len(list((out / "scenes").glob("scene_*/meta.json"))) == 12
@@ -54,7 +53,7 @@ def test_quick_demo_runs_every_stage_then_reuses_them(tmp_path):
         if line.startswith("![") and "(" in line:
             assert (out / line[line.index("(") + 1:-1]).exists(), line
 
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    second = run_process(cmd, timeout=600, cwd=ROOT, env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     for stage in STAGES:
         assert f"{stage}: done in an earlier run" in second.stdout, stage

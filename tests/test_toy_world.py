@@ -23,7 +23,7 @@ from perceptio_dist.preprocess.scenes.tasks import PointRules, QuestionRules, cl
 from perceptio_dist.preprocess.stages import MARKER_COLOURS, draw_markers
 from perceptio_dist.sweep import load_sweep, table_lines
 
-from .conftest import tools_module
+from .conftest import run_process, tools_module
 
 
 @pytest.fixture(scope="module")
@@ -456,7 +456,7 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, tiny_shards):
         "configurations": [{"name": "two steps"}]}))
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "perceptio_dist.cli.sweep", "--sweep", str(sweep_file), "--out", str(out)]
-    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    first = run_process(cmd, timeout=900, cwd=ROOT)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     rows = json.loads((out / "sweep.json").read_text())
     for model in ("depth_model", "ablation"):
@@ -468,7 +468,7 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, tiny_shards):
     assert "| two steps |" in table
     logs = {p: p.stat().st_mtime_ns for p in out.glob("two_steps/*/*.log")}
     assert len(logs) == 4  # train and eval, both models
-    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    second = run_process(cmd, timeout=300, cwd=ROOT)
     assert second.returncode == 0, second.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in logs} == logs  # nothing trained or evaluated again
     assert (out / "sweep.md").read_text() == table
