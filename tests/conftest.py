@@ -73,7 +73,11 @@ def run_process(cmd: list[str], timeout: float, **popen) -> subprocess.Completed
         except BaseException as exc:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
+            try:
+                stdout, stderr = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:  # a daemon that left the group still holds the pipes
+                proc.kill()
+                stdout, stderr = "", ""
             if isinstance(exc, subprocess.TimeoutExpired):
                 raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
             raise
