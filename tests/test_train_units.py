@@ -39,6 +39,7 @@ def test_deepspeed_auto_values_follow_the_llm_width():
         ({"optimizer": {"type": "Adam"}}, "defines 'optimizer'"),
         ({"fp16": {"enabled": True}}, "fp16"),
         ({"zero_optimization": {"allgather_bucket_size": "auto"}}, "no rule fills"),
+        ({"zero_optimization": {"stage3_module_granularity_threshold": 3000}}, "releases their parameters"),
     ],
 )
 def test_deepspeed_json_contradicting_the_recipe_is_refused(tmp_path, template, message):

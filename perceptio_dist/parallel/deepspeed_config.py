@@ -72,6 +72,13 @@ def build_deepspeed_config(cfg: PerceptioConfig, world_size: int) -> dict:
     for key, value in _auto_zero_values(cfg.model.backbone.text.hidden_size).items():
         if zero.get(key) == AUTO:
             zero[key] = value
+    if zero.get("stage3_module_granularity_threshold", 0) not in (0, None):
+        # Measured on the tiny model at 1,000 / 3,000 / 14,000 (README, "The stack's own cost"): the first backward
+        # fails inside DeepSpeed, a raw traceback far from the JSON line that caused it.
+        raise ConfigError(f"Config error at 'parallel.deepspeed_config': {source} sets "
+                          "zero_optimization.stage3_module_granularity_threshold. With it DeepSpeed fetches small "
+                          "modules (SAM2's head, the vision tower, the VQ-VAE) as leaf units and releases their "
+                          "parameters before this model's backward needs them: the first step fails. Remove the key.")
     template["zero_optimization"] = zero
     if cfg.parallel.mode == "pipeline":
         # No tensor parallelism here, so nothing to partition across a slice group.
