@@ -22,7 +22,9 @@ EXTRAS="${PERCEPTIO_EXTRAS:-dev}"
 STAMP="$VENV/.perceptio-stamp"
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-32)-$EXTRAS"
 
+installed=0
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  installed=1
   echo "[venv] installing pinned dependencies into $VENV (first run: a few minutes)" >&2
   "$PYTHON" -m venv "$VENV"
   pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
@@ -44,11 +46,12 @@ fi
 export PATH="$VENV/bin:$PATH"
 export VIRTUAL_ENV="$VENV"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
-if ! compgen -G "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/"*.so > /dev/null; then
-  echo "[venv] building DeepSpeed's CPU communication op into $TORCH_EXTENSIONS_DIR (once, about 30 s)" >&2
-fi
-if ! ops_log="$("$VENV/bin/python" -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' 2>&1)"; then
-  echo "$ops_log" | tail -20 >&2
-  echo "[venv] building DeepSpeed's CPU communication op into $TORCH_EXTENSIONS_DIR failed (above)" >&2
-  exit 1
+# built when missing, and again after a (re)install, when DeepSpeed or torch may have changed
+if [ "$installed" = 1 ] || ! compgen -G "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/"*.so > /dev/null; then
+  echo "[venv] building DeepSpeed's CPU communication op into $TORCH_EXTENSIONS_DIR (about 30 s)" >&2
+  if ! ops_log="$("$VENV/bin/python" -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' 2>&1)"; then
+    echo "$ops_log" | tail -20 >&2
+    echo "[venv] building DeepSpeed's CPU communication op into $TORCH_EXTENSIONS_DIR failed (above)" >&2
+    exit 1
+  fi
 fi
