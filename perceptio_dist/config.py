@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses, YAML recipes, dotted overrides, validation.
 
 Every field carries its documentation in ``metadata["doc"]``; ``perceptio-config --explain``
-and the README's configuration reference are generated from it. Loading is strict:
+and the configuration reference (docs/configuration.md) are generated from it. Loading is strict:
 unknown keys, wrong types and inconsistent values raise :class:`ConfigError` with a
 one-paragraph message that names the field, never a traceback.
 """
@@ -143,7 +143,7 @@ class BackboneConfig:
     image_position: Literal["before_question", "after_question"] = doc_field(
         "Where the image span sits in the first user turn. before_question: InternVL's chat template "
         "('<image>\\n{question}'). after_question: '{question}\\n<image>', so the distance from image token i to "
-        "depth token i is the same for every question whatever its length (a lever of the toy world, README). "
+        "depth token i is the same for every question whatever its length (a lever of the toy world, docs/research). "
         "Training and evaluation read it from the same config.", "before_question")
     max_tiles: int = doc_field("Most 448-px tiles per image in dynamic tiling (a thumbnail is added when > 1).", 12)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = doc_field(
@@ -296,12 +296,12 @@ class CurriculumPhase:
 @dataclass
 class DataConfig:
     shards: Optional[str] = path_field(
-        "Folder written by the preprocessing job (ray_jobs/preprocess.py): manifest.json and <task>/*.tar shards; "
+        "Folder written by the preprocessing job (preprocess/job.py, `perceptio-preprocess`): manifest.json and <task>/*.tar shards; "
         "or a URL of that folder (https://, s3://, gs://, file://: anything fsspec opens), whose shards are fetched "
         "whole into data.cache_dir and checked against the manifest's sha256.", None,
         purpose="the folder of preprocessed training shards (manifest.json and <task>/*.tar)", folder=True,
         prefixes=SHARD_URL_SCHEMES,
-        remedy="Write the shards with `python -m ray_jobs.preprocess --config <preprocess recipe>` and set "
+        remedy="Write the shards with `perceptio-preprocess --recipe <preprocess recipe>` and set "
                "data.shards to that job's output_dir.",
     )
     cache_dir: Optional[str] = path_field(
@@ -346,13 +346,13 @@ class DataConfig:
     depth_context_noise: float = doc_field(
         "Training only: probability that each depth code in a block's *input* is replaced by a random code (the "
         "labels keep the true codes), so the block cannot be predicted from its own earlier codes alone and must "
-        "be read from the image (the toy lever of issue 16; drawn per sample key, so resume stays exact). 0: off.",
+        "be read from the image (a toy-world lever; drawn per sample key, so resume stays exact). 0: off.",
         0.0)
     depth_context_noise_tasks: Optional[list[str]] = doc_field(
         "The tasks whose depth blocks get data.depth_context_noise; null: every task. A task left out keeps its true "
         "codes in the input, so an answer after the block can learn to read them: under the noise an answer can only "
-        "trust what the image says, and then random or true codes in its chain change nothing (README, the toy "
-        "world, seventh round).", None)
+        "trust what the image says, and then random or true codes in its chain change nothing (docs/research, the "
+        "toy world).", None)
 
 
 # ----------------------------------------------------------------------------- train
@@ -645,11 +645,42 @@ def _normalise_numbers(data: Any) -> Any:
     return data
 
 
+def is_overlay(override: str) -> bool:
+    """An override argument that names a YAML file (no ``=``) is an overlay: a partial recipe merged over it."""
+    return "=" not in override and override.endswith((".yaml", ".yml"))
+
+
+def merge_overlay(data: dict, overlay: dict, where: str = "") -> None:
+    """Deep-merge ``overlay`` into ``data`` in place: sections merge key by key, any other value replaces."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            merge_overlay(data[key], value, f"{where}{key}.")
+        else:
+            data[key] = value
+
+
+def apply_overlay(data: dict, path: str) -> None:
+    if not Path(path).is_file():
+        raise ConfigError(f"Config error: overlay '{path}' does not exist (an argument ending in .yaml is an overlay "
+                          "file merged over the recipe).")
+    try:
+        overlay = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config error: overlay '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"Config error: overlay '{path}' must be a mapping at the top level.")
+    merge_overlay(data, overlay)
+
+
 def load_typed_config(cls: type, recipe: str, overrides: Optional[list[str]] = None, kind: str = ""):
-    """Read a recipe (shipped name or yaml path) into the dataclass ``cls``, with dotted overrides, type-checked."""
+    """Read a recipe (shipped name or yaml path) into the dataclass ``cls``, type-checked. ``overrides`` are applied
+    in order: ``section.key=value`` pairs, and overlay files (``path.yaml``, merged section by section)."""
     data = _read_recipe(recipe, kind)
     for override in overrides or []:
-        apply_override(data, override)
+        if is_overlay(override):
+            apply_overlay(data, override)
+        else:
+            apply_override(data, override)
     return resolve_paths(_build_dataclass(cls, _normalise_numbers(data), ""))
 
 
@@ -885,7 +916,7 @@ def validate_runtime(cfg: PerceptioConfig, world_size: int) -> None:
     if cfg.data.shards is None:
         raise ConfigError(
             "Config error at 'data.shards': training needs preprocessed shards. Write them with "
-            "`python -m ray_jobs.preprocess --config <preprocess recipe>` and set data.shards=<its output_dir>."
+            "`perceptio-preprocess --recipe <preprocess recipe>` and set data.shards=<its output_dir>."
         )
     check_input_paths(cfg, first=("data.shards",))
 
@@ -973,7 +1004,7 @@ def check_input_paths(cfg: Any, skip: tuple[str, ...] = (), first: tuple[str, ..
 
 
 def iter_field_docs(cls: type = PerceptioConfig, prefix: str = ""):
-    """Yield (dotted name, type name, default, doc) for every leaf field, for --explain and the README."""
+    """Yield (dotted name, type name, default, doc) for every leaf field, for --explain and docs/configuration.md."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"

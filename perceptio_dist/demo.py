@@ -99,7 +99,7 @@ class Demo:
         return {"train": self.size.train_scenes, "heldout": self.size.heldout_scenes}
 
     def tokenizer(self) -> dict:
-        _run([str(BIN / "perceptio-vqvae"), "train", "--config", "vqvae_toy", f"output_dir={self.out / 'depth_vqvae'}",
+        _run([str(BIN / "perceptio-vqvae"), "train", "--recipe", "vqvae_toy", f"output_dir={self.out / 'depth_vqvae'}",
               f"data.scenes={self.out / 'scenes'}", f"steps={self.size.tokenizer_steps}",
               f"warmup_steps={min(30, self.size.tokenizer_steps // 2)}",
               f"save_every={self.size.tokenizer_steps}"], self.logs / "tokenizer.log")
@@ -113,7 +113,7 @@ class Demo:
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         dashboard = free_port()
-        job = ["python", "-m", "ray_jobs.preprocess", "--config", "preprocess_toy",
+        job = [str(BIN / "perceptio-preprocess"), "--recipe", "preprocess_toy",
                f"sources.0.path={self.out / 'scenes'}", f"output_dir={self.out / 'shards'}",
                f"shard_size={self.size.shard_size}",
                f"depth_vqvae.checkpoint={self.out / 'depth_vqvae' / 'tokenizer.safetensors'}"]
@@ -124,7 +124,7 @@ class Demo:
             for _ in range(20):  # the job server refuses jobs until its agent has registered
                 log = self.logs / "preprocess.log"
                 proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-                                       "--working-dir", str(ROOT), "--", *job], cwd=ROOT, env=env, capture_output=True,
+                                       "--", *job], cwd=ROOT, env=env, capture_output=True,
                                       text=True, stdin=subprocess.DEVNULL)
                 log.write_text(proc.stdout + proc.stderr)
                 if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr:

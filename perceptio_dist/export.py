@@ -34,7 +34,8 @@ import torch
 import yaml
 
 from .config import ConfigError, PerceptioConfig, config_from_dict, dump_yaml
-from .train.checkpoint import CONSOLIDATED_FILE, is_complete, saved_config
+from .model.depth_vqvae import TOKENIZER_ID_KEY, tokenizer_identity
+from .train.checkpoint import CONSOLIDATED_FILE, is_complete, newest_complete, saved_config
 
 log = logging.getLogger(__name__)
 MODEL_PREFIX = "model."  # the training module wraps the model as .model
@@ -66,7 +67,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, adapter: bool = F
     from .model.perceptio import build_perceptio
     from .model.tokenizer import load_tokenizer
 
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = newest_complete(checkpoint), Path(out)
     if not is_complete(checkpoint):
         raise ConfigError(f"Config error at '--checkpoint': {checkpoint} is not a complete checkpoint (a save that "
                           "did not finish, or not a checkpoint folder).")
@@ -117,12 +118,15 @@ def write_exported(model, tokenizer, cfg: PerceptioConfig, out: Path, source: st
     model.backbone.save_pretrained(out / "backbone", safe_serialization=True)
     tokenizer.save_pretrained(out / "backbone")
     save_file({k: v.contiguous() for k, v in model.seg_head.state_dict().items()}, str(out / "seg_head.safetensors"))
-    save_file({k: v.contiguous() for k, v in model.depth_vqvae.state_dict().items()},
-              str(out / "depth_vqvae.safetensors"))
     vq = cfg.model.depth_vqvae
+    # The tokenizer keeps its identity through the export (shards made with it stay this model's shards).
+    tokenizer_id = tokenizer_identity(vq.checkpoint)
+    save_file({k: v.contiguous() for k, v in model.depth_vqvae.state_dict().items()},
+              str(out / "depth_vqvae.safetensors"), metadata={TOKENIZER_ID_KEY: tokenizer_id})
     (out / "tokenizer.json").write_text(json.dumps({
-        "depth_vqvae": dataclasses.asdict(vq) | {"checkpoint": None}, "num_codes": cfg.model.tokens.num_depth_codes,
-        "grid": cfg.model.tokens.depth_grid, "exported_from": source}, indent=1))
+        "id": tokenizer_id, "depth_vqvae": dataclasses.asdict(vq) | {"checkpoint": None},
+        "num_codes": cfg.model.tokens.num_depth_codes, "grid": cfg.model.tokens.depth_grid,
+        "exported_from": source}, indent=1))
     exported = dataclasses.replace(
         cfg.model,
         backbone=dataclasses.replace(cfg.model.backbone, pretrained_path="backbone", tokenizer="pretrained",

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Evaluate a checkpoint or an exported model, distributed over this job's GPUs.
 #
-#   PERCEPTIO_MODEL=runs/perceptio-8b-1234/export sbatch slurm/eval.sh
+#   PERCEPTIO_MODEL=runs/perceptio-8b/export sbatch slurm/eval.sh
 #   PERCEPTIO_MODEL=... PERCEPTIO_EVAL_ARGS="--hardblink /data/hardblink" sbatch --nodes=2 slurm/eval.sh
 #
 # Launch layout as in train_8b.sh: one task per node, each running torchrun for its local ranks with a
 # c10d rendezvous on the first node; results are gathered on rank 0.
+# SLURM's log: <job name>-<job id>.out in the submit directory; the report: runs/eval-<job id>/ (PERCEPTIO_EVAL_OUT).
 # PERCEPTIO_EVAL_ARGS names the benchmarks, e.g.
 #   "--hardblink /data/hardblink --refcoco /data/refer --refcoco-dataset refcoco+ --mmbench /data/mmbench_dev.tsv"
 #SBATCH --job-name=perceptio-eval
@@ -15,7 +16,7 @@
 #SBATCH --cpus-per-task=96
 #SBATCH --mem=0
 #SBATCH --time=04:00:00
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 set -uo pipefail
 
 PERCEPTIO_ROOT=${PERCEPTIO_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}   # the repository checkout

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Preprocess raw datasets into webdataset shards with a Ray cluster made of this job's nodes.
 #
-#   PERCEPTIO_PREPROCESS_CONFIG=preprocess_8b sbatch slurm/preprocess_ray.sh
-#   PERCEPTIO_PREPROCESS_CONFIG=preprocess_tiny PERCEPTIO_OVERRIDES="sources.0.path=/data/scenes output_dir=/data/shards" \
+#   sbatch slurm/preprocess_ray.sh                                          # the 8B teacher pass
+#   PERCEPTIO_RECIPE=preprocess_8b_codes sbatch slurm/preprocess_ray.sh     # the 8B code pass
+#   PERCEPTIO_RECIPE=preprocess_tiny PERCEPTIO_OVERRIDES="sources.0.path=/data/scenes output_dir=/data/shards" \
 #     sbatch --gres=none --nodes=1 --cpus-per-task=2 --mem=8G slurm/preprocess_ray.sh     # a CPU node
 #
 # The first node runs the Ray head (GCS, dashboard, job server) and a share of the work; every other
@@ -10,6 +11,8 @@
 # with `ray job submit` exactly as on a standing Ray cluster, and stops Ray on every node when the job
 # ends (or the allocation is cancelled). The cluster is private to the job: the dashboard and job API
 # listen on the head node only and require a token generated for this job (Ray token authentication).
+# The job runs the installed `perceptio-preprocess` of PERCEPTIO_VENV in PERCEPTIO_ROOT (nothing is uploaded). SLURM's log:
+# <job name>-<job id>.out in the submit directory.
 #SBATCH --job-name=perceptio-preprocess
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -17,13 +20,13 @@
 #SBATCH --cpus-per-task=96
 #SBATCH --mem=0
 #SBATCH --time=12:00:00
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 set -uo pipefail
 
 # --- configuration (environment) -------------------------------------------------------------------
 PERCEPTIO_ROOT=${PERCEPTIO_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}             # the repository checkout
 PERCEPTIO_VENV=${PERCEPTIO_VENV:-$PERCEPTIO_ROOT/.venv}                   # its virtual environment
-PERCEPTIO_PREPROCESS_CONFIG=${PERCEPTIO_PREPROCESS_CONFIG:-preprocess_8b} # recipe name or YAML path
+PERCEPTIO_RECIPE=${PERCEPTIO_RECIPE:-${PERCEPTIO_PREPROCESS_CONFIG:-preprocess_8b_teacher}}  # recipe name or YAML
 PERCEPTIO_OVERRIDES=${PERCEPTIO_OVERRIDES:-}                              # dotted overrides, space separated
 PERCEPTIO_RAY_PORT=${PERCEPTIO_RAY_PORT:-6379}                            # GCS port on the head node
 PERCEPTIO_RAY_DASHBOARD_PORT=${PERCEPTIO_RAY_DASHBOARD_PORT:-8265}        # job API port on the head node
@@ -115,8 +118,8 @@ cd "$PERCEPTIO_ROOT" || exit 2
 mkdir -p "$PERCEPTIO_RAY_TMP"
 submit_log="$PERCEPTIO_RAY_TMP/submit.log"
 for attempt in 1 2 3 4 5 6 7 8 9 10; do
-    "$ray_bin" job submit --address "http://$head_ip:$PERCEPTIO_RAY_DASHBOARD_PORT" --working-dir "$PERCEPTIO_ROOT" \
-        -- python -m ray_jobs.preprocess --config "$PERCEPTIO_PREPROCESS_CONFIG" "${extra_overrides[@]}" \
+    "$ray_bin" job submit --address "http://$head_ip:$PERCEPTIO_RAY_DASHBOARD_PORT" \
+        -- env --chdir="$PERCEPTIO_ROOT" "$PERCEPTIO_VENV/bin/perceptio-preprocess" --recipe "$PERCEPTIO_RECIPE" "${extra_overrides[@]}" \
         < /dev/null 2>&1 | tee "$submit_log"
     status=${PIPESTATUS[0]}
     if [ "$status" -eq 0 ] || ! grep -q "No available agent" "$submit_log"; then break; fi

@@ -2,6 +2,8 @@
 # Train Perceptio-8B with DeepSpeed ZeRO-3 on N nodes x 8 GPUs; preemption-safe and self-requeueing.
 #
 #   sbatch slurm/train_8b.sh                                    # the 8B recipe, 4 nodes x 8 GPUs
+#   sbatch slurm/train_8b.sh                                    # again after a crash: continues the same run
+#   sbatch --job-name=perceptio-8b-v2 slurm/train_8b.sh         # a new run (a new run folder)
 #   sbatch --nodes=16 slurm/train_8b.sh                         # any sbatch option overrides the header
 #   PERCEPTIO_OVERRIDES="train.lr=5e-5" sbatch slurm/train_8b.sh
 #   PERCEPTIO_RECIPE=tiny_cpu PERCEPTIO_PROCS_PER_NODE=2 \
@@ -19,6 +21,12 @@
 # the next start resumes with `--resume auto` from the newest complete checkpoint. Requeued jobs become
 # eligible again after SLURM's fixed delay (about two minutes).
 #
+# The run folder is named after the job name, not the job id: runs/<job name> under the checkout (or
+# PERCEPTIO_RUN_DIR). A job resubmitted by hand with the same name (after a crash, a cancel, a node failure)
+# continues from the newest complete checkpoint there; another --job-name (or PERCEPTIO_RUN_DIR) starts afresh.
+# SLURM's own log is <job name>-<job id>.out in the directory you submit from (SLURM opens it before the script
+# runs, so it must name a folder that exists); the script also keeps one log per start in <run folder>/logs/.
+#
 # Every cluster-specific value is an environment variable (defaults below) or an sbatch option.
 #SBATCH --job-name=perceptio-8b
 #SBATCH --nodes=4
@@ -30,7 +38,7 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 set -uo pipefail
 
 REQUEUE_EXIT_CODE=75  # perceptio_dist.train.signals.REQUEUE_EXIT_CODE
@@ -39,7 +47,7 @@ REQUEUE_EXIT_CODE=75  # perceptio_dist.train.signals.REQUEUE_EXIT_CODE
 PERCEPTIO_ROOT=${PERCEPTIO_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}       # the repository checkout
 PERCEPTIO_VENV=${PERCEPTIO_VENV:-$PERCEPTIO_ROOT/.venv}             # its virtual environment
 PERCEPTIO_RECIPE=${PERCEPTIO_RECIPE:-perceptio_8b}                  # shipped recipe name or YAML path
-PERCEPTIO_RUN_DIR=${PERCEPTIO_RUN_DIR:-$PERCEPTIO_ROOT/runs/${SLURM_JOB_NAME:-perceptio}-${SLURM_JOB_ID:-local}}
+PERCEPTIO_RUN_DIR=${PERCEPTIO_RUN_DIR:-$PERCEPTIO_ROOT/runs/${SLURM_JOB_NAME:-perceptio}}   # one per job name
 PERCEPTIO_OVERRIDES=${PERCEPTIO_OVERRIDES:-}                        # extra dotted overrides, space separated
 PERCEPTIO_PROCS_PER_NODE=${PERCEPTIO_PROCS_PER_NODE:-8}             # ranks per node (GPUs, or CPU ranks)
 PERCEPTIO_RDZV_PORT=${PERCEPTIO_RDZV_PORT:-29500}                   # c10d rendezvous port on the first node

@@ -90,7 +90,7 @@ def test_global_batch_must_match_ranks(tmp_path):
 
 
 def test_missing_data_and_checkpoint_paths(tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="'data.shards'.*ray_jobs.preprocess"):
+    with pytest.raises(ConfigError, match="'data.shards'.*perceptio-preprocess"):
         validate_runtime(load_config("tiny_cpu", ["data.shards=null"]), 1)
     with pytest.raises(ConfigError, match="'data.shards'.*does not exist"):
         validate_runtime(load_config("tiny_cpu", [f"data.shards={tmp_path / 'none'}"]), 1)
@@ -146,7 +146,7 @@ def test_config_cli_explain_and_dump():
     assert out.returncode == 0 and "max_steps: 33" in out.stdout
 
 
-def test_readme_configuration_reference_is_current():
+def test_configuration_reference_page_is_current():
     proc = subprocess.run([sys.executable, str(ROOT / "tools/gen_config_reference.py"), "--check"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -185,7 +185,7 @@ def test_missing_path_messages_say_what_the_path_is_for(tmp_path):
         overrides = [f"data.shards={tmp_path}", NO_TOKENIZER, f"{field_name}={tmp_path / 'missing'}"]
         with pytest.raises(ConfigError, match=f"'{field_name}'.*does not exist.*{words}"):
             validate_runtime(load_config("tiny_cpu", overrides), 1)
-    with pytest.raises(ConfigError, match="'data.shards'.*ray_jobs.preprocess"):
+    with pytest.raises(ConfigError, match="'data.shards'.*perceptio-preprocess"):
         validate_runtime(load_config("tiny_cpu", [f"data.shards={tmp_path / 'missing'}", NO_TOKENIZER]), 1)
 
 

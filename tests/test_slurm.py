@@ -184,7 +184,7 @@ def test_preprocess_ray_script_makes_the_same_shards_as_a_direct_ray_job_submit(
 
     write_scenes(tmp_path / "scenes", 4, progress=False)
     job = _sbatch(slurm, "slurm/preprocess_ray.sh", [*CPU_JOB, f"--output={tmp_path}/ray-%j.out"], {
-        "PERCEPTIO_PREPROCESS_CONFIG": str(_preprocess_config(tmp_path / "slurm.yaml", tmp_path / "scenes",
+        "PERCEPTIO_RECIPE": str(_preprocess_config(tmp_path / "slurm.yaml", tmp_path / "scenes",
                                                               tmp_path / "slurm_shards")),
         "PERCEPTIO_VENV": str(VENV), "PERCEPTIO_ROOT": str(ROOT),
         "PERCEPTIO_RAY_PORT": str(free_port()), "PERCEPTIO_RAY_DASHBOARD_PORT": str(free_port()),

@@ -1,7 +1,7 @@
-"""Regenerate the configuration reference in README.md from the config dataclasses' field docs.
+"""Regenerate the configuration reference (docs/configuration.md) from the config dataclasses' field docs.
 
-    python tools/gen_config_reference.py          # rewrite the README section
-    python tools/gen_config_reference.py --check  # exit 1 if the README is stale (the test suite runs this)
+    python tools/gen_config_reference.py          # rewrite the generated sections
+    python tools/gen_config_reference.py --check  # exit 1 if the page is stale (the test suite runs this)
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from pathlib import Path
 
 from perceptio_dist.config import PerceptioConfig, iter_field_docs
 from perceptio_dist.preprocess.config import PreprocessConfig
+from perceptio_dist.train.vqvae_config import VQVAETrainConfig
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-SECTIONS = {"config-reference": PerceptioConfig, "preprocess-reference": PreprocessConfig}
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+SECTIONS = {"config-reference": PerceptioConfig, "preprocess-reference": PreprocessConfig,
+            "vqvae-reference": VQVAETrainConfig}
 
 
 def markers(section: str) -> tuple[str, str]:
@@ -42,13 +44,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    text = README.read_text()
+    text = PAGE.read_text()
     new = updated(text)
     if args.check:
         if new != text:
-            sys.exit("README.md's configuration reference is stale: run python tools/gen_config_reference.py")
+            sys.exit("docs/configuration.md is stale: run python tools/gen_config_reference.py")
         return
-    README.write_text(new)
+    PAGE.write_text(new)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the packages below. A config mistake prints one paragraph and exits with status 
     perceptio-model-info  cli/config.py    parameter counts on the meta device
     perceptio-plan        cli/plan.py      per-GPU memory and step time by parallel layout
     perceptio-scenes      cli/scenes.py    render synthetic scenes
+    perceptio-preprocess  cli/preprocess.py  sources -> shards with Ray Data (also `python -m ray_jobs.preprocess`)
     perceptio-vqvae       cli/vqvae.py     train / evaluate / ablate the depth tokenizer
     perceptio-export      cli/export.py    checkpoint -> inference folder
     perceptio-eval        cli/eval.py      benchmarks (`torchrun ... -m perceptio_dist.cli.eval` over ranks)
@@ -24,12 +25,21 @@ from ..config import ConfigError, PerceptioConfig, load_config, recipe_names
 CONFIG_ERROR_EXIT = 2
 
 
+OVERRIDES_HELP = ("dotted overrides, e.g. train.lr=1e-4 train.max_steps=10, and overlay files (an argument ending in "
+                  ".yaml: a partial recipe merged over it), applied in order")
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, default: str, kind: str = "") -> None:
+    """The one spelling of the recipe flag across commands: --recipe (--config is kept as an alias)."""
+    parser.add_argument("--recipe", "--config", dest="recipe", default=default,
+                        help=f"a shipped recipe ({', '.join(recipe_names(kind))}) or a path to a YAML file "
+                             f"(default: {default})")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
+
+
 def recipe_parser(prog: str, description: str, default: str = "tiny_cpu") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--recipe", default=default,
-                        help=f"a shipped recipe ({', '.join(recipe_names())}) or a path to a YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="dotted overrides, e.g. train.lr=1e-4 train.max_steps=10")
+    add_recipe_arguments(parser, default)
     return parser
 
 
@@ -40,8 +50,30 @@ def load_or_exit(recipe: str, overrides: list[str]) -> PerceptioConfig:
         config_error_exit(exc)
 
 
+# Set by the launcher (cli/train.py): a folder where ranks note the errors already printed, so that an error
+# several ranks find (the same damaged shard) is printed once.
+PRINTED_ERRORS_VARIABLE = "PERCEPTIO_PRINTED_ERRORS"
+
+
 def config_error_exit(exc: ConfigError) -> None:
-    # Under torchrun every rank fails the same way; one message is enough.
-    if os.environ.get("RANK", "0") == "0" or getattr(exc, "every_rank", False):  # a data error: where it was found
+    # Under torchrun every rank fails the same way; one message is enough. A data error is printed where it was
+    # found (any rank), once per launch.
+    if os.environ.get("RANK", "0") == "0" or (getattr(exc, "every_rank", False) and _first_to_print(str(exc))):
         print(str(exc), file=sys.stderr)
     raise SystemExit(CONFIG_ERROR_EXIT)
+
+
+def _first_to_print(message: str) -> bool:
+    import hashlib
+
+    folder = os.environ.get(PRINTED_ERRORS_VARIABLE)
+    if not folder:
+        return True
+    try:
+        os.close(os.open(os.path.join(folder, hashlib.sha256(message.encode()).hexdigest()[:16]),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return True

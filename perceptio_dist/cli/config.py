@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from ..config import ConfigError, dump_yaml, iter_field_docs
 from . import config_error_exit, load_or_exit, recipe_parser
 
@@ -25,9 +28,42 @@ def config_main(argv: list[str] | None = None) -> None:
     """perceptio-config --recipe R [--explain] [overrides]: print the resolved config or every field's documentation."""
     parser = recipe_parser("perceptio-config", "Show a resolved recipe, or document every config field.")
     parser.add_argument("--explain", action="store_true", help="list every field with its type, default and meaning")
+    parser.add_argument("--kind", choices=sorted(CONFIG_KINDS), default="train",
+                        help="which recipes: training (default), preprocessing or depth-tokenizer training")
     args = parser.parse_args(argv)
-    if args.explain:
-        for name, type_name, default, doc in iter_field_docs():
-            print(f"{name} ({type_name}, default {default!r})\n    {doc}")
-        return
-    print(dump_yaml(load_or_exit(args.recipe, args.overrides)), end="")
+    cls, load = CONFIG_KINDS[args.kind]()
+    try:
+        if args.explain:
+            for name, type_name, default, doc in iter_field_docs(cls):
+                print(f"{name} ({type_name}, default {default!r})\n    {doc}")
+        else:
+            try:
+                text = dump_yaml(load(args.recipe, args.overrides))
+            except ConfigError as exc:
+                config_error_exit(exc)
+            print(text, end="")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `perceptio-config --explain | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        raise SystemExit(0)
+
+
+def _train_kind():
+    from ..config import PerceptioConfig, load_config
+
+    return PerceptioConfig, load_config
+
+
+def _preprocess_kind():
+    from ..preprocess.config import PreprocessConfig, load_preprocess_config
+
+    return PreprocessConfig, load_preprocess_config
+
+
+def _vqvae_kind():
+    from ..train.vqvae_config import VQVAETrainConfig, load_vqvae_config
+
+    return VQVAETrainConfig, load_vqvae_config
+
+
+CONFIG_KINDS = {"train": _train_kind, "preprocess": _preprocess_kind, "vqvae": _vqvae_kind}

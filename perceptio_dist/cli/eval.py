@@ -11,13 +11,14 @@ from pathlib import Path
 from ..eval.benchmarks import DEFAULT_HARDBLINK
 from ..eval.run import EXIT_USAGE, run_evaluation
 from ..logging_setup import configure_logging
-from ..train.checkpoint import is_complete
+from ..train.checkpoint import is_complete, newest_complete
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="perceptio-eval", description="Score an exported model (or a checkpoint) on the benchmarks, over one or several ranks.")
     parser.add_argument("--model", required=True,
-                        help="an exported folder (perceptio-export) or a training checkpoint folder (global_stepN)")
+                        help="an exported folder (perceptio-export), a training checkpoint folder (global_stepN), or a run's "
+                             "checkpoints folder (its newest complete checkpoint)")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--benchmark", nargs="+", default=[], choices=["hardblink"],
                         help="benchmarks by name, with their default data (hardblink: ../shared/data/hardblink)")
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if not any([args.hardblink, args.synthetic_scenes, args.refcoco, args.mmbench]):
         parser.error("name at least one benchmark: --benchmark hardblink, --hardblink, --synthetic-scenes, "
                      "--refcoco or --mmbench")
+    args.model = str(newest_complete(args.model))  # a run's checkpoints/ folder: its newest complete checkpoint
     if not is_complete(args.model) and not (Path(args.model) / "perceptio.yaml").exists():
         print(f"perceptio-eval: {args.model} is not an exported model folder (no perceptio.yaml) nor a complete "
               "training checkpoint", file=sys.stderr)

@@ -11,7 +11,8 @@ from . import config_error_exit
 def main(argv: list[str] | None = None) -> None:
     """perceptio-export --checkpoint DIR --out DIR: a checkpoint as an inference folder (safetensors, tokenizer, config)."""
     parser = argparse.ArgumentParser(prog="perceptio-export", description="Export a training checkpoint for inference.")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder, e.g. runs/x/checkpoints/global_step00000040")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (runs/x/checkpoints/global_step00000040), or a run's checkpoints "
+                             "folder for its newest complete checkpoint")
     parser.add_argument("--out", required=True, help="the folder to write")
     parser.add_argument("--adapter", action="store_true",
                         help="LoRA runs: also write the adapter in peft's format to <out>/adapter (the merged weights "

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-
 from ..plan import Cluster, format_table, model_sizes, plan
 from ..plan import __doc__ as plan_module_doc
 from ..config import ConfigError
-from . import load_or_exit
+from . import load_or_exit, recipe_parser
 
 plan_doc = plan_module_doc.split("\n\n")[0]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="perceptio-plan", description=plan_doc)
-    parser.add_argument("--recipe", default="perceptio_8b")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser = recipe_parser("perceptio-plan", plan_doc, default="perceptio_8b")
     defaults = Cluster()
     parser.add_argument("--nodes", type=int, default=defaults.nodes)
     parser.add_argument("--gpus-per-node", type=int, default=defaults.gpus_per_node)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from . import config_error_exit, load_or_exit, recipe_parser
+from . import CONFIG_ERROR_EXIT, PRINTED_ERRORS_VARIABLE, config_error_exit, load_or_exit, recipe_parser
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="continue from the newest complete checkpoint (auto) or from PATH")
     args = parser.parse_args(argv)
+    redirect_rank_stderr()
     if args.nnodes > 1 and not args.rdzv_endpoint:
         parser.error("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node)")
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
@@ -54,20 +56,51 @@ def main(argv: list[str] | None = None) -> None:
         config_error_exit(exc)
 
 
+# The ranks write to the launcher's own stderr (not to torchrun's, which the launcher reads): see launch_ranks.
+RANK_STDERR_VARIABLE = "PERCEPTIO_LAUNCHER_STDERR"
+_EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)", re.MULTILINE)
+
+
 def launch_ranks(cmd: list[str], run_dir: Path) -> int:
-    """Run torchrun, forwarding preemption signals to the rank processes; map a requeue stop to its status."""
+    """Run torchrun, forwarding preemption signals to the rank processes; map a requeue stop to its status.
+
+    A user error found by the ranks (a config error, a damaged shard: each prints its paragraph and exits with
+    status 2) ends the launch with status 2 and without torchrun's ChildFailedError traceback, which says nothing
+    more. Any other failure shows torchrun's report as it is (the failing rank, its exit code, its traceback)."""
+    import shutil
     import signal
     import subprocess
+    import tempfile
+    import threading
 
     import psutil
 
     from ..train.signals import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 
     (run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
+    # torchrun's own stderr comes through a pipe so that its report of a failure can be held back; the ranks
+    # reopen this process's stderr (redirect_rank_stderr) and are not delayed or filtered.
+    printed = Path(tempfile.mkdtemp(prefix="perceptio_errors_"))  # errors the ranks printed (config_error_exit)
+    env = {**os.environ, RANK_STDERR_VARIABLE: f"/proc/{os.getpid()}/fd/2", PRINTED_ERRORS_VARIABLE: str(printed)}
     # SLURM signals every process of a job step, torchrun's agent included, whose default action on
     # SIGUSR1 is to die and take the ranks down unsaved. The agent is started with SIGUSR1 ignored (an
     # ignored disposition survives exec); the ranks install their own handler (train/signals.py).
-    proc = subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace",
+                            preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    report: list[str] = []
+
+    def relay() -> None:
+        holding = False
+        for line in proc.stderr:
+            holding = holding or line.startswith("Traceback (most recent call last)") or "ChildFailedError" in line
+            if holding:
+                report.append(line)
+            else:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
 
     def forward(signum, _frame):
         # To the ranks (torchrun's direct children): not to torchrun's agent, whose default action on SIGUSR1
@@ -81,9 +114,31 @@ def launch_ranks(cmd: list[str], run_dir: Path) -> int:
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, forward)
     code = proc.wait()
+    reader.join(timeout=30)
+    shutil.rmtree(printed, ignore_errors=True)
     if (run_dir / REQUEUE_MARKER).exists():
         return REQUEUE_EXIT_CODE
+    text = "".join(report)
+    rank_codes = {int(c) for c in _EXITCODE.findall(text)}
+    if code != 0 and rank_codes == {CONFIG_ERROR_EXIT}:
+        return CONFIG_ERROR_EXIT  # each rank said what was wrong; torchrun's traceback would only bury it
+    sys.stderr.write(text)
     return code
+
+
+def redirect_rank_stderr() -> None:
+    """On a rank started by launch_ranks: write to the launcher's stderr (where the user looks) rather than to
+    torchrun's, which the launcher filters. Where it cannot be reopened (a socket), torchrun's is kept."""
+    target = os.environ.get(RANK_STDERR_VARIABLE)
+    if not target or "LOCAL_RANK" not in os.environ:
+        return
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND)
+    except OSError:
+        return
+    sys.stderr.flush()
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 if __name__ == "__main__":

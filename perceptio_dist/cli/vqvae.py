@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import ConfigError
-from . import config_error_exit
+from . import OVERRIDES_HELP, add_recipe_arguments, config_error_exit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -13,30 +13,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="perceptio-vqvae", description="Train and evaluate the depth tokenizer.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a tokenizer (run under torchrun for several ranks)")
-    train.add_argument("--config", default="vqvae_tiny", help="a recipe in recipes/vqvae/ or a yaml path")
-    train.add_argument("overrides", nargs="*", metavar="key=value")
+    add_recipe_arguments(train, "vqvae_tiny", kind="vqvae")
     evaluate = sub.add_parser("eval", help="report reconstruction quality on real RGB-D frames")
     evaluate.add_argument("--tokenizer", required=True, help="folder with tokenizer.safetensors + tokenizer.json")
     evaluate.add_argument("--out", required=True, help="report folder")
     evaluate.add_argument("--rgbd", default=None, help="folder of the shared RGB-D frames (default ../shared/data/rgbd)")
     evaluate.add_argument("--sets", type=int, default=500, help="point sets per size and frame")
     ablate = sub.add_parser("ablate", help="train variants of a recipe (K, grid) and report them side by side")
-    ablate.add_argument("--config", default="vqvae_report")
+    ablate.add_argument("--recipe", "--config", dest="recipe", default="vqvae_report",
+                        help="a recipe in recipes/vqvae/ or a YAML path (default: vqvae_report)")
     ablate.add_argument("--codes", type=int, nargs="+", default=[64, 128, 256])
     ablate.add_argument("--grids", type=int, nargs="+", default=[8, 10, 16])
     ablate.add_argument("--out", required=True)
     ablate.add_argument("--sets", type=int, default=500)
-    ablate.add_argument("overrides", nargs="*", metavar="key=value")
+    ablate.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     args = parser.parse_args(argv)
     from ..depth_tokenizer import ablate_tokenizers, evaluate_tokenizer, train_tokenizer
 
     try:
         if args.command == "train":
-            train_tokenizer(args.config, args.overrides)
+            train_tokenizer(args.recipe, args.overrides)
         elif args.command == "eval":
             print(evaluate_tokenizer(args.tokenizer, args.out, args.rgbd, args.sets))
         else:
-            print(ablate_tokenizers(args.config, args.overrides, args.codes, args.grids, args.out, args.sets))
+            print(ablate_tokenizers(args.recipe, args.overrides, args.codes, args.grids, args.out, args.sets))
     except ConfigError as exc:
         config_error_exit(exc)
 

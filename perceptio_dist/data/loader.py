@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config import ConfigError
 from .batch import Batch, collate
 from .packing import pack
 from .sampling import GlobalSampler, SampleRef
@@ -196,10 +197,17 @@ class ShardLoader:
     def load_state_dict(self, state: dict) -> None:
         """Restore a position. Another split of the same global batch (rank count, accumulation, micro-batch)
         continues at the next whole step; another global batch or seed would change the samples: refused."""
-        for key in ("seed", "num_slots"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"loader state was saved with {'global batch' if key == 'num_slots' else key}="
-                                 f"{state[key]}, this loader has {getattr(self, key)}: the sample order would differ")
+        names = {"seed": "data.seed", "num_slots": "the global batch (samples per optimizer step)"}
+        changed = [f"{names[key]} was {state[key]}, now {getattr(self, key)}" for key in names
+                   if state[key] != getattr(self, key)]
+        if changed:
+            raise ConfigError(
+                f"Config error at 'checkpoint.resume': the checkpoint cannot continue with this data order "
+                f"({'; '.join(changed)}). The samples a step reads follow from data.seed and the global batch, so "
+                "the resumed run would not read what the interrupted one would have. Resume with the values the "
+                "run was started with (another split of the same global batch over ranks, micro-batch and "
+                "accumulation is fine), or start a new run in another folder (logging.output_dir) to use the new "
+                "values.")
         steps = -(-int(state["position"]) // int(state["grad_accum"]))  # steps begun, rounded up to whole steps
         self.position = steps * self.grad_accum if state["grad_accum"] != self.grad_accum else int(state["position"])
         self.skipped = int(state.get("skipped", 0))

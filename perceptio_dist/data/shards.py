@@ -124,13 +124,15 @@ def sidecar_path(out: Path, shard: str) -> Path:
     return out / f"{shard}.json"
 
 
-def shard_complete(out: Path, shard: str, expected_plan: str) -> bool:
-    """A shard counts as done when its marker exists, was written for the same records and its tar is intact."""
+def shard_complete(out: Path, shard: str, expected_plan: str, expected_producer: dict | None = None) -> bool:
+    """A shard counts as done when its marker exists, was written for the same records by the same producer
+    (tokenizer, teacher, answer format, content-shaping recipe fields) and its tar is intact."""
     marker, tar = sidecar_path(out, shard), out / f"{shard}.tar"
     if not marker.exists() or not tar.exists():
         return False
     info = json.loads(marker.read_text())
-    return info.get("plan") == expected_plan and info.get("sha256") == file_sha256(tar)
+    return (info.get("plan") == expected_plan and info.get("producer") == expected_producer
+            and info.get("sha256") == file_sha256(tar))
 
 
 def read_manifest(folder: Path) -> dict:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError, PerceptioConfig
+from ..model.depth_vqvae import RANDOM_TOKENIZER, is_trained_tokenizer_id, tokenizer_identity
 from ..model.geometry import sample_geometry
 from ..model.spatial_tokens import SpatialTokenIds
 from .conversation import ImageTokens
 from .loader import ShardLoader
 from .sample_builder import SampleBuilder
 
+log = logging.getLogger(__name__)
+
 
 def check_manifest_matches(manifest: dict, cfg: PerceptioConfig, folder: str) -> None:
-    """Shards made for another depth tokenizer geometry cannot feed this model."""
+    """Shards made for another depth tokenizer (geometry or identity) cannot feed this model."""
     depth = manifest["depth"]
     expected = {"size": cfg.model.depth_vqvae.input_size, "num_codes": cfg.model.tokens.num_depth_codes,
                 "grid": cfg.model.tokens.depth_grid}
@@ -23,6 +28,34 @@ def check_manifest_matches(manifest: dict, cfg: PerceptioConfig, folder: str) ->
                           f"({'; '.join(diffs)}). Re-run the preprocessing with the recipe's tokens/depth_vqvae.")
     if manifest.get("split") != "train":
         raise ConfigError(f"Config error at 'data.shards': {folder} holds '{manifest.get('split')}' data, not train.")
+    check_shard_tokenizer(manifest, cfg, folder)
+
+
+def check_shard_tokenizer(manifest: dict, cfg: PerceptioConfig, folder: str) -> None:
+    """The codes in the shards must come from the model's own depth tokenizer: the model embeds code i as what the
+    tokenizer meant by i. Random tokenizers (tests, demos) only warn; shards from before identities pass."""
+    if not cfg.data.depth_tokens:
+        return  # the ablation reads no codes
+    if manifest["depth"].get("codes") is False:
+        raise ConfigError(f"Config error at 'data.shards': {folder} is a teacher pass (depth maps, no codes). Train "
+                          "the depth tokenizer on it, run the code pass (a preprocessing recipe with from_shards "
+                          "naming this folder), and point data.shards at the code pass's output.")
+    if "identities" not in manifest or "depth_tokenizer" not in manifest["identities"]:
+        return
+    shards = manifest["identities"]["depth_tokenizer"]
+    model = tokenizer_identity(cfg.model.depth_vqvae.checkpoint)
+    if shards == model and model != RANDOM_TOKENIZER:
+        return
+    if not (is_trained_tokenizer_id(shards) and is_trained_tokenizer_id(model)):
+        log.warning("depth codes unchecked: the shards in %s were made by depth tokenizer %s and the model's is %s "
+                    "(random weights, or a file without an id: fine for tests, meaningless for a real run)",
+                    folder, shards, model)
+        return
+    raise ConfigError(
+        f"Config error at 'data.shards': the depth codes in {folder} were made by depth tokenizer {shards}, but the "
+        f"model's tokenizer (model.depth_vqvae.checkpoint = {cfg.model.depth_vqvae.checkpoint}) is {model}. The model "
+        "would read every code as another depth. Point model.depth_vqvae.checkpoint at the tokenizer that made the "
+        "shards, or run the code pass again with this tokenizer (it rebuilds every shard whose tokenizer differs).")
 
 
 def build_sample_builder(cfg: PerceptioConfig, tokenizer: PreTrainedTokenizerBase,

@@ -246,3 +246,45 @@ def load_depth_vqvae(cfg: DepthVQVAEConfig, num_codes: int, grid: int, weights: 
         raise ConfigError(f"Config error at 'model.depth_vqvae.checkpoint': {path} does not fit the recipe's "
                           f"depth_vqvae architecture ({str(exc).splitlines()[0]})") from None
     return model
+
+
+# The tokenizer's identity: an id written into its own files when it is trained (the safetensors metadata and
+# tokenizer.json), carried through exports. Shards record the id of the tokenizer that made their codes, and
+# training compares it with the model's. Not a hash of the weights: an export re-saves them (another dtype).
+TOKENIZER_ID_KEY = "perceptio_tokenizer_id"
+RANDOM_TOKENIZER = "random"
+
+
+TRAINED_ID_PREFIX = "vqvae-"
+
+
+def new_tokenizer_id() -> str:
+    import uuid
+
+    return f"{TRAINED_ID_PREFIX}{uuid.uuid4().hex[:16]}"
+
+
+def is_trained_tokenizer_id(identity: str | None) -> bool:
+    """An id written by ``perceptio-vqvae train`` (not random weights, not a file without an id)."""
+    return bool(identity) and identity.startswith(TRAINED_ID_PREFIX)
+
+
+def tokenizer_identity(weights: str | None) -> str:
+    """The id of the tokenizer whose weights are at ``weights``: RANDOM_TOKENIZER for none (random weights, tests),
+    "unknown:<file name>" for a file that carries no id (trained before ids existed, or made elsewhere)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    if not weights:
+        return RANDOM_TOKENIZER
+    path = Path(weights)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = (f.metadata() or {}).get(TOKENIZER_ID_KEY)
+    except (OSError, ValueError, RuntimeError):
+        found = None
+    if not found and path.with_name("tokenizer.json").exists():
+        found = json.loads(path.with_name("tokenizer.json").read_text()).get("id")
+    return found or f"unknown:{path.name}"

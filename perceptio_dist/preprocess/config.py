@@ -1,4 +1,5 @@
-"""Typed config of the preprocessing job (ray_jobs/preprocess.py). Same machinery as training recipes."""
+"""Typed config of the preprocessing job (preprocess/job.py, `perceptio-preprocess`). Same machinery as training
+recipes."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class SourceConfig:
         "'A near 7; B near 3. (A)'. scan (toy-only): the marker band's cells in reading order, three rows of one "
         "character per cell (the marker there or -, the nearest marker's level so far as K-T = 0-9, its letter), "
         "then the answer: '--A--B--|--KKKMMM|--AAABBB. (B)'; every character is a read at a fixed distance, the "
-        "lookup a tiny model learns (README, the toy world, seventh round). Needs a tokenizer that keeps the row "
+        "lookup a tiny model learns (docs/research, the toy world). Needs a tokenizer that keeps the row "
         "characters apart (the builtin tiny BPE does).", "cells")
 
     def question_rules(self):
@@ -102,14 +103,29 @@ class PreprocessConfig:
     decode_concurrency: int = doc_field("Parallel decode/validate tasks (one CPU each).", 2)
     tokenizer_num_cpus: float = doc_field("CPUs reserved by the VQ-VAE encoding actor.", 1.0)
     max_image_side: int = doc_field("Images whose longer side exceeds this are downscaled before storing.", 1024)
+    depth_codes: bool = doc_field(
+        "Encode the depth maps into codes with depth_vqvae. false: a teacher pass (shards hold images, masks and "
+        "depth maps, no codes), whose maps the tokenizer is then trained on; a code pass (from_shards) adds the "
+        "codes afterwards without running the teacher again.", True)
+    from_shards: Optional[str] = path_field(
+        "A code pass: read every sample, and its stored depth map, from this folder of teacher-pass shards "
+        "(depth_codes: false) instead of from sources, and write it again with its codes. sources and the teacher "
+        "are then unused.", None, folder=True, purpose="the output_dir of a teacher pass (manifest.json)",
+        remedy="Run the teacher pass first (a preprocessing recipe with depth_codes: false).")
 
 
 def validate_preprocess(cfg: PreprocessConfig) -> None:
     def err(path: str, msg: str) -> ConfigError:
         return ConfigError(f"Config error at '{path}': {msg}")
 
-    if not cfg.sources:
-        raise err("sources", "list at least one source.")
+    if cfg.from_shards:
+        if cfg.sources:
+            raise err("sources", "a code pass (from_shards) reads its samples from the teacher-pass shards: leave "
+                                 "sources empty.")
+        if not cfg.depth_codes:
+            raise err("depth_codes", "a code pass (from_shards) exists to add codes: set depth_codes: true.")
+    elif not cfg.sources:
+        raise err("sources", "list at least one source (or from_shards for a code pass).")
     if cfg.shard_size <= 0:
         raise err("shard_size", "must be positive.")
     for i, src in enumerate(cfg.sources):
@@ -140,8 +156,34 @@ def validate_preprocess(cfg: PreprocessConfig) -> None:
 
 def check_preprocess_paths(cfg: PreprocessConfig) -> None:
     """At job start: every source and the depth tokenizer exist (the teacher is checked by the job: it may be a
-    Hugging Face cache id)."""
-    check_input_paths(cfg)
+    Hugging Face cache id). A teacher pass makes no codes, so it needs no tokenizer."""
+    check_input_paths(cfg, skip=() if cfg.depth_codes else ("depth_vqvae.checkpoint",))
+
+
+# Fields that never shape a shard's contents: where things are, and how much hardware works on them. A change
+# to any of them rebuilds nothing (see content_fields).
+_NOT_CONTENT = {"output_dir", "from_shards", "decode_concurrency", "tokenizer_num_cpus",
+                "sources.path", "sources.images",
+                "teacher.pretrained_path", "teacher.batch_size", "teacher.concurrency", "teacher.num_gpus",
+                "teacher.num_cpus", "depth_vqvae.checkpoint"}
+
+
+def content_fields(cfg: PreprocessConfig) -> dict:
+    """The preprocessing fields that shape what a shard holds (paths, resources and concurrency removed; the
+    teacher and tokenizer weights are identified separately, by their identities)."""
+    from dataclasses import asdict
+
+    def strip(value, prefix: str):
+        if isinstance(value, dict):
+            return {k: strip(v, f"{prefix}{k}.") for k, v in value.items() if f"{prefix}{k}" not in _NOT_CONTENT}
+        if isinstance(value, list):
+            return [strip(v, prefix) for v in value]
+        return value
+
+    fields = strip(asdict(cfg), "")
+    if cfg.depth_vqvae.checkpoint:  # a trained tokenizer: the seed of a random one plays no part
+        fields.pop("vqvae_seed", None)
+    return fields
 
 
 def load_preprocess_config(recipe: str, overrides: list[str] | None = None) -> PreprocessConfig:

@@ -23,6 +23,9 @@ CLOSEST_POINT_QUESTION = (
 # (a red ring, the letter in white on black above it); "colour", a toy-only simplification for tiny models
 # at low resolution: a filled disc in the letter's own colour (MARKER_COLOURS) with the letter on it.
 MARKER_STYLES = ("hardblink", "colour")
+# The version of the answers' text format (the spatial chain of thought, the task templates): recorded with every
+# shard, so a change of format rebuilds the shards instead of mixing two formats. Change it with the templates.
+ANSWER_FORMAT = "perceptio-answers-v1"
 DEPTH_QUESTION = "Estimate the depth of this image."
 DEPTH_ANSWER = "Here is the depth map."
 

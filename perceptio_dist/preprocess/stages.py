@@ -1,6 +1,6 @@
 """The stages of the preprocessing job, as plain functions and callable classes.
 
-ray_jobs/preprocess.py wires them into a Ray Data pipeline:
+preprocess/job.py wires them into a Ray Data pipeline:
 
     plan (driver) -> decode_row (tasks) -> DepthStage (actor pool) -> CodeStage (actor pool) -> write_shard_rows
     (the driver, as soon as a shard's last row arrives)
@@ -293,7 +293,7 @@ def sample_from_row(row: dict) -> ShardSample:
     info = {k: record[k] for k in ("key", "task", "source", "turns", "with_seg", "with_depth", "points", "meta")}
     info["image_size"] = [image.height, image.width]
     return ShardSample(key=record["key"], image=row["image"], image_ext=row["image_ext"], info=info,
-                       mask_png=row["mask"], depth_npy=row["depth"], codes_npy=row["codes"])
+                       mask_png=row["mask"], depth_npy=row["depth"], codes_npy=row.get("codes", b""))  # none in a teacher pass
 
 
 def batch_rows(batch: dict) -> list[dict]:
@@ -301,9 +301,10 @@ def batch_rows(batch: dict) -> list[dict]:
     return _rows(batch)
 
 
-def write_shard_rows(rows: list[dict], out_dir: str) -> dict:
+def write_shard_rows(rows: list[dict], out_dir: str, producer: dict | None = None) -> dict:
     """Write one shard from all of its rows and its completion marker; return its stats. The rows are sorted by
-    record key first, so the tar's bytes do not depend on the order the pipeline delivered them in."""
+    record key first, so the tar's bytes do not depend on the order the pipeline delivered them in. ``producer``
+    (what made the contents: tokenizer, teacher, answer format, recipe) goes into the marker."""
     rows = sorted(rows, key=lambda r: json.loads(r["record"])["key"])
     shard = rows[0]["shard"]
     out = Path(out_dir)
@@ -323,6 +324,7 @@ def write_shard_rows(rows: list[dict], out_dir: str) -> dict:
         "bytes": (out / f"{shard}.tar").stat().st_size,
         "plan": plan_hash([json.loads(r["record"])["key"] for r in rows]),
         "keys": [s.key for s in samples], "sources": counts, "quarantined": quarantined, "written": time.time(),
+        "producer": producer,
         # what the answers carry (training and evaluation force only the chain a task was trained with)
         "chain": {"with_seg": sum(bool(s.info["with_seg"]) for s in samples),
                   "with_depth": sum(bool(s.info["with_depth"]) for s in samples)},

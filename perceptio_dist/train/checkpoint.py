@@ -81,6 +81,16 @@ def is_complete(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+def newest_complete(path: str | Path) -> Path:
+    """``path`` if it is a complete checkpoint; for a run's checkpoints folder, its newest complete checkpoint;
+    otherwise ``path`` unchanged (the caller reports it)."""
+    path = Path(path)
+    if is_complete(path) or not path.is_dir():
+        return path
+    found = [(int(m.group(1)), p) for p in path.glob("global_step*") if (m := TAG.match(p.name)) and is_complete(p)]
+    return max(found)[1] if found else path
+
+
 def read_marker(path: str | Path) -> dict:
     """The marker of a complete checkpoint: step, reason, world_size, time, files."""
     return json.loads((Path(path) / MARKER).read_text())

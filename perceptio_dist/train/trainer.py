@@ -117,7 +117,6 @@ class Trainer:
         self.run_dir = Path(cfg.logging.output_dir)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
             (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
         barrier()
         self.checkpoints = CheckpointManager(Path(cfg.checkpoint.dir or self.run_dir / "checkpoints"), self.dist,
@@ -156,6 +155,8 @@ class Trainer:
         self.nonfinite = NonfiniteCounter(cfg.train.max_nonfinite_in_a_row, self._save)
         if self.resume_from is not None:
             self._resume(self.resume_from)
+        if self.dist.is_main:  # only now: a refused resume leaves the run folder as it was
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
         self.batches = iter(self.loader)
         self._log_setup()
 

@@ -23,7 +23,7 @@ class VQVAEDataConfig:
                                        remedy="Render them with `perceptio-scenes --out DIR --num N`.")
     shards: Optional[str] = path_field("Preprocessed shards: their depth.npy maps (teacher or ground truth), flipped.",
                                        None, folder=True, purpose="a folder of preprocessed shards (manifest.json)",
-                                       remedy="Write them with `python -m ray_jobs.preprocess`.")
+                                       remedy="Write them with `perceptio-preprocess`.")
     image_folder: Optional[str] = path_field("Images whose depth the teacher predicts once at start.", None,
                                              folder=True, purpose="a folder of images")
     teacher: Optional[str] = path_field("Depth Anything V2 folder for image_folder.", None, folder=True,

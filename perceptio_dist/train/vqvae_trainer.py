@@ -29,7 +29,7 @@ import torch
 
 from ..config import ConfigError, check_input_paths
 from ..data.shards import npy_load, read_manifest, read_shard
-from ..model.depth_vqvae import DepthVQVAE
+from ..model.depth_vqvae import TOKENIZER_ID_KEY, DepthVQVAE, new_tokenizer_id
 from ..parallel.distributed import all_reduce_mean, barrier, init_distributed
 from ..teachers.depth_anything import inverse_depth_target
 from .metrics import MetricsLogger
@@ -180,9 +180,12 @@ class VQVAETrainer:
 
         if not self.dist.is_main:
             return
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(self.out / TOKENIZER_WEIGHTS))
+        tokenizer_id = new_tokenizer_id()  # what shards made with this tokenizer record (and training checks)
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(self.out / TOKENIZER_WEIGHTS),
+                  metadata={TOKENIZER_ID_KEY: tokenizer_id})
         (self.out / TRAINING_FILES).write_text("\n".join(self.pool.hashes) + "\n")
         meta = {
+            "id": tokenizer_id,
             "depth_vqvae": dataclasses.asdict(self.cfg.depth_vqvae) | {"checkpoint": None},
             "num_codes": self.cfg.tokens.num_depth_codes, "grid": self.cfg.tokens.depth_grid,
             "steps": self.cfg.steps, "training_data": dataclasses.asdict(self.cfg.data),
