@@ -226,3 +226,22 @@ def test_resume_refuses_a_checkpoint_of_another_model(reference_run, tiny_shards
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "holds a different model" in proc.stderr and "mlp_hidden_size" in proc.stderr
+
+
+@pytest.mark.parametrize("change,words", [("data.seed=999", "data.seed was 1234, now 999"),
+                                          ("train.micro_batch_size=2", "global batch")])
+def test_resume_with_another_data_order_is_one_paragraph_and_leaves_the_run_folder_alone(
+        reference_run, tiny_shards, tmp_path, change, words):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run / "checkpoints" / tag_for(6), run_dir / "checkpoints" / tag_for(6))
+    (run_dir / "config.yaml").write_text("the interrupted run's config\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "perceptio_dist.train", *common(run_dir, tiny_shards), *layout(1),
+         "checkpoint.resume=auto", change],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    paragraph = [line for line in proc.stderr.splitlines() if line.startswith("Config error")]
+    assert len(paragraph) == 1 and words in paragraph[0] and "logging.output_dir" in paragraph[0]
+    assert (run_dir / "config.yaml").read_text() == "the interrupted run's config\n"

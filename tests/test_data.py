@@ -438,7 +438,7 @@ def test_corrupt_samples_are_dropped_and_counted(tiny_cfg, tiny_tokenizer, monke
 def test_loader_state_from_another_global_batch_is_refused(tiny_cfg, tiny_tokenizer):
     state = _loader(tiny_cfg, tiny_tokenizer, 0, 1).state_dict()
     other = _loader(tiny_cfg, tiny_tokenizer, 0, 1, train={"micro_batch_size": 3})
-    with pytest.raises(ValueError, match="global batch=2"):
+    with pytest.raises(ValueError, match=r"global batch \(samples per optimizer step\) was 2, now 3"):
         other.load_state_dict(state)
 
 

@@ -58,7 +58,8 @@ PRINTED_ERRORS_VARIABLE = "PERCEPTIO_PRINTED_ERRORS"
 def config_error_exit(exc: ConfigError) -> None:
     # Under torchrun every rank fails the same way; one message is enough. A data error is printed where it was
     # found (any rank), once per launch.
-    if os.environ.get("RANK", "0") == "0" or (getattr(exc, "every_rank", False) and _first_to_print(str(exc))):
+    found_here = getattr(exc, "every_rank", False)
+    if _first_to_print(str(exc)) if found_here else os.environ.get("RANK", "0") == "0":
         print(str(exc), file=sys.stderr)
     raise SystemExit(CONFIG_ERROR_EXIT)
 
