@@ -241,8 +241,9 @@ def test_shards_and_manifest_agree(tiny_shards):
     manifest = read_manifest(tiny_shards)
     assert manifest["num_samples"] == sum(manifest["counts"]["task"].values()) > 150
     assert set(manifest["counts"]["task"]) == {"referring_seg", "relative_depth", "depth", "vqa"}
-    assert manifest["identities"]["depth_tokenizer"] == "vqvae:random(seed=0)"
+    assert manifest["identities"]["depth_tokenizer"] == "random"
     for shard in manifest["shards"]:
+        assert shard["producer"]["depth_tokenizer"] == "random" and shard["producer"]["answer_format"]
         samples = list(read_shard(tiny_shards / shard["path"]))
         assert [s.key for s in samples] == shard["keys"] and len(samples) == shard["num_samples"]
         for s in samples:
