@@ -650,11 +650,11 @@ def is_overlay(override: str) -> bool:
     return "=" not in override and override.endswith((".yaml", ".yml"))
 
 
-def merge_overlay(data: dict, overlay: dict, where: str = "") -> None:
+def merge_overlay(data: dict, overlay: dict) -> None:
     """Deep-merge ``overlay`` into ``data`` in place: sections merge key by key, any other value replaces."""
     for key, value in overlay.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
-            merge_overlay(data[key], value, f"{where}{key}.")
+            merge_overlay(data[key], value)
         else:
             data[key] = value
 

@@ -132,13 +132,15 @@ def _ids(cfg, tokenizer):
 # ------------------------------------------------------------------ the launcher: user errors vs real crashes
 
 RANK_SCRIPT = textwrap.dedent("""
-    import os, sys
+    import os, sys, time
     from perceptio_dist.cli import config_error_exit
     from perceptio_dist.cli.train import redirect_rank_stderr
     from perceptio_dist.config import ConfigError
 
     redirect_rank_stderr()
-    if sys.argv[1] == "user":  # found on every rank, as a damaged shard both ranks read
+    if sys.argv[1] == "user-one-rank" and os.environ["RANK"] == "0":
+        time.sleep(120)  # waits in a collective for rank 1, which stops: torchrun then ends it with SIGTERM
+    if sys.argv[1].startswith("user"):  # found on every rank, as a damaged shard both ranks read
         error = ConfigError("Config error at 'data.shards': shard x.tar is damaged (the one paragraph).")
         error.every_rank = True
         config_error_exit(error)
@@ -147,7 +149,7 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("case", ["user", "crash"])
+@pytest.mark.parametrize("case", ["user", "user-one-rank", "crash"])
 def test_the_launcher_reports_user_errors_once_and_real_crashes_in_full(case, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
@@ -162,7 +164,7 @@ def test_the_launcher_reports_user_errors_once_and_real_crashes_in_full(case, tm
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     proc = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, capture_output=True, text=True, timeout=180,
                           env={**env, "OMP_NUM_THREADS": "1"})
-    if case == "user":
+    if case.startswith("user"):
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert proc.stderr.count("(the one paragraph)") == 1, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]

@@ -108,7 +108,7 @@ def test_each_shrink_overlay_loads_and_changes_no_path(recipe, kind, overlay, mo
 
     monkeypatch.setenv("PERCEPTIO_WEIGHTS", "/w")
     monkeypatch.setenv("PERCEPTIO_DATA", "/d")
-    cls, _ = CONFIG_KINDS[kind or "train"]()
+    cls, _, _ = CONFIG_KINDS[kind or "train"]()
     shipped = load_typed_config(cls, recipe, [], kind=kind)
     shrunk = load_typed_config(cls, recipe, [str(OVERLAYS / overlay)], kind=kind)
     # SAM2's architecture is named by a config file: Hiera-L -> the tiny one is the image encoder's size.

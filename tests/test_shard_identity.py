@@ -73,6 +73,12 @@ def test_teacher_pass_then_code_pass_then_a_retrained_tokenizer_rebuilds(tmp_pat
     with_depth = {k: s for k, s in stored.items() if s.depth_npy}
     assert with_depth and not any(s.codes_npy for s in stored.values())
 
+    # a retrained tokenizer of another architecture does not make the teacher pass stale
+    teacher_written = _written(teacher)
+    _run(f"sources.0.path={tmp_path / 'scenes'}", f"output_dir={teacher}", "shard_size=8", "depth_codes=false",
+         "depth_vqvae.checkpoint=null", "depth_vqvae.code_dim=8", "depth_vqvae.base_channels=4")
+    assert _written(teacher) == teacher_written
+
     # 2. the code pass: every sample again, its codes the tokenizer's encoding of the stored map
     code_pass = ["sources=[]", f"from_shards={teacher}", f"output_dir={codes}", "shard_size=8"]
     manifest = _run(*code_pass, f"depth_vqvae.checkpoint={first}")

@@ -29,16 +29,18 @@ def config_main(argv: list[str] | None = None) -> None:
     parser = recipe_parser("perceptio-config", "Show a resolved recipe, or document every config field.")
     parser.add_argument("--explain", action="store_true", help="list every field with its type, default and meaning")
     parser.add_argument("--kind", choices=sorted(CONFIG_KINDS), default="train",
-                        help="which recipes: training (default), preprocessing or depth-tokenizer training")
+                        help="which recipes: training (default), preprocessing or depth-tokenizer training; the "
+                             "recipe then defaults to preprocess_tiny or vqvae_tiny")
     args = parser.parse_args(argv)
-    cls, load = CONFIG_KINDS[args.kind]()
+    cls, load, default = CONFIG_KINDS[args.kind]()
+    recipe = default if args.recipe == parser.get_default("recipe") else args.recipe
     try:
         if args.explain:
             for name, type_name, default, doc in iter_field_docs(cls):
                 print(f"{name} ({type_name}, default {default!r})\n    {doc}")
         else:
             try:
-                text = dump_yaml(load(args.recipe, args.overrides))
+                text = dump_yaml(load(recipe, args.overrides))
             except ConfigError as exc:
                 config_error_exit(exc)
             print(text, end="")
@@ -51,19 +53,19 @@ def config_main(argv: list[str] | None = None) -> None:
 def _train_kind():
     from ..config import PerceptioConfig, load_config
 
-    return PerceptioConfig, load_config
+    return PerceptioConfig, load_config, "tiny_cpu"
 
 
 def _preprocess_kind():
     from ..preprocess.config import PreprocessConfig, load_preprocess_config
 
-    return PreprocessConfig, load_preprocess_config
+    return PreprocessConfig, load_preprocess_config, "preprocess_tiny"
 
 
 def _vqvae_kind():
     from ..train.vqvae_config import VQVAETrainConfig, load_vqvae_config
 
-    return VQVAETrainConfig, load_vqvae_config
+    return VQVAETrainConfig, load_vqvae_config, "vqvae_tiny"
 
 
 CONFIG_KINDS = {"train": _train_kind, "preprocess": _preprocess_kind, "vqvae": _vqvae_kind}

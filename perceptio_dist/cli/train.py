@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -68,7 +69,6 @@ def launch_ranks(cmd: list[str], run_dir: Path) -> int:
     status 2) ends the launch with status 2 and without torchrun's ChildFailedError traceback, which says nothing
     more. Any other failure shows torchrun's report as it is (the failing rank, its exit code, its traceback)."""
     import shutil
-    import signal
     import subprocess
     import tempfile
     import threading
@@ -119,11 +119,19 @@ def launch_ranks(cmd: list[str], run_dir: Path) -> int:
     if (run_dir / REQUEUE_MARKER).exists():
         return REQUEUE_EXIT_CODE
     text = "".join(report)
-    rank_codes = {int(c) for c in _EXITCODE.findall(text)}
-    if code != 0 and rank_codes == {CONFIG_ERROR_EXIT}:
-        return CONFIG_ERROR_EXIT  # each rank said what was wrong; torchrun's traceback would only bury it
+    if code != 0 and _user_error_report(text):
+        return CONFIG_ERROR_EXIT  # the rank said what was wrong; torchrun's traceback would only bury it
     sys.stderr.write(text)
     return code
+
+
+def _user_error_report(report: str) -> bool:
+    """Whether torchrun's failure report says: the first rank to fail stopped with a user error (status 2), and
+    every other failed rank did too or was stopped by torchrun itself (SIGTERM) because of it."""
+    _, found, root = report.partition("Root Cause (first observed failure):")
+    root_codes = [int(c) for c in _EXITCODE.findall(root)]
+    others = {int(c) for c in _EXITCODE.findall(report.partition(found)[0])} if found else set()
+    return bool(found) and root_codes[:1] == [CONFIG_ERROR_EXIT] and others <= {CONFIG_ERROR_EXIT, -signal.SIGTERM}
 
 
 def redirect_rank_stderr() -> None:

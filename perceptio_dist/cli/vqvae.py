@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import ConfigError
-from . import OVERRIDES_HELP, add_recipe_arguments, config_error_exit
+from . import add_recipe_arguments, config_error_exit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,13 +20,11 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--rgbd", default=None, help="folder of the shared RGB-D frames (default ../shared/data/rgbd)")
     evaluate.add_argument("--sets", type=int, default=500, help="point sets per size and frame")
     ablate = sub.add_parser("ablate", help="train variants of a recipe (K, grid) and report them side by side")
-    ablate.add_argument("--recipe", "--config", dest="recipe", default="vqvae_report",
-                        help="a recipe in recipes/vqvae/ or a YAML path (default: vqvae_report)")
     ablate.add_argument("--codes", type=int, nargs="+", default=[64, 128, 256])
     ablate.add_argument("--grids", type=int, nargs="+", default=[8, 10, 16])
     ablate.add_argument("--out", required=True)
     ablate.add_argument("--sets", type=int, default=500)
-    ablate.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    add_recipe_arguments(ablate, "vqvae_report", kind="vqvae")
     args = parser.parse_args(argv)
     from ..depth_tokenizer import ablate_tokenizers, evaluate_tokenizer, train_tokenizer
 

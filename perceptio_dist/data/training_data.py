@@ -7,7 +7,7 @@ import logging
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError, PerceptioConfig
-from ..model.depth_vqvae import RANDOM_TOKENIZER, is_trained_tokenizer_id, tokenizer_identity
+from ..model.depth_vqvae import is_trained_tokenizer_id, tokenizer_identity
 from ..model.geometry import sample_geometry
 from ..model.spatial_tokens import SpatialTokenIds
 from .conversation import ImageTokens
@@ -44,12 +44,12 @@ def check_shard_tokenizer(manifest: dict, cfg: PerceptioConfig, folder: str) -> 
         return
     shards = manifest["identities"]["depth_tokenizer"]
     model = tokenizer_identity(cfg.model.depth_vqvae.checkpoint)
-    if shards == model and model != RANDOM_TOKENIZER:
-        return
     if not (is_trained_tokenizer_id(shards) and is_trained_tokenizer_id(model)):
         log.warning("depth codes unchecked: the shards in %s were made by depth tokenizer %s and the model's is %s "
                     "(random weights, or a file without an id: fine for tests, meaningless for a real run)",
                     folder, shards, model)
+        return
+    if shards == model:
         return
     raise ConfigError(
         f"Config error at 'data.shards': the depth codes in {folder} were made by depth tokenizer {shards}, but the "

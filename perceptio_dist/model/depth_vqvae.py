@@ -253,8 +253,6 @@ def load_depth_vqvae(cfg: DepthVQVAEConfig, num_codes: int, grid: int, weights: 
 # training compares it with the model's. Not a hash of the weights: an export re-saves them (another dtype).
 TOKENIZER_ID_KEY = "perceptio_tokenizer_id"
 RANDOM_TOKENIZER = "random"
-
-
 TRAINED_ID_PREFIX = "vqvae-"
 
 

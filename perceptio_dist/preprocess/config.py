@@ -181,8 +181,14 @@ def content_fields(cfg: PreprocessConfig) -> dict:
         return value
 
     fields = strip(asdict(cfg), "")
-    if cfg.depth_vqvae.checkpoint:  # a trained tokenizer: the seed of a random one plays no part
-        fields.pop("vqvae_seed", None)
+    if cfg.depth_vqvae.checkpoint or not cfg.depth_codes:  # the seed of a random tokenizer plays no part
+        fields.pop("vqvae_seed")
+    if not cfg.depth_codes:  # a teacher pass: the maps' size matters, not the tokenizer (retraining it rebuilds nothing)
+        fields.pop("tokens")
+        fields["depth_vqvae"] = {"input_size": cfg.depth_vqvae.input_size}
+    if cfg.from_shards:  # a code pass: samples and shard layout come from the teacher pass (its checksums count)
+        for name in ("sources", "teacher", "shard_size", "max_image_side"):
+            fields.pop(name)
     return fields
 
 
