@@ -414,7 +414,10 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = doc_field("torch.distributed backend; 'auto': nccl on GPUs, gloo on CPU.", "auto")
     zero_init: bool = doc_field("Under ZeRO-3, create the backbone already partitioned (deepspeed.zero.Init), so no rank "
                            "ever holds the full model.", True)
-    timeout_minutes: int = doc_field("Collective timeout: a rank that waits longer fails instead of hanging.", 30)
+    timeout_minutes: float = doc_field(
+        "Collective timeout: a rank that waits longer for its peers (a hung, frozen or cut-off node) fails instead of "
+        "hanging, and the job ends so that it can resume. Fractions are allowed (0.5: 30 s). Set it above the longest "
+        "wait that is not a failure: a checkpoint save or the first step's compilation.", 30.0)
 
 
 @dataclass

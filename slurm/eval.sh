@@ -26,6 +26,7 @@ PERCEPTIO_EVAL_OUT=${PERCEPTIO_EVAL_OUT:-$PERCEPTIO_ROOT/runs/eval-${SLURM_JOB_I
 PERCEPTIO_EVAL_ARGS=${PERCEPTIO_EVAL_ARGS:-}                     # further perceptio-eval arguments
 PERCEPTIO_PROCS_PER_NODE=${PERCEPTIO_PROCS_PER_NODE:-8}         # ranks per node
 PERCEPTIO_RDZV_PORT=${PERCEPTIO_RDZV_PORT:-29501}               # c10d rendezvous port on the first node
+PERCEPTIO_HEAD_ADDR=${PERCEPTIO_HEAD_ADDR:-}                    # the first node's address; empty: its NodeAddr
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TOKENIZERS_PARALLELISM=false
@@ -38,10 +39,13 @@ if ! "$PERCEPTIO_VENV/bin/python" -c "import importlib.util, sys; sys.exit(impor
 fi
 
 head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
+head_addr=${PERCEPTIO_HEAD_ADDR:-$("$PERCEPTIO_ROOT/slurm/node_addr.sh" "$head_node")}
 read -r -a extra_args <<< "$PERCEPTIO_EVAL_ARGS"
 mkdir -p "$PERCEPTIO_EVAL_OUT"
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 --chdir="$PERCEPTIO_ROOT" \
-    "$PERCEPTIO_VENV/bin/python" -m torch.distributed.run \
+# As in train_8b.sh: the rendezvous at the first node's NodeAddr, each node's own address (on_node.sh), and
+# the job's CPUs given to every task explicitly (srun does not inherit --cpus-per-task since SLURM 22.05).
+srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 --chdir="$PERCEPTIO_ROOT" \
+    "$PERCEPTIO_ROOT/slurm/on_node.sh" "$PERCEPTIO_VENV/bin/python" -m torch.distributed.run \
     --nnodes="${SLURM_NNODES:-1}" --nproc-per-node="$PERCEPTIO_PROCS_PER_NODE" \
-    --rdzv-backend=c10d --rdzv-endpoint="$head_node:$PERCEPTIO_RDZV_PORT" --rdzv-id="${SLURM_JOB_ID:-local}" \
+    --rdzv-backend=c10d --rdzv-endpoint="$head_addr:$PERCEPTIO_RDZV_PORT" --rdzv-id="${SLURM_JOB_ID:-local}" \
     -m "$eval_module" --model "$PERCEPTIO_MODEL" --out "$PERCEPTIO_EVAL_OUT" "${extra_args[@]}"

@@ -10,7 +10,8 @@
 #     sbatch --gres=none --nodes=1 --cpus-per-task=2 --mem=8G slurm/train_8b.sh   # tiny run on a CPU node
 #
 # Launch layout: one task per node, each running `perceptio-train --nproc-per-node G`, i.e. torchrun with a
-# c10d rendezvous on the first node. Chosen over one task per GPU because torchrun then owns the local
+# c10d rendezvous hosted on the first node and reached at that node's NodeAddr (slurm/node_addr.sh; or
+# PERCEPTIO_HEAD_ADDR), never through name resolution; slurm/on_node.sh gives each node its own address. Chosen over one task per GPU because torchrun then owns the local
 # ranks (LOCAL_RANK, restarts, a clean process tree to signal) and the script does not depend on the
 # cluster's srun/PMI GPU binding; the cost is one extra process per node.
 #
@@ -41,7 +42,8 @@
 #SBATCH --output=%x-%j.out
 set -uo pipefail
 
-REQUEUE_EXIT_CODE=75  # perceptio_dist.train.signals.REQUEUE_EXIT_CODE
+REQUEUE_EXIT_CODE=75        # perceptio_dist.train.signals.REQUEUE_EXIT_CODE
+PEER_LOST_MARKER=peer_lost.json  # perceptio_dist.train.peer_loss.PEER_LOST_MARKER
 
 # --- configuration (environment) -------------------------------------------------------------------
 PERCEPTIO_ROOT=${PERCEPTIO_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}       # the repository checkout
@@ -51,7 +53,9 @@ PERCEPTIO_RUN_DIR=${PERCEPTIO_RUN_DIR:-$PERCEPTIO_ROOT/runs/${SLURM_JOB_NAME:-pe
 PERCEPTIO_OVERRIDES=${PERCEPTIO_OVERRIDES:-}                        # extra dotted overrides, space separated
 PERCEPTIO_PROCS_PER_NODE=${PERCEPTIO_PROCS_PER_NODE:-8}             # ranks per node (GPUs, or CPU ranks)
 PERCEPTIO_RDZV_PORT=${PERCEPTIO_RDZV_PORT:-29500}                   # c10d rendezvous port on the first node
+PERCEPTIO_HEAD_ADDR=${PERCEPTIO_HEAD_ADDR:-}                        # the first node's address; empty: its NodeAddr
 PERCEPTIO_LOG_DIR=${PERCEPTIO_LOG_DIR:-$PERCEPTIO_RUN_DIR/logs}     # one log per job start (restart)
+PERCEPTIO_MAX_RESTARTS=${PERCEPTIO_MAX_RESTARTS:-10}                # requeues after a lost node, at most
 
 # --- communication and threads --------------------------------------------------------------------
 # One OpenMP thread per rank unless the site says otherwise: the data loader and tokenizer threads
@@ -77,14 +81,18 @@ if [ ! -x "$PERCEPTIO_VENV/bin/perceptio-train" ]; then
 fi
 
 head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
+head_addr=${PERCEPTIO_HEAD_ADDR:-$("$PERCEPTIO_ROOT/slurm/node_addr.sh" "$head_node")}
 nnodes=${SLURM_NNODES:-1}
 read -r -a extra_overrides <<< "$PERCEPTIO_OVERRIDES"
+echo "[train_8b.sh] $nnodes node(s) x $PERCEPTIO_PROCS_PER_NODE rank(s); rendezvous at $head_addr:$PERCEPTIO_RDZV_PORT"
 
-# The step runs one perceptio-train per node; --kill-on-bad-exit stops the others if one node crashes.
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 --chdir="$PERCEPTIO_ROOT" \
-    "$PERCEPTIO_VENV/bin/perceptio-train" \
+# The step runs one perceptio-train per node; --kill-on-bad-exit stops the others if one node crashes (a node that
+# hangs instead is caught by the collective timeout, parallel.timeout_minutes). Since SLURM 22.05 srun does not
+# inherit the job's --cpus-per-task: without it each node's ranks and loader workers would share one core.
+srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 --chdir="$PERCEPTIO_ROOT" \
+    "$PERCEPTIO_ROOT/slurm/on_node.sh" "$PERCEPTIO_VENV/bin/perceptio-train" \
     --nproc-per-node "$PERCEPTIO_PROCS_PER_NODE" --nnodes "$nnodes" \
-    --rdzv-endpoint "$head_node:$PERCEPTIO_RDZV_PORT" --rdzv-id "${SLURM_JOB_ID:-local}" \
+    --rdzv-endpoint "$head_addr:$PERCEPTIO_RDZV_PORT" --rdzv-id "${SLURM_JOB_ID:-local}" \
     --resume auto --recipe "$PERCEPTIO_RECIPE" \
     "logging.output_dir=$PERCEPTIO_RUN_DIR" "${extra_overrides[@]}" &
 step_pid=$!
@@ -111,6 +119,16 @@ if [ "$status" -eq "$REQUEUE_EXIT_CODE" ]; then
         scontrol requeue "$SLURM_JOB_ID"
     fi
     exit 0
+fi
+# A rank saw a peer die or hang (perceptio_dist/train/peer_loss.py): requeue, as after a preemption. A node that
+# died with its slurmd is handled by SLURM itself: once it marks the node down (SlurmdTimeout) it requeues the job.
+if [ "$status" -ne 0 ] && [ -f "$PERCEPTIO_RUN_DIR/$PEER_LOST_MARKER" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    if [ "$restart" -lt "$PERCEPTIO_MAX_RESTARTS" ]; then
+        echo "[train_8b.sh] a node was lost (status $status): requeueing job $SLURM_JOB_ID to resume from the newest complete checkpoint"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    echo "[train_8b.sh] a node was lost and the job already restarted $restart times (PERCEPTIO_MAX_RESTARTS): not requeueing" >&2
 fi
 echo "[train_8b.sh] training ended with status $status at $(date -Is)"
 exit "$status"

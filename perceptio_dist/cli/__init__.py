@@ -59,7 +59,9 @@ def config_error_exit(exc: ConfigError) -> None:
     # Under torchrun every rank fails the same way; one message is enough. A data error is printed where it was
     # found (any rank), once per launch.
     found_here = getattr(exc, "every_rank", False)
-    if _first_to_print(str(exc)) if found_here else os.environ.get("RANK", "0") == "0":
+    # RANK under torchrun; before it (the launcher, one per node under srun) SLURM's task number.
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if _first_to_print(str(exc)) if found_here else rank == "0":
         print(str(exc), file=sys.stderr)
     raise SystemExit(CONFIG_ERROR_EXIT)
 

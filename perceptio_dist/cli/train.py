@@ -49,12 +49,17 @@ def main(argv: list[str] | None = None) -> None:
                f"--nproc_per_node={args.nproc_per_node}", "-m", "perceptio_dist.train",
                "--recipe", args.recipe, *overrides]
         raise SystemExit(launch_ranks(cmd, Path(cfg.logging.output_dir)))
+    from ..train.peer_loss import is_peer_loss, peer_lost_exit
     from ..train.trainer import Trainer
 
     try:
         Trainer(cfg).train()
     except ConfigError as exc:  # errors only visible at run time (paths, rank count, checkpoint)
         config_error_exit(exc)
+    except Exception as exc:  # noqa: BLE001  (re-raised unless a peer is gone)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and is_peer_loss(exc):
+            peer_lost_exit(exc, Path(cfg.logging.output_dir), cfg.parallel.timeout_minutes)
+        raise
 
 
 # The ranks write to the launcher's own stderr (not to torchrun's, which the launcher reads): see launch_ranks.
@@ -75,9 +80,11 @@ def launch_ranks(cmd: list[str], run_dir: Path) -> int:
 
     import psutil
 
+    from ..train.peer_loss import PEER_LOST_EXIT_CODE, PEER_LOST_MARKER
     from ..train.signals import REQUEUE_EXIT_CODE, REQUEUE_MARKER
 
     (run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
+    (run_dir / PEER_LOST_MARKER).unlink(missing_ok=True)
     # torchrun's own stderr comes through a pipe so that its report of a failure can be held back; the ranks
     # reopen this process's stderr (redirect_rank_stderr) and are not delayed or filtered.
     printed = Path(tempfile.mkdtemp(prefix="perceptio_errors_"))  # errors the ranks printed (config_error_exit)
@@ -105,7 +112,11 @@ def launch_ranks(cmd: list[str], run_dir: Path) -> int:
     def forward(signum, _frame):
         # To the ranks (torchrun's direct children): not to torchrun's agent, whose default action on SIGUSR1
         # would kill them unsaved, nor to their data-loader workers.
-        for child in psutil.Process(proc.pid).children():
+        try:
+            children = psutil.Process(proc.pid).children()
+        except psutil.NoSuchProcess:  # torchrun has already ended (the ranks with it)
+            return
+        for child in children:
             try:
                 child.send_signal(signum)
             except psutil.NoSuchProcess:
@@ -119,6 +130,8 @@ def launch_ranks(cmd: list[str], run_dir: Path) -> int:
     if (run_dir / REQUEUE_MARKER).exists():
         return REQUEUE_EXIT_CODE
     text = "".join(report)
+    if code != 0 and (run_dir / PEER_LOST_MARKER).exists():
+        return PEER_LOST_EXIT_CODE  # the ranks said so; torchrun's report of their exit adds nothing
     if code != 0 and _user_error_report(text):
         return CONFIG_ERROR_EXIT  # the rank said what was wrong; torchrun's traceback would only bury it
     sys.stderr.write(text)

@@ -30,7 +30,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistInfo:
+def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join (or create) the default process group; a plain `python` run becomes a 1-rank group."""
     import deepspeed
 

@@ -116,18 +116,27 @@ def _with_codes(ds, cfg: PreprocessConfig):
 def _write_as_rows_arrive(ds, expected: dict[str, int], out: Path, producers: dict[str, dict]) -> None:
     # Every record yields one row (a bad one carries its error), so a shard is complete when its planned count of
     # rows has arrived. Rows stream in roughly input order, so only a few shards are partly buffered at a time.
-    buffered: dict[str, list[dict]] = {}
-    written = 0
+    # A block that Ray ran again (its node was lost after part of its output had arrived) may deliver a record
+    # twice: rows are kept by record key, so a shard never counts one twice nor closes early; a record of a shard
+    # already written is dropped.
+    buffered: dict[str, dict[str, dict]] = {}
+    done: set[str] = set()
+    written = duplicates = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for row in batch_rows(batch):
-            rows = buffered.setdefault(row["shard"], [])
-            rows.append(row)
-            if len(rows) == expected[row["shard"]]:
-                write_shard_rows(buffered.pop(row["shard"]), str(out), producers[row["shard"]])
+            shard, key = row["shard"], json.loads(row["record"])["key"]
+            rows = buffered.setdefault(shard, {}) if shard not in done else None
+            if rows is None or key in rows:
+                duplicates += 1
+                continue
+            rows[key] = row
+            if len(rows) == expected[shard]:
+                write_shard_rows(list(buffered.pop(shard).values()), str(out), producers[shard])
+                done.add(shard)
                 written += 1
     if buffered:
         raise RuntimeError(f"the pipeline lost rows of shards {sorted(buffered)[:5]}: planned counts not reached")
-    log.info("wrote %d shards", written)
+    log.info("wrote %d shards%s", written, f" ({duplicates} records delivered twice, kept once)" if duplicates else "")
 
 
 def _vqvae_arch(cfg: PreprocessConfig) -> dict:
@@ -191,6 +200,7 @@ def write_manifest(cfg: PreprocessConfig, plans, out: Path, elapsed: float, ids:
     from dataclasses import asdict
 
     shards, quarantine = [], []
+    work: dict[str, dict[str, int]] = {}  # per stage: records processed per node (shards written before: none)
     per_task: dict[str, int] = {}
     per_source: dict[str, int] = {}
     chain: dict[str, dict[str, int]] = {}  # per task: samples, with_seg, with_depth (shards that recorded them)
@@ -198,7 +208,10 @@ def write_manifest(cfg: PreprocessConfig, plans, out: Path, elapsed: float, ids:
         stats = json.loads(sidecar_path(out, plan.name).read_text())
         shards.append({"path": f"{plan.name}.tar", "task": plan.task, "num_samples": stats["num_samples"],
                        "sha256": stats["sha256"], "bytes": stats.get("bytes"), "keys": stats["keys"],
-                       "producer": stats.get("producer")})
+                       "producer": stats.get("producer"), "nodes": stats.get("nodes", {})})
+        for stage, per_node in stats.get("nodes", {}).items():
+            for node, n in per_node.items():
+                work.setdefault(stage, {})[node] = work.get(stage, {}).get(node, 0) + n
         per_task[plan.task] = per_task.get(plan.task, 0) + stats["num_samples"]
         if "chain" in stats:  # shards written before the chain was recorded have no counts
             entry = chain.setdefault(plan.task, {"samples": 0, "with_seg": 0, "with_depth": 0})
@@ -221,6 +234,7 @@ def write_manifest(cfg: PreprocessConfig, plans, out: Path, elapsed: float, ids:
         "depth": {"size": cfg.depth_vqvae.input_size, "num_codes": cfg.tokens.num_depth_codes,
                   "grid": cfg.tokens.depth_grid, "codes": cfg.depth_codes},
         "identities": ids,
+        "records_per_node": work,
         "shards": shards,
         "config": asdict(cfg),
         "seconds": round(elapsed, 2),

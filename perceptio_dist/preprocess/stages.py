@@ -181,7 +181,24 @@ def decode_row(row: dict, max_image_side: int = 1024) -> dict:
 def decode_batch(batch: dict, max_image_side: int = 1024) -> dict:
     """``decode_row`` over a Ray Data batch (fewer, larger tasks than one per record)."""
     rows = [decode_row(row, max_image_side) for row in _rows(batch)]
-    return _columns(rows, batch)
+    return _columns(_worked_on(rows, "decode"), batch)
+
+
+# Each stage notes the node it ran on in a "<stage>_node" column: the manifest counts records per node and stage,
+# so a multi-node run shows where its work went. The shards themselves never carry it.
+NODE_COLUMN_SUFFIX = "_node"
+
+
+def _worked_on(rows: list[dict], stage: str) -> list[dict]:
+    try:
+        import ray
+
+        node = ray.util.get_node_ip_address() if ray.is_initialized() else "local"
+    except Exception:  # noqa: BLE001  (bookkeeping only: never fail a record for it)
+        node = "unknown"
+    for row in rows:
+        row[stage + NODE_COLUMN_SUFFIX] = node
+    return rows
 
 
 def _image_array(row: dict) -> np.ndarray:
@@ -236,7 +253,7 @@ class DepthStage:
             except Exception as exc:
                 for row in chunk:
                     row["error"] = f"teacher: {type(exc).__name__}: {exc}"
-        return _columns(rows, batch)
+        return _columns(_worked_on(rows, "teacher"), batch)
 
 
 class CodeStage:
@@ -267,7 +284,7 @@ class CodeStage:
                 codes = self.model.encode(maps).numpy().astype(self.dtype)
             for row, c in zip(todo, codes):
                 row["codes"] = npy_bytes(c)
-        return _columns(rows, batch)
+        return _columns(_worked_on(rows, "codes"), batch)
 
 
 def _rows(batch: dict) -> list[dict]:
@@ -294,6 +311,17 @@ def sample_from_row(row: dict) -> ShardSample:
     info["image_size"] = [image.height, image.width]
     return ShardSample(key=record["key"], image=row["image"], image_ext=row["image_ext"], info=info,
                        mask_png=row["mask"], depth_npy=row["depth"], codes_npy=row.get("codes", b""))  # none in a teacher pass
+
+
+def _records_per_node(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """Per stage, how many of the shard's records each node processed."""
+    out: dict[str, dict[str, int]] = {}
+    for row in rows:
+        for column, node in row.items():
+            if column.endswith(NODE_COLUMN_SUFFIX):
+                per_node = out.setdefault(column[: -len(NODE_COLUMN_SUFFIX)], {})
+                per_node[node] = per_node.get(node, 0) + 1
+    return out
 
 
 def batch_rows(batch: dict) -> list[dict]:
@@ -325,6 +353,7 @@ def write_shard_rows(rows: list[dict], out_dir: str, producer: dict | None = Non
         "plan": plan_hash([json.loads(r["record"])["key"] for r in rows]),
         "keys": [s.key for s in samples], "sources": counts, "quarantined": quarantined, "written": time.time(),
         "producer": producer,
+        "nodes": _records_per_node(rows),
         # what the answers carry (training and evaluation force only the chain a task was trained with)
         "chain": {"with_seg": sum(bool(s.info["with_seg"]) for s in samples),
                   "with_depth": sum(bool(s.info["with_depth"]) for s in samples)},
