@@ -15,6 +15,8 @@ set -euo pipefail
 
 node=${SLURMD_NODENAME:-$(hostname)}
 export PET_LOCAL_ADDR=${PERCEPTIO_NODE_ADDR:-$("$(dirname "$0")/node_addr.sh" "$node")}
-if [ "${SLURM_NODEID:-0}" = 0 ]; then export PET_RDZV_CONF=is_host=true; else export PET_RDZV_CONF=is_host=false; fi
+# Appended to what the job already sets (e.g. PET_RDZV_CONF=join_timeout=1200 exported before sbatch).
+if [ "${SLURM_NODEID:-0}" = 0 ]; then is_host=true; else is_host=false; fi
+export PET_RDZV_CONF="${PET_RDZV_CONF:+$PET_RDZV_CONF,}is_host=$is_host"
 echo "[on_node.sh] node ${SLURM_NODEID:-0} $node ($PET_LOCAL_ADDR): $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) CPUs for this task"
 exec "$@"

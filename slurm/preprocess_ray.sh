@@ -40,6 +40,7 @@ PERCEPTIO_RAY_PORT=${PERCEPTIO_RAY_PORT:-6379}                            # GCS 
 PERCEPTIO_RAY_DASHBOARD_PORT=${PERCEPTIO_RAY_DASHBOARD_PORT:-8265}        # job API port on the head node
 PERCEPTIO_RAY_TMP=${PERCEPTIO_RAY_TMP:-/tmp/ray_${SLURM_JOB_ID:-local}}   # Ray's session folder (node-local, short:
                                                                           # its socket paths must stay < 108 bytes)
+PERCEPTIO_RAY_CLIENT_PORT=${PERCEPTIO_RAY_CLIENT_PORT:-10001}            # Ray client server port on the head node
 PERCEPTIO_RAY_AGENT_PORT=${PERCEPTIO_RAY_AGENT_PORT:-52365}              # dashboard agent port of the first node;
                                                                           # node i uses this + i
 PERCEPTIO_HEAD_ADDR=${PERCEPTIO_HEAD_ADDR:-}                              # the head's address; empty: its NodeAddr
@@ -104,6 +105,7 @@ echo "[preprocess_ray.sh] Ray head on $head_node ($head_addr), ${#nodes[@]} node
 read -r -a node_args <<< "$(ray_node_args 0 "$head_node")"
 srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" --overlap -w "$head_node" \
     "$ray_bin" start --head --block --port="$PERCEPTIO_RAY_PORT" "${node_args[@]}" \
+    --ray-client-server-port="$PERCEPTIO_RAY_CLIENT_PORT" \
     --dashboard-host="$head_addr" --dashboard-port="$PERCEPTIO_RAY_DASHBOARD_PORT" --include-dashboard=true \
     --num-cpus="$cpus" --num-gpus="$gpus" --disable-usage-stats &
 ray_pids+=($!)

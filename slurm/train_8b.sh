@@ -42,7 +42,8 @@
 #SBATCH --output=%x-%j.out
 set -uo pipefail
 
-REQUEUE_EXIT_CODE=75        # perceptio_dist.train.signals.REQUEUE_EXIT_CODE
+REQUEUE_EXIT_CODE=75             # perceptio_dist.train.signals.REQUEUE_EXIT_CODE
+REQUEUE_MARKER=requeue.json      # perceptio_dist.train.signals.REQUEUE_MARKER
 PEER_LOST_MARKER=peer_lost.json  # perceptio_dist.train.peer_loss.PEER_LOST_MARKER
 
 # --- configuration (environment) -------------------------------------------------------------------
@@ -85,6 +86,7 @@ head_addr=${PERCEPTIO_HEAD_ADDR:-$("$PERCEPTIO_ROOT/slurm/node_addr.sh" "$head_n
 nnodes=${SLURM_NNODES:-1}
 read -r -a extra_overrides <<< "$PERCEPTIO_OVERRIDES"
 echo "[train_8b.sh] $nnodes node(s) x $PERCEPTIO_PROCS_PER_NODE rank(s); rendezvous at $head_addr:$PERCEPTIO_RDZV_PORT"
+rm -f "$PERCEPTIO_RUN_DIR/$REQUEUE_MARKER" "$PERCEPTIO_RUN_DIR/$PEER_LOST_MARKER"  # only this start's count
 
 # The step runs one perceptio-train per node; --kill-on-bad-exit stops the others if one node crashes (a node that
 # hangs instead is caught by the collective timeout, parallel.timeout_minutes). Since SLURM 22.05 srun does not
@@ -113,7 +115,9 @@ while true; do
     if ! kill -0 "$step_pid" 2>/dev/null; then break; fi
 done
 
-if [ "$status" -eq "$REQUEUE_EXIT_CODE" ]; then
+# The ranks saved a checkpoint after a stop signal: rank 0 wrote the marker before any rank exited. With several
+# nodes the status may not say so: the first node to report 75 makes srun (--kill-on-bad-exit) end the others.
+if [ "$status" -eq "$REQUEUE_EXIT_CODE" ] || [ -f "$PERCEPTIO_RUN_DIR/$REQUEUE_MARKER" ]; then
     echo "[train_8b.sh] checkpoint saved after a stop signal: requeueing job ${SLURM_JOB_ID:-local}"
     if [ -n "${SLURM_JOB_ID:-}" ]; then
         scontrol requeue "$SLURM_JOB_ID"

@@ -116,8 +116,8 @@ def check(command: str) -> None:
         if program == "./run_demo.sh":
             text, args = help_text("script", "perceptio-demo"), words[1:]
         elif program == "tools/local_slurm.sh":
-            assert words[1] in (ROOT / program).read_text(), command
-            return
+            text, args = (ROOT / program).read_text(), words[1:]
+            assert words[1] in text, command
         else:
             return
     else:

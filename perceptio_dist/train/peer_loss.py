@@ -23,6 +23,7 @@ PEER_LOST_MARKER = "peer_lost.json"  # written in the run folder by every rank t
 # a programming error.
 _PEER_FAILURE = re.compile(
     r"Connection closed by peer|Connection reset by peer|Broken pipe|Timed out waiting \d+ms for (recv|send)"
+    r"|Application timeout caused pair closure"
     r"|Socket Timeout|NCCL communicator was aborted|ncclRemoteError|Watchdog caught collective operation timeout"
     r"|remote process exited or there was a network error"
 )
