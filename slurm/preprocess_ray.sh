@@ -45,6 +45,8 @@ PERCEPTIO_RAY_AGENT_PORT=${PERCEPTIO_RAY_AGENT_PORT:-52365}              # dashb
                                                                           # node i uses this + i
 PERCEPTIO_HEAD_ADDR=${PERCEPTIO_HEAD_ADDR:-}                              # the head's address; empty: its NodeAddr
 PERCEPTIO_GPUS_PER_NODE=${PERCEPTIO_GPUS_PER_NODE:-8}                     # GPUs Ray may give the teacher
+PERCEPTIO_RAY_CPUS_PER_NODE=${PERCEPTIO_RAY_CPUS_PER_NODE:-}              # Ray's logical CPUs per node; empty: the
+                                                                          # task's CPUs (--cpus-per-task)
 PERCEPTIO_WAIT_SECONDS=${PERCEPTIO_WAIT_SECONDS:-300}                     # how long nodes may take to join
 
 ray_bin="$PERCEPTIO_VENV/bin/ray"
@@ -65,7 +67,8 @@ elif [ "${#nodes[@]}" -eq 1 ]; then
 else
     head_addr=$("$PERCEPTIO_ROOT/slurm/node_addr.sh" "$head_node")
 fi
-cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
+task_cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
+cpus=${PERCEPTIO_RAY_CPUS_PER_NODE:-$task_cpus}
 gpus=$PERCEPTIO_GPUS_PER_NODE
 if ! command -v nvidia-smi >/dev/null 2>&1; then gpus=0; fi
 
@@ -103,7 +106,7 @@ ray_node_args() {
 echo "[preprocess_ray.sh] Ray head on $head_node ($head_addr), ${#nodes[@]} node(s), $cpus CPUs and $gpus GPUs each"
 # Every srun names the task's CPUs: since SLURM 22.05 a step does not inherit the job's --cpus-per-task.
 read -r -a node_args <<< "$(ray_node_args 0 "$head_node")"
-srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" --overlap -w "$head_node" \
+srun --nodes=1 --ntasks=1 --cpus-per-task="$task_cpus" --overlap -w "$head_node" \
     "$ray_bin" start --head --block --port="$PERCEPTIO_RAY_PORT" "${node_args[@]}" \
     --ray-client-server-port="$PERCEPTIO_RAY_CLIENT_PORT" \
     --dashboard-host="$head_addr" --dashboard-port="$PERCEPTIO_RAY_DASHBOARD_PORT" --include-dashboard=true \
@@ -123,7 +126,7 @@ done
 # One step per worker node: each joins with its own address, session folder and ports.
 for ((i = 1; i < ${#nodes[@]}; i++)); do
     read -r -a node_args <<< "$(ray_node_args "$i" "${nodes[$i]}")"
-    srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" --overlap -w "${nodes[$i]}" \
+    srun --nodes=1 --ntasks=1 --cpus-per-task="$task_cpus" --overlap -w "${nodes[$i]}" \
         "$ray_bin" start --block --address="$head_addr:$PERCEPTIO_RAY_PORT" "${node_args[@]}" \
         --num-cpus="$cpus" --num-gpus="$gpus" --disable-usage-stats &
     ray_pids+=($!)

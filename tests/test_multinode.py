@@ -333,6 +333,9 @@ def _preprocess(cluster: dict, tmp_path: Path, nodes: int, scenes: Path, out: Pa
         "PERCEPTIO_RECIPE": str(config), "PERCEPTIO_VENV": str(VENV), "PERCEPTIO_ROOT": str(ROOT),
         "PERCEPTIO_RAY_PORT": str(free_port()), "PERCEPTIO_RAY_DASHBOARD_PORT": str(free_port()),
         "PERCEPTIO_RAY_CLIENT_PORT": str(free_port()), "PERCEPTIO_RAY_AGENT_PORT": str(agent),
+        # Ray's logical CPUs: a node holds the whole pipeline (2 decode tasks, 2 teachers and the tokenizer: 3.5),
+        # so a survivor can finish alone.
+        "PERCEPTIO_RAY_CPUS_PER_NODE": "4",
         "PERCEPTIO_RAY_TMP": RAY_FOLDERS[-1],
     })
     return job, log
@@ -366,16 +369,16 @@ def bystander_ray(tmp_path):
     assert raylets
     try:
         yield raylets
-    finally:
-        for process in raylets:  # by pid: `ray stop` would stop every Ray on the machine
-            for child in [*process.children(recursive=True), process]:
-                try:
-                    child.terminate()
-                except psutil.NoSuchProcess:
-                    pass
-        for p in psutil.process_iter(["cmdline"]):
-            if temp in " ".join(p.info["cmdline"] or []):
-                p.terminate()
+    finally:  # by pid: `ray stop` would stop every Ray on the machine
+        processes = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
+        for process in processes:
+            try:
+                process.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(processes, timeout=15)
+        for process in alive:
+            process.kill()
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -175,9 +175,16 @@ stop_pid_file() {
 }
 
 stop() {
-    local file
+    local file pid
     for file in "$DIR"/run/slurmd-*.pid "$DIR"/run/slurmd.pid; do
         stop_pid_file "$file"
+    done
+    # Step daemons outlive a slurmd that is stopped (or killed) under a running job: this cluster's are the ones
+    # started with its SLURM_CONF in their environment.
+    for pid in $(pgrep -x slurmstepd || true); do
+        if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$DIR/slurm.conf"; then
+            kill -9 "$pid" 2>/dev/null || true
+        fi
     done
     stop_pid_file "$DIR/run/slurmctld.pid"
     stop_pid_file "$DIR/run/munged.pid"
