@@ -27,7 +27,7 @@ from perceptio_dist.train.checkpoint import read_marker
 
 from .conftest import NO_TOKENIZER, ROOT, without_launcher_variables
 from .test_checkpoint import losses, step_keys
-from .test_slurm import VENV, _can_install_packages, _job_field, _sbatch, _wait_for_state
+from .test_slurm import VENV, _job_field, _sbatch, _wait_for_state, local_cluster
 
 NODES = {"n1": "127.0.0.2", "n2": "127.0.0.3"}
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
@@ -39,27 +39,17 @@ RAY_FOLDERS: list[str] = []  # the jobs' Ray session folders, removed with the c
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A private two-node cluster, two CPUs per node (a survivor can do the work of both), stopped after the module."""
-    if not shutil.which("slurmctld") and not _can_install_packages():
-        pytest.skip("slurm-wlm is not installed and this user cannot install Debian packages")
+    """A private two-node cluster, two CPUs per node, stopped after the module; it must leave no daemon and no
+    shared memory behind."""
     state = tmp_path_factory.mktemp("slurm2")
-    port = free_port()
-    while port > 65000:
-        port = free_port()
-    env = {**os.environ, "LOCAL_SLURM_PORT": str(port), "LOCAL_SLURM_CPUS_PER_NODE": "2"}
-    start = subprocess.run([str(ROOT / "tools" / "local_slurm.sh"), "start", "--nodes", "2",
-                            "--slurmd-timeout", str(SLURMD_TIMEOUT), str(state)],
-                           env=env, capture_output=True, text=True, timeout=600)
-    assert start.returncode == 0, start.stderr[-3000:]
-    client = {**without_launcher_variables(dict(os.environ)), "SLURM_CONF": str(state / "slurm.conf")}
     shm_before = set(os.listdir("/dev/shm"))
-    try:
-        yield {"env": client, "dir": state}
-    finally:
-        subprocess.run(["scancel", "--full", "--user", os.environ.get("USER", "root")], env=client, capture_output=True)
-        subprocess.run([str(ROOT / "tools" / "local_slurm.sh"), "stop", str(state)], env=env, capture_output=True)
-        for folder in RAY_FOLDERS:
-            shutil.rmtree(folder, ignore_errors=True)
+    with local_cluster(state, "--nodes", "2", "--slurmd-timeout", str(SLURMD_TIMEOUT),
+                       LOCAL_SLURM_CPUS_PER_NODE="2") as client:
+        try:
+            yield {"env": client, "dir": state}
+        finally:
+            for folder in RAY_FOLDERS:
+                shutil.rmtree(folder, ignore_errors=True)
     assert not _daemons(state), "local_slurm.sh stop left daemons running"
     leaked = set(os.listdir("/dev/shm")) - shm_before
     assert not leaked, f"shared memory left behind: {sorted(leaked)}"
@@ -69,14 +59,18 @@ def _daemons(state: Path) -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if str(state / "slurm.conf") in " ".join(p.info["cmdline"] or [])]
 
 
+def _environ(process: psutil.Process) -> dict:
+    try:
+        return process.environ()
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        return {}
+
+
 def _job_processes(job: str, node: str | None = None) -> list[psutil.Process]:
     """The processes of a job's steps (not its batch script), on one node or all, found by their SLURM variables."""
     found = []
     for p in psutil.process_iter():
-        try:
-            env = p.environ()
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
+        env = _environ(p)
         if env.get("SLURM_JOB_ID") == job and env.get("SLURM_STEP_ID", "batch") != "batch" \
                 and (node is None or env.get("SLURMD_NODENAME") == node):
             found.append(p)
@@ -355,31 +349,39 @@ def _shards(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def bystander_ray(tmp_path):
-    """Another user's Ray on the same machine, which the job's clean-up must leave alone."""
-    env = {**without_launcher_variables(dict(os.environ)), "RAY_USAGE_STATS_ENABLED": "0"}
-    ray = str(VENV / "bin" / "ray")
+    """Another user's Ray on the same machine, which the job's clean-up must leave alone. Started as the script
+    starts its nodes (`ray start --block`) and stopped the same way: SIGTERM to that command."""
     temp = tempfile.mkdtemp(prefix="rayb", dir="/tmp")
-    start = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-                            "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
-                            f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=1", f"--temp-dir={temp}",
-                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stderr[-3000:]
-    raylets = [p for p in psutil.process_iter(["cmdline"]) if "raylet" in " ".join(p.info["cmdline"] or [])
-               and temp in " ".join(p.info["cmdline"] or [])]
-    assert raylets
-    try:
-        yield raylets
-    finally:  # by pid: `ray stop` would stop every Ray on the machine
-        processes = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
-        for process in processes:
+    # Every process of this Ray inherits the variable: how the checks find them all (some rename themselves).
+    env = {**without_launcher_variables(dict(os.environ)), "RAY_USAGE_STATS_ENABLED": "0", "BYSTANDER_RAY": temp}
+    head = subprocess.Popen(
+        [str(VENV / "bin" / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+         "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def processes(name: str = "") -> list[psutil.Process]:
+        found = []
+        for process in psutil.process_iter():
             try:
-                process.terminate()
-            except psutil.NoSuchProcess:
+                if _environ(process).get("BYSTANDER_RAY") == temp and process.status() != psutil.STATUS_ZOMBIE \
+                        and name in " ".join(process.cmdline()):
+                    found.append(process)
+            except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(processes, timeout=15)
-        for process in alive:
-            process.kill()
-        shutil.rmtree(temp, ignore_errors=True)
+        return found
+
+    try:
+        raylets = _wait_until(lambda: processes("raylet"), 120, "the bystander Ray did not start")
+        yield raylets
+    finally:
+        head.terminate()
+        try:
+            head.wait(60)
+        finally:
+            head.kill()
+            shutil.rmtree(temp, ignore_errors=True)
+    _wait_until(lambda: not processes(), 60, "the bystander Ray's processes outlived its `ray start --block`")
 
 
 @pytest.mark.slow

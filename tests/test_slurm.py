@@ -8,6 +8,7 @@ under `bash -n` and shellcheck.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -33,18 +34,17 @@ def _can_install_packages() -> bool:
     return os.geteuid() == 0 or shutil.which("sudo") is not None
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """A private one-node cluster (its own munge key, ports and state folder), stopped after the module."""
+@contextlib.contextmanager
+def local_cluster(state: Path, *options: str, **variables: str):
+    """A private cluster of tools/local_slurm.sh (its own munge key, ports and state folder) for the block: yields
+    the environment its client commands need; cancels every job and stops every daemon afterwards."""
     if not shutil.which("slurmctld") and not _can_install_packages():
         pytest.skip("slurm-wlm is not installed and this user cannot install Debian packages")
-    state = tmp_path_factory.mktemp("slurm")
     port = free_port()
-    while port > 65000:
+    while port > 65000:  # slurmd ports follow slurmctld's
         port = free_port()
-    # Started from the shell cluster users have (torchrun exports it too): the node must still get every CPU.
-    env = {**os.environ, "LOCAL_SLURM_PORT": str(port), "OMP_NUM_THREADS": "1"}
-    start = subprocess.run([str(ROOT / "tools" / "local_slurm.sh"), "start", str(state)], env=env,
+    env = {**os.environ, "LOCAL_SLURM_PORT": str(port), **variables}
+    start = subprocess.run([str(ROOT / "tools" / "local_slurm.sh"), "start", *options, str(state)], env=env,
                            capture_output=True, text=True, timeout=600)
     assert start.returncode == 0, start.stderr[-3000:]
     client_env = {**without_launcher_variables(dict(os.environ)), "SLURM_CONF": str(state / "slurm.conf")}
@@ -54,6 +54,14 @@ def slurm(tmp_path_factory):
         subprocess.run(["scancel", "--full", "--user", os.environ.get("USER", "root")], env=client_env,
                        capture_output=True)
         subprocess.run([str(ROOT / "tools" / "local_slurm.sh"), "stop", str(state)], env=env, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A one-node cluster, stopped after the module. Started from the shell cluster users have (torchrun exports
+    OMP_NUM_THREADS=1 too): the node must still get every CPU."""
+    with local_cluster(tmp_path_factory.mktemp("slurm"), OMP_NUM_THREADS="1") as client_env:
+        yield client_env
 
 
 def _sbatch(env: dict, script: str, options: list[str], job_env: dict) -> str:
