@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         config_error_exit(exc)
     except Exception as exc:  # noqa: BLE001  (re-raised unless a peer is gone)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and is_peer_loss(exc):
-            peer_lost_exit(exc, Path(cfg.logging.output_dir), cfg.parallel.timeout_minutes)
+            run_dir = Path(cfg.logging.output_dir)
+            peer_lost_exit(exc, run_dir, Path(cfg.checkpoint.dir or run_dir / "checkpoints"), cfg.parallel.timeout_minutes)
         raise
 
 

@@ -43,14 +43,14 @@ def is_peer_loss(exc: BaseException) -> bool:
     return False
 
 
-def peer_lost_exit(exc: BaseException, run_dir: Path, timeout_minutes: float) -> None:
+def peer_lost_exit(exc: BaseException, run_dir: Path, checkpoints: Path, timeout_minutes: float) -> None:
     """Print what happened and what comes next, note it in the run folder, exit with PEER_LOST_EXIT_CODE."""
     rank = os.environ.get("RANK", "0")
     node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     print(f"rank {rank} on {node}: a peer rank stopped answering, so this rank stops too. Another node died, hung "
           f"or lost its network (waited at most parallel.timeout_minutes={timeout_minutes:g} for it). The newest "
-          f"complete checkpoint in {run_dir / 'checkpoints'} is intact; slurm/train_8b.sh requeues the job, and any "
+          f"complete checkpoint in {checkpoints} is intact; slurm/train_8b.sh requeues the job, and any "
           f"`--resume auto` launch continues from it. ({first_line[:300]})", file=sys.stderr, flush=True)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
