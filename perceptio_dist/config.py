@@ -377,6 +377,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = doc_field("Parameter/activation precision (bf16 keeps fp32 master weights).", "bf16")
     activation_checkpointing: bool = doc_field("Recompute LLM and vision layers in backward to save activation memory.", False)
     seed: int = doc_field("Seed of parameter initialisation and of any training-time randomness.", 42)
+    deterministic: bool = doc_field(
+        "Deterministic kernels only (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG): on GPUs the losses "
+        "after a resume then equal an uninterrupted run's bit for bit. Off, they agree to float round-off (atomics in "
+        "some CUDA kernels reorder sums). Slower; a kernel with no deterministic version fails.", False)
     max_nonfinite_in_a_row: int = doc_field(
         "A micro-batch whose loss is not finite on any rank is skipped by every rank (no backward) and counted; "
         "after this many in a row the run saves a diagnostic checkpoint and stops with exit status 3.", 3)

@@ -67,6 +67,11 @@ export TOKENIZERS_PARALLELISM=false
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 # InfiniBand/RoCE is found automatically; set NCCL_SOCKET_IFNAME / NCCL_IB_HCA where the site requires.
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# Triton compiles its kernels into ~/.triton by default: on a shared home, 32 ranks compiling at once can fail.
+# A node-local folder per job (the path is the same on every node, the folder is each node's own).
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/triton-$(id -un)-${SLURM_JOB_ID:-local}}
+# Fewer out-of-memory failures from fragmentation as sequence lengths vary from step to step.
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # wandb: offline unless the job has a key (sync later with `wandb sync RUN_DIR/wandb`).
 if [ -z "${WANDB_API_KEY:-}" ]; then export WANDB_MODE=${WANDB_MODE:-offline}; fi
 

@@ -169,3 +169,13 @@ def test_fused_forward_holds_one_chunk_of_logits(monkeypatch):
     fused_lm_head_terms(hidden, weight, layout, TERM_WEIGHTS["all"], IDS.code_start, IDS.num_codes, chunk_size=8)
     logit_shapes = [s for s in sizes if s[-1] == V]
     assert logit_shapes and max(s[0] for s in logit_shapes) <= 8 + 4  # a chunk may grow to finish a block span
+
+
+def test_a_chunk_of_2_to_the_31_logits_is_refused_with_the_largest_that_fits():
+    """rows x vocabulary fp32 logits per chunk must stay below 2^31: 2147483647 // 152000 = 14128 rows."""
+    from perceptio_dist.config import ConfigError
+    from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
+
+    with pytest.raises(ConfigError, match=r"objective\.chunk_size.*Use at most 14128 "):
+        LMHeadTermsModule("fused_torch", 14129, vocab_size=152_000)
+    LMHeadTermsModule("fused_torch", 14128, vocab_size=152_000)  # the largest that fits

@@ -32,3 +32,17 @@ def test_gpu_check_refuses_cuda_without_a_gpu():
     proc = subprocess.run([sys.executable, str(ROOT / "tools/gpu_check.py")], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--device cpu" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_failing_check_becomes_one_row_and_the_others_still_run():
+    from .conftest import tools_module
+
+    gpu_check = tools_module("gpu_check")
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access\nwas encountered")
+
+    rows = [*gpu_check.isolated("attention", broken), *gpu_check.isolated("proxy", lambda: [{"check": "p", "result": "ok"}])]
+    assert rows == [{"check": "attention", "result": "FAILED: RuntimeError: CUDA error: an illegal memory access was "
+                                                       "encountered"},
+                    {"check": "p", "result": "ok"}]

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -86,23 +87,36 @@ def child(args) -> dict:
             token = (torch.logsumexp(out.code_logits, -1)).mean()  # the code logits feed the token term
             return out.total + token
 
+    def once():
+        hidden.grad = weight.grad = None
+        loss = run()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    for _ in range(args.warmup):  # Triton compiles its kernels on the first call: not part of the timing
+        once()
+    hidden.grad = weight.grad = None
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
         base = _rss_mb()
-    start = time.perf_counter()
-    loss = run()
-    loss.backward()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        loss = once()
+        times.append(time.perf_counter() - start)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    seconds = time.perf_counter() - start
+    seconds = statistics.median(times)
     grads = (hidden.grad.numel() * hidden.grad.element_size() + weight.grad.numel() * weight.grad.element_size()) / 2**20
-    return {"impl": args.impl, "seconds": round(seconds, 2), "peak_above_inputs_mb": round(peak - base, 1),
+    return {"impl": args.impl, "seconds": round(seconds, 4), "repeats": args.repeats,
+            "seconds_each": [round(t, 4) for t in times], "peak_above_inputs_mb": round(peak - base, 1),
             "loss_path_mb": round(peak - base - grads, 1), "input_grads_mb": round(grads, 1),
             "loss": float(loss.detach())}
 
@@ -113,11 +127,18 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=151_936, help="base vocabulary, before the 131 spatial tokens")
     parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed runs first (Triton compiles on the first); default 1 on cuda, 0 on cpu")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs, the median reported; default 5 on cuda, 1 on cpu (a CPU run takes minutes)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--impls", nargs="+", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    on_gpu = args.device.startswith("cuda")
+    args.warmup = (1 if on_gpu else 0) if args.warmup is None else args.warmup
+    args.repeats = (5 if on_gpu else 1) if args.repeats is None else max(1, args.repeats)
     if args.child:
         args.impl = args.child
         print(json.dumps(child(args)))
@@ -133,7 +154,8 @@ def main() -> None:
     results = {}
     for impl in impls:
         cmd = [sys.executable, __file__, "--child", impl, "--tokens", str(args.tokens), "--hidden", str(args.hidden),
-               "--vocab", str(args.vocab), "--chunk", str(args.chunk), "--dtype", args.dtype, "--device", args.device]
+               "--vocab", str(args.vocab), "--chunk", str(args.chunk), "--dtype", args.dtype, "--device", args.device,
+               "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"

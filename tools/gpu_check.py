@@ -159,7 +159,7 @@ def check_proxy(device, steps: int) -> list[dict]:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     seed_everything(cfg.train.seed)
     with partitioned_construction(ds_config, enabled=cfg.parallel.zero_stage == 3 and cfg.parallel.zero_init):
-        module = training_module(cfg, tokenizer, dtype)
+        module = training_module(cfg, tokenizer, dtype, device)
     model = module.model
     if cfg.parallel.zero_stage == 3:
         register_external_parameters(module.external_parameters())
@@ -220,8 +220,9 @@ def check_proxy(device, steps: int) -> list[dict]:
     ]
 
 
-def training_module(cfg, tokenizer, dtype):
-    """The proxy as the trainer builds it: the model (activation checkpointing as configured), objective, LM head."""
+def training_module(cfg, tokenizer, dtype, device):
+    """The proxy as the trainer builds it: the model (activation checkpointing as configured), objective, and the
+    LM-head back end the trainer picks for ``device`` (Triton on a GPU)."""
     from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
     from perceptio_dist.losses.objective import PerceptioObjective
     from perceptio_dist.model.perceptio import build_perceptio
@@ -231,7 +232,8 @@ def training_module(cfg, tokenizer, dtype):
     if cfg.train.activation_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
-                                   LMHeadTermsModule(cfg.objective.implementation))
+                                   LMHeadTermsModule(cfg.objective.implementation, cfg.objective.chunk_size, device,
+                                                     vocab_size=len(tokenizer)))
 
 
 def proxy_batch(sample, tokenizer, device, dtype):
@@ -254,7 +256,7 @@ def plain_loop_step_s(cfg, tokenizer, samples, device, dtype, initial: dict) -> 
     from perceptio_dist.train.optim import build_optimizer
     from perceptio_dist.train.trainer import seed_everything
 
-    module = training_module(cfg, tokenizer, dtype).to(device)
+    module = training_module(cfg, tokenizer, dtype, device).to(device)
     module.load_state_dict(initial)
     optimizer, scheduler = build_optimizer(module, cfg.train)
     times, first_loss = [], None
@@ -286,9 +288,9 @@ def main() -> None:
     device = torch.device(args.device)
     steps = args.steps or (2 if args.device == "cpu" else 5)
     started = time.perf_counter()
-    rows = check_fused_loss(cpu=args.device == "cpu")
-    rows.append(check_attention(device))
-    rows += check_proxy(device, steps)
+    rows = isolated("fused LM-head loss", lambda: check_fused_loss(cpu=args.device == "cpu"))
+    rows += isolated("attention", lambda: [check_attention(device)])
+    rows += isolated("8B-width proxy", lambda: check_proxy(device, steps))
     title = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU dry run (tiny shapes)"
     print(f"\n{title}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
           f"{time.perf_counter() - started:.0f} s\n")
@@ -296,6 +298,20 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['check']} | {r.get('figure', '')} | {r.get('goal', '')} | {r.get('result', '')} |")
+    if any(str(r.get("result", "")).startswith("FAILED") for r in rows):
+        raise SystemExit(1)
+
+
+def isolated(name: str, check) -> list[dict]:
+    """The rows of ``check``, or one row with its error: a failing check never costs the table its other rows."""
+    import traceback
+
+    try:
+        return check()
+    except Exception as exc:  # noqa: BLE001  (reported in the table, and the exit status says so)
+        traceback.print_exc()
+        message = " ".join(str(exc).split())[:300]
+        return [{"check": name, "result": f"FAILED: {type(exc).__name__}: {message}"}]
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ BLOCK_V = 1024
 def _row_stats_kernel(logits_ptr, targets_ptr, lse_ptr, target_ptr, code_lse_ptr, stride, vocab, code_start,
                       num_codes, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0)
-    base = logits_ptr + row * stride
+    # 64-bit: row * stride passes 2^31 once a chunk holds that many logits (e.g. 14k rows of a 152k vocabulary).
+    base = logits_ptr + row.to(tl.int64) * stride
     running_max = -float("inf")
     running_sum = 0.0
     for start in range(0, vocab, BLOCK):
@@ -46,7 +47,8 @@ def _row_stats_kernel(logits_ptr, targets_ptr, lse_ptr, target_ptr, code_lse_ptr
 def _row_grad_kernel(logits_ptr, targets_ptr, lse_ptr, code_lse_ptr, a_ptr, b_ptr, c_ptr, stride, vocab,
                      code_start, num_codes, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    base = logits_ptr + row * stride
+    # 64-bit: row * stride passes 2^31 once a chunk holds that many logits (e.g. 14k rows of a 152k vocabulary).
+    base = logits_ptr + row.to(tl.int64) * stride
     lse = tl.load(lse_ptr + row)
     code_lse = tl.load(code_lse_ptr + row)
     a = tl.load(a_ptr + row)

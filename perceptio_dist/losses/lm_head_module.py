@@ -21,11 +21,31 @@ log = logging.getLogger(__name__)
 
 
 class LMHeadTermsModule(nn.Module):
-    def __init__(self, implementation: str = "auto", chunk_size: int = 1024, device: torch.device | None = None):
+    def __init__(self, implementation: str = "auto", chunk_size: int = 1024, device: torch.device | None = None,
+                 vocab_size: int | None = None):
         super().__init__()
+        if vocab_size is not None:
+            check_chunk_size(chunk_size, vocab_size)
         self.implementation = resolve_implementation(implementation, device or torch.device("cpu"))
         self._fn = lm_head_terms_fn(self.implementation, chunk_size)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, layout: TargetLayout, weights: LMHeadWeights,
                 code_start: int, num_codes: int) -> LMHeadTerms:
         return self._fn(hidden, weight, layout, weights, code_start, num_codes)
+
+
+# A chunk's fp32 logits must stay below 2^31 values: 32-bit indexing (torch kernels, Triton's default) ends there,
+# and such a chunk is already 8 GiB, more than the fused loss exists to save.
+MAX_CHUNK_LOGITS = 2**31 - 1
+
+
+def check_chunk_size(chunk_size: int, vocab_size: int) -> None:
+    """Refuse a chunk whose rows x vocabulary logits would reach 2^31 values."""
+    if chunk_size * vocab_size > MAX_CHUNK_LOGITS:
+        from ..config import ConfigError
+
+        largest = MAX_CHUNK_LOGITS // vocab_size
+        raise ConfigError(
+            f"Config error at 'objective.chunk_size': {chunk_size} rows x a vocabulary of {vocab_size:,} is "
+            f"{chunk_size * vocab_size:,} fp32 logits per chunk ({chunk_size * vocab_size * 4 / 2**30:.1f} GiB), at "
+            f"or past 2^31 values. Use at most {largest} (1024 to 4096 is usual).")

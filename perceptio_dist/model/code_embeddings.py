@@ -37,5 +37,7 @@ def order_code_rows(embeddings: nn.Embedding, lm_head: nn.Linear, vqvae: DepthVQ
             u = torch.randn(weight.shape[1], generator=generator)
             u = u / u.norm()
             scale = weight[rows].float().norm(dim=1).mean()
-            weight[rows] += (scale * z[:, None] * u[None]).to(weight.dtype)
+            # The rows live where the backbone was built (a GPU under ZeRO-3's partitioned build); z and u on the CPU.
+            shift = scale * z.to(weight.device)[:, None] * u.to(weight.device)[None]
+            weight[rows] += shift.to(weight.dtype)
     return z

@@ -104,8 +104,13 @@ class ParallelStrategy:
         """DeepSpeed's engine around ``module``; returns (engine, scheduler)."""
         import deepspeed
 
+        from .placement import check_placement, place_unmanaged
+
+        # DeepSpeed does not move the buffers of a ZeRO-3 model built with zero.Init (placement.py says why).
+        place_unmanaged(module, self.dist.device)
         self.engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_config)
+        check_placement(self.engine.module, self.dist.device)
         return self.engine, scheduler
 
     # ------------------------------------------------------------------------------------------ steps

@@ -53,13 +53,18 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict:
+    """Every generator a step draws from: Python, NumPy, torch's CPU one and, on a GPU, the rank's CUDA one (mask
+    point sampling, dropout and drop-path on the device draw from it)."""
     state = random.getstate()
     np_state = np.random.get_state()
-    return {
+    out = {
         "python": [state[0], list(state[1]), state[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()  # the current device's: each rank saves its own
+    return out
 
 
 def set_rng_state(state: dict) -> None:
@@ -68,6 +73,12 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"])
+        else:
+            log.warning("the checkpoint holds no CUDA random state (saved on CPUs, or by an older version): "
+                        "random draws on the GPU differ from the interrupted run's from here on")
 
 
 @dataclass

@@ -18,7 +18,21 @@ from dataclasses import dataclass
 import torch
 
 # Dense bf16 peak TFLOP/s (no sparsity) by device-name fragment.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
+# Dense bf16 tensor-core peaks (fp16 for the V100) from NVIDIA's datasheets, matched on torch's device name, first
+# match wins: the variants of one chip differ by clocks and power (an H100 PCIe card peaks 24 % below an SXM one).
+GPU_PEAK_TFLOPS = [
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
+    ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),  # SXM: "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0), ("V100", 125.0),
+]
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    """The table's peak for a device called ``name`` (torch.cuda.get_device_name), or None."""
+    for fragment, peak in GPU_PEAK_TFLOPS:
+        if fragment in name:
+            return peak
+    return None
 
 
 @dataclass(frozen=True)
@@ -74,10 +88,10 @@ def device_peak_tflops(device: torch.device, configured: float | None) -> tuple[
         return configured, "config"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for fragment, peak in GPU_PEAK_TFLOPS.items():
-            if fragment in name:
-                return peak, f"table ({name})"
-        return float("nan"), f"unknown GPU {name}"
+        peak = gpu_peak_tflops(name)
+        if peak is not None:
+            return peak, f"table ({name})"
+        return float("nan"), f"unknown GPU {name}: set logging.peak_tflops_per_device"
     return measure_cpu_tflops(), "measured fp32 matmul"
 
 

@@ -101,6 +101,13 @@ class NonfiniteCounter:
             raise TrainingStopped(NONFINITE_EXIT_CODE)
 
 
+def use_deterministic_kernels() -> None:
+    """torch's deterministic mode, set before CUDA starts: cuBLAS reads its workspace setting when it creates its
+    first handle, and without it deterministic mode refuses cuBLAS matmuls."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 class Trainer:
     """``Trainer(cfg).train()``."""
 
@@ -108,6 +115,8 @@ class Trainer:
         self.cfg = cfg
         # Paths and batch arithmetic first: a config mistake fails in a second, before any process group.
         validate_runtime(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        if cfg.train.deterministic:
+            use_deterministic_kernels()
         self.dist: DistInfo = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
         configure_logging(self.dist.rank)
         self.stop = StopRequest()
@@ -142,7 +151,8 @@ class Trainer:
         token_ids = model.token_ids
 
         objective = PerceptioObjective(cfg.objective, token_ids)
-        lm_head_terms = LMHeadTermsModule(cfg.objective.implementation, cfg.objective.chunk_size, self.dist.device)
+        lm_head_terms = LMHeadTermsModule(cfg.objective.implementation, cfg.objective.chunk_size, self.dist.device,
+                                          vocab_size=len(self.tokenizer))
         self.lm_head_implementation = lm_head_terms.implementation
         module = self.strategy.wrap(model, objective, lm_head_terms)
         del model  # a pipeline stage keeps only its own layers
