@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,3 +108,54 @@ def test_each_gpu_variant_gets_its_own_datasheet_peak(name, peak):
     from perceptio_dist.train.flops import gpu_peak_tflops
 
     assert gpu_peak_tflops(name) == peak
+
+
+def _verify_on_rank(rank: int, world: int, port: int, folder: str, results) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    import perceptio_dist.train.checkpoint as checkpoint
+    from perceptio_dist.parallel.distributed import DistInfo
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    hashed = []
+    real = checkpoint.file_sha256
+    checkpoint.file_sha256 = lambda path: hashed.append(path.name) or real(path)
+    manager = checkpoint.CheckpointManager(Path(folder).parent, DistInfo(rank, world, 0, torch.device("cpu")))
+    verdict = manager.verify(Path(folder))
+    results.put((rank, verdict, hashed))
+    dist.destroy_process_group()
+
+
+def test_checkpoint_files_are_hashed_once_over_the_ranks_present_and_all_agree(tmp_path):
+    """A checkpoint written by 2 ranks, checked by 3: each file hashed by one rank, the same verdict on all."""
+    import json
+    import multiprocessing as mp
+
+    from perceptio_dist.data.shards import file_sha256
+    from perceptio_dist.parallel.distributed import free_port
+
+    folder = tmp_path / "checkpoints" / "global_step00000004"
+    folder.mkdir(parents=True)
+    for i in range(7):
+        (folder / f"part{i}.pt").write_bytes(bytes([i]) * (100 + i))
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in folder.iterdir()}
+    (folder / "COMPLETE.json").write_text(json.dumps({"step": 4, "world_size": 2, "files": files}))
+    (folder / "part5.pt").write_bytes(bytes([9]) * 105)  # same size, other bytes: only a checksum can tell
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=_verify_on_rank, args=(r, 3, port, str(folder), results)) for r in range(3)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    verdicts = {verdict for _, verdict, _ in got}
+    assert verdicts == {"part5.pt does not match its checksum"}
+    hashed = sorted(name for _, _, names in got for name in names)
+    assert hashed == sorted(files)  # every file once, none twice
+    assert all(len(names) in (2, 3) for _, _, names in got)  # 7 files over 3 ranks

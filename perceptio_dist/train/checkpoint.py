@@ -146,15 +146,15 @@ class CheckpointManager:
                 whole.update({k: v.detach().cpu() for k, v in engine.module.state_dict().items()
                               if k in buffers})  # persistent buffers (replicated)
                 save_file({k: v.contiguous() for k, v in whole.items()}, str(tmp / CONSOLIDATED_FILE))
+        if self.dist.is_main and config_yaml:  # the resolved config, readable without DeepSpeed (export, inspection)
+            (tmp / CONFIG_FILE).write_text(config_yaml)
         barrier()  # every rank's files are on disk
         final = self.folder / tag
+        rels = [str(path.relative_to(tmp)) for path in sorted(p for p in tmp.rglob("*") if p.is_file())]
+        # Each rank hashes its share of the files (about 114 GB at 8B: rank 0 alone would keep every rank waiting).
+        sums = self._shared_out(rels, lambda rel: file_sha256(tmp / rel)) if self.verify_checksums else {}
         if self.dist.is_main:
-            if config_yaml:  # the resolved config, readable without DeepSpeed (export, inspection)
-                (tmp / CONFIG_FILE).write_text(config_yaml)
-            files = {}
-            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                rel = str(path.relative_to(tmp))
-                files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path) if self.verify_checksums else None}
+            files = {rel: {"size": (tmp / rel).stat().st_size, "sha256": sums.get(rel)} for rel in rels}
             marker = {"step": step, "reason": reason, "world_size": self.dist.world_size, "time": time.time(),
                       "files": files}
             (tmp / MARKER).write_text(json.dumps(marker, indent=1))
@@ -186,7 +186,8 @@ class CheckpointManager:
         return sorted(found, key=lambda x: -x[1])
 
     def verify(self, path: Path) -> Optional[str]:
-        """None if every file matches the marker, else what is wrong."""
+        """None if every file matches the marker, else what is wrong. Every rank gets the same verdict: sizes are
+        checked by each, checksums split over the ranks present now (their count may differ from the save's)."""
         marker = path / MARKER
         if not marker.exists():
             return "no COMPLETE.json (the save did not finish)"
@@ -200,9 +201,27 @@ class CheckpointManager:
                 return f"{rel} is missing"
             if f.stat().st_size != info["size"]:
                 return f"{rel} has {f.stat().st_size} bytes, {info['size']} were written"
-            if self.verify_checksums and info.get("sha256") and file_sha256(f) != info["sha256"]:
+        if not self.verify_checksums:
+            return None
+        to_check = [rel for rel, info in files.items() if info.get("sha256")]
+        sums = self._shared_out(to_check, lambda rel: file_sha256(path / rel))
+        for rel in to_check:
+            if sums[rel] != files[rel]["sha256"]:
                 return f"{rel} does not match its checksum"
         return None
+
+    def _shared_out(self, items: list[str], work) -> dict:
+        """{item: work(item)} for every item, each computed by one rank (item i by rank i mod world size) and
+        gathered on all: every rank ends with the same answers."""
+        import torch.distributed as dist
+
+        rank, world = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
+        mine = {item: work(item) for i, item in enumerate(items) if i % world == rank}
+        if world == 1 or not dist.is_initialized():
+            return mine
+        parts: list = [None] * world
+        dist.all_gather_object(parts, mine)
+        return {k: v for part in parts for k, v in part.items()}
 
     def explicit(self, path: str | Path) -> Resumable:
         """A checkpoint named by the user (``checkpoint.resume=PATH``): verified, and its folder becomes the one saved to."""
