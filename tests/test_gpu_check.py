@@ -46,3 +46,17 @@ def test_a_failing_check_becomes_one_row_and_the_others_still_run():
     assert rows == [{"check": "attention", "result": "FAILED: RuntimeError: CUDA error: an illegal memory access was "
                                                        "encountered"},
                     {"check": "p", "result": "ok"}]
+
+
+def test_the_gpu_checks_wheels_are_pinned_and_bring_their_own_dependencies():
+    """tools/gpu_check_requirements.txt (generated from what the dry run imports) is installed with --no-deps: every
+    wheel at constraints.txt's version, and every dependency they declare in the list or in the CUDA image."""
+    from .conftest import tools_module
+
+    gen = tools_module("gen_gpu_requirements")
+    listed = dict(line.split("==", 1) for line in gen.OUT.read_text().splitlines() if line and not line.startswith("#"))
+    pins = gen.pinned()
+    assert {name: pins.get(name) for name in listed} == listed
+    missing = {n for n in gen.closure(set(listed)) if not gen.IMAGE.match(n)} - set(listed) - gen.OPTIONAL
+    assert not missing, missing
+    assert {"deepspeed", "transformers", "sam2", "safetensors"} <= set(listed)

@@ -21,10 +21,13 @@ Rows:
    AdamW, no DeepSpeed, no fp32 master copy: a lower bound on a hand-written loop's cost); step time and the
    ZeRO-3 run's ratio over it. Goal: <= 1.10x. Both loops' first losses are printed: they must agree.
 
-Wheels beyond a stock CUDA PyTorch image (pip install --no-deps where they would pull another torch): deepspeed,
-transformers, accelerate, safetensors, tokenizers, peft, sam2 (SAM2_BUILD_CUDA=0), hydra-core, omegaconf, iopath,
-webdataset, pyyaml, tqdm, this package (pip install --no-deps -e .), and triton (ships with CUDA torch); optional:
-flash-attn, liger-kernel, cut-cross-entropy.
+Wheels beyond a stock CUDA PyTorch image (its torch and triton are used as they are), measured from what the dry
+run imports by tools/gen_gpu_requirements.py:
+
+    pip install --no-deps -r tools/gpu_check_requirements.txt && pip install --no-deps -e .
+
+Optional rows: flash-attn, liger-kernel, cut-cross-entropy, where their wheels are installed. Each row is isolated:
+a failing one prints its error in the table, the others still run, and the exit status is 1.
 """
 
 from __future__ import annotations
