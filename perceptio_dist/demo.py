@@ -121,13 +121,16 @@ class Demo:
               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
               "--include-dashboard=true", "--disable-usage-stats"], self.logs / "ray_start.log", env)
         try:
-            for _ in range(20):  # the job server refuses jobs until its agent has registered
+            # The job server refuses jobs until the head's dashboard agent has registered: seconds on an idle
+            # machine, more than a minute on a loaded one.
+            deadline = time.time() + 300
+            while True:
                 log = self.logs / "preprocess.log"
                 proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
                                        "--", *job], cwd=ROOT, env=env, capture_output=True,
                                       text=True, stdin=subprocess.DEVNULL)
                 log.write_text(proc.stdout + proc.stderr)
-                if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr:
+                if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
                     break
                 time.sleep(3)
             if proc.returncode != 0:

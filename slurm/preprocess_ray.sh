@@ -148,16 +148,21 @@ echo "[preprocess_ray.sh] all ${#nodes[@]} node(s) joined; submitting the prepro
 
 read -r -a extra_overrides <<< "$PERCEPTIO_OVERRIDES"
 cd "$PERCEPTIO_ROOT" || exit 2
-# The job server answers "No available agent" until the head's dashboard agent has registered, a few
-# seconds after the node joined: retry that refusal only (the job itself is idempotent anyway).
+# The job server answers "No available agent" until the head's dashboard agent has registered, seconds after the
+# node joined (more on a loaded node): retry that refusal only, until PERCEPTIO_WAIT_SECONDS have passed.
 mkdir -p "$PERCEPTIO_RAY_TMP"
 submit_log="$PERCEPTIO_RAY_TMP/submit.log"
-for attempt in 1 2 3 4 5 6 7 8 9 10; do
+submit_deadline=$((SECONDS + PERCEPTIO_WAIT_SECONDS))
+attempt=0
+while true; do
+    attempt=$((attempt + 1))
     "$ray_bin" job submit --address "http://$head_addr:$PERCEPTIO_RAY_DASHBOARD_PORT" \
         -- env --chdir="$PERCEPTIO_ROOT" "$PERCEPTIO_VENV/bin/perceptio-preprocess" --recipe "$PERCEPTIO_RECIPE" "${extra_overrides[@]}" \
         < /dev/null 2>&1 | tee "$submit_log"
     status=${PIPESTATUS[0]}
-    if [ "$status" -eq 0 ] || ! grep -q "No available agent" "$submit_log"; then break; fi
+    if [ "$status" -eq 0 ] || ! grep -q "No available agent" "$submit_log" || [ "$SECONDS" -gt "$submit_deadline" ]; then
+        break
+    fi
     echo "[preprocess_ray.sh] the job server is not ready yet (attempt $attempt); retrying in 5 s"
     sleep 5
 done

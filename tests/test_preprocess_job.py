@@ -9,6 +9,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -50,11 +51,16 @@ def ray_head(tmp_path):
 
 
 def _submit(address: str, env: dict, config: Path, timeout: int = 900) -> str:
-    proc = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-         "python", "-m", "ray_jobs.preprocess", "--config", str(config)],
-        env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-    )
+    deadline = time.time() + 300  # the job server refuses jobs until the head's agent has registered
+    while True:
+        proc = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             "python", "-m", "ray_jobs.preprocess", "--config", str(config)],
+            env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+        if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-3000:])
     summary = [line for line in proc.stdout.splitlines() if line.startswith('{"output_dir"')]
     assert summary, proc.stdout[-3000:]
