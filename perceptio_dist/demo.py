@@ -117,22 +117,10 @@ class Demo:
                f"sources.0.path={self.out / 'scenes'}", f"output_dir={self.out / 'shards'}",
                f"shard_size={self.size.shard_size}",
                f"depth_vqvae.checkpoint={self.out / 'depth_vqvae' / 'tokenizer.safetensors'}"]
-        gcs = free_port()
-        # `ray start --block` as a child: stopping it (SIGTERM) stops this head's processes and no other Ray on the
-        # machine, which `ray stop` would.
-        head_log = open(self.logs / "ray_start.log", "w")
-        head = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
-             "--disable-usage-stats"], cwd=ROOT, env=env, stdout=head_log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)
+        _run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+              "--include-dashboard=true", "--disable-usage-stats"], self.logs / "ray_start.log", env)
         try:
-            deadline = time.time() + 300
-            while subprocess.run([str(BIN / "ray"), "status", f"--address=127.0.0.1:{gcs}"], env=env,
-                                 capture_output=True).returncode != 0:
-                if head.poll() is not None or time.time() > deadline:
-                    sys.exit(f"[demo] the local Ray head did not start; see {self.logs / 'ray_start.log'}")
-                time.sleep(2)
             # The job server refuses jobs until the head's dashboard agent has registered: seconds on an idle
             # machine, more than a minute on a loaded one.
             deadline = time.time() + 300
@@ -148,13 +136,7 @@ class Demo:
             if proc.returncode != 0:
                 sys.exit(f"[demo] the preprocessing job failed; see {log}:\n{(proc.stdout + proc.stderr)[-3000:]}")
         finally:
-            head.terminate()
-            try:
-                head.wait(120)
-            except subprocess.TimeoutExpired:
-                head.kill()
-                head.wait()
-            head_log.close()
+            subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
         manifest = json.loads((self.out / "shards" / "manifest.json").read_text())
         return {"samples": manifest["num_samples"], "counts": manifest["counts"]}
 
