@@ -149,6 +149,17 @@ def test_every_srun_of_the_scripts_names_the_tasks_cpus():
             assert "--cpus-per-task=" in command, (script, command)
 
 
+def test_the_training_script_uses_the_trainers_statuses_and_markers():
+    """train_8b.sh repeats three values of the Python side in shell: they must not drift apart."""
+    from perceptio_dist.train.peer_loss import PEER_LOST_MARKER
+    from perceptio_dist.train.signals import REQUEUE_EXIT_CODE, REQUEUE_MARKER
+
+    script = (ROOT / "slurm" / "train_8b.sh").read_text()
+    values = dict(re.findall(r"^(REQUEUE_EXIT_CODE|REQUEUE_MARKER|PEER_LOST_MARKER)=(\S+)", script, re.MULTILINE))
+    assert values == {"REQUEUE_EXIT_CODE": str(REQUEUE_EXIT_CODE), "REQUEUE_MARKER": REQUEUE_MARKER,
+                      "PEER_LOST_MARKER": PEER_LOST_MARKER}
+
+
 def test_two_nodes_rendezvous_by_node_address_and_each_task_gets_the_jobs_cpus(cluster, tmp_path, tiny_shards):
     env = cluster["env"]
     # What a step's task gets: the node binds tasks to cores, as sites do; without --cpus-per-task, one core.

@@ -210,8 +210,9 @@ def write_manifest(cfg: PreprocessConfig, plans, out: Path, elapsed: float, ids:
                        "sha256": stats["sha256"], "bytes": stats.get("bytes"), "keys": stats["keys"],
                        "producer": stats.get("producer"), "nodes": stats.get("nodes", {})})
         for stage, per_node in stats.get("nodes", {}).items():
+            totals = work.setdefault(stage, {})
             for node, n in per_node.items():
-                work.setdefault(stage, {})[node] = work.get(stage, {}).get(node, 0) + n
+                totals[node] = totals.get(node, 0) + n
         per_task[plan.task] = per_task.get(plan.task, 0) + stats["num_samples"]
         if "chain" in stats:  # shards written before the chain was recorded have no counts
             entry = chain.setdefault(plan.task, {"samples": 0, "with_seg": 0, "with_depth": 0})
