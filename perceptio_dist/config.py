@@ -149,6 +149,10 @@ class BackboneConfig:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = doc_field(
         "Attention kernel. 'auto': flash_attention_2 when flash-attn imports and a GPU is present, else sdpa.", "auto"
     )
+    flatten_packed_rows: Optional[bool] = doc_field(
+        "Run a packed micro-batch (data.packing) as one flattened row with restarting positions: flash-attention-2 "
+        "separates packed samples (its varlen kernel) only in a batch of one row. null: when the attention is "
+        "flash_attention_2. Same losses either way; sdpa and eager keep the rows.", None)
     freeze_vision_tower: bool = doc_field("Keep the InternViT weights fixed.", False)
     freeze_language_model: bool = doc_field("Keep the LLM decoder weights fixed (spatial-token rows stay trainable only "
                                        "if the embeddings are trainable).", False)

@@ -229,8 +229,9 @@ def exported_config(folder: str | Path) -> PerceptioConfig:
     return config_from_dict(data)
 
 
-def load_exported(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """(PerceptioModel in eval mode, tokenizer) from an exported folder."""
+def load_exported(folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    """(PerceptioModel in eval mode, tokenizer) from an exported folder, every part created on ``device`` (None:
+    the CPU) in ``dtype``."""
     from safetensors.torch import load_file
 
     from .model.perceptio import build_perceptio
@@ -239,6 +240,6 @@ def load_exported(folder: str | Path, dtype: torch.dtype = torch.float32):
     folder = Path(folder).resolve()
     cfg = exported_config(folder)
     tokenizer = load_tokenizer(cfg.model.backbone)
-    model = build_perceptio(cfg.model, tokenizer, dtype)
+    model = build_perceptio(cfg.model, tokenizer, dtype, device=device)
     model.seg_head.load_state_dict(load_file(str(folder / "seg_head.safetensors")))
     return model.eval(), tokenizer

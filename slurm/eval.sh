@@ -4,8 +4,9 @@
 #   PERCEPTIO_MODEL=runs/perceptio-8b/export sbatch slurm/eval.sh
 #   PERCEPTIO_MODEL=... PERCEPTIO_EVAL_ARGS="--hardblink /data/hardblink" sbatch --nodes=2 slurm/eval.sh
 #
-# Launch layout as in train_8b.sh: one task per node, each running torchrun for its local ranks with a
-# c10d rendezvous on the first node; results are gathered on rank 0.
+# Launch layout as in train_8b.sh: one task per node, each running torchrun for its local ranks (one per GPU the
+# job holds on the node) with a c10d rendezvous on the first node; each rank builds the bf16 model directly on its
+# own GPU (cuda:LOCAL_RANK); results are gathered on rank 0. On CPU nodes (--gres=none) the ranks run in fp32.
 # SLURM's log: <job name>-<job id>.out in the submit directory; the report: runs/eval-<job id>/ (PERCEPTIO_EVAL_OUT).
 # PERCEPTIO_EVAL_ARGS names the benchmarks, e.g.
 #   "--hardblink /data/hardblink --refcoco /data/refer --refcoco-dataset refcoco+ --mmbench /data/mmbench_dev.tsv"
@@ -24,7 +25,8 @@ PERCEPTIO_VENV=${PERCEPTIO_VENV:-$PERCEPTIO_ROOT/.venv}         # its virtual en
 PERCEPTIO_MODEL=${PERCEPTIO_MODEL:?set PERCEPTIO_MODEL to an exported folder or a training checkpoint (global_stepN)}
 PERCEPTIO_EVAL_OUT=${PERCEPTIO_EVAL_OUT:-$PERCEPTIO_ROOT/runs/eval-${SLURM_JOB_ID:-local}}
 PERCEPTIO_EVAL_ARGS=${PERCEPTIO_EVAL_ARGS:-}                     # further perceptio-eval arguments
-PERCEPTIO_PROCS_PER_NODE=${PERCEPTIO_PROCS_PER_NODE:-8}         # ranks per node
+PERCEPTIO_PROCS_PER_NODE=${PERCEPTIO_PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}  # ranks per node: one per GPU
+PERCEPTIO_EVAL_DEVICE=${PERCEPTIO_EVAL_DEVICE:-auto}             # auto: rank i on the node's GPU i in bf16, else CPU
 PERCEPTIO_RDZV_PORT=${PERCEPTIO_RDZV_PORT:-29501}               # c10d rendezvous port on the first node
 PERCEPTIO_HEAD_ADDR=${PERCEPTIO_HEAD_ADDR:-}                    # the first node's address; empty: its NodeAddr
 
@@ -48,4 +50,5 @@ srun --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-b
     "$PERCEPTIO_ROOT/slurm/on_node.sh" "$PERCEPTIO_VENV/bin/python" -m torch.distributed.run \
     --nnodes="${SLURM_NNODES:-1}" --nproc-per-node="$PERCEPTIO_PROCS_PER_NODE" \
     --rdzv-backend=c10d --rdzv-endpoint="$head_addr:$PERCEPTIO_RDZV_PORT" --rdzv-id="${SLURM_JOB_ID:-local}" \
-    -m "$eval_module" --model "$PERCEPTIO_MODEL" --out "$PERCEPTIO_EVAL_OUT" "${extra_args[@]}"
+    -m "$eval_module" --model "$PERCEPTIO_MODEL" --out "$PERCEPTIO_EVAL_OUT" --device "$PERCEPTIO_EVAL_DEVICE" \
+    "${extra_args[@]}"

@@ -167,6 +167,46 @@ def test_mask_comes_from_the_seg_hidden_state_as_in_training(exported):
     assert out.num_seg == 1 and np.array_equal(pred.mask, expected.numpy())
 
 
+def test_eval_placement_by_hand():
+    from perceptio_dist.eval.run import eval_placement
+
+    assert eval_placement("auto", "auto", 3, True) == (torch.device("cuda", 3), torch.bfloat16)
+    assert eval_placement("auto", "auto", 3, False) == (torch.device("cpu"), torch.float32)
+    assert eval_placement("cpu", "auto", 3, True) == (torch.device("cpu"), torch.float32)
+    assert eval_placement("cuda", "fp32", 1, True) == (torch.device("cuda", 1), torch.float32)
+    assert eval_placement("auto", "bf16", 0, False) == (torch.device("cpu"), torch.bfloat16)
+
+
+def test_an_export_loads_in_bf16_on_the_named_device_and_generates(exported):
+    """The GPU evaluation path on the CPU: every part created on the named device in bf16 (nothing left in fp32),
+    inputs moved to the model, and the decoded depth and mask back as numpy arrays; its mask equals the training
+    forward's for the same sequence, as in fp32."""
+    import torch.nn.functional as F
+
+    from perceptio_dist.export import load_exported
+
+    folder, _, tokenizer = exported
+    model, tokenizer = load_exported(folder, torch.bfloat16, "cpu")
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert {t.device.type for t in tensors.values()} == {"cpu"}
+    # Kept in fp32 on purpose: rotary frequencies (transformers) and SAM2's Fourier projection (seg_head.py).
+    in_fp32 = {n for n, t in tensors.items() if t.dtype == torch.float32}
+    assert in_fp32 == {"backbone.model.language_model.rotary_emb.inv_freq",
+                       "backbone.model.language_model.rotary_emb.original_inv_freq",
+                       "seg_head.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"}
+    assert sum(t.dtype == torch.bfloat16 for t in tensors.values()) > 50
+    image = np.random.default_rng(5).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    prompts, tiles, sam, sizes = _inputs(model, tokenizer, folder, [image], "Please segment the red cube.")
+    pred = generate(model, tokenizer, prompts, tiles, sam, sizes, SpatialPolicy("force", "force"),
+                    GenerationSettings(max_new_tokens=4))[0]
+    assert pred.depth.dtype == np.float32 and pred.depth.shape == (model.depth_vqvae.input_size,) * 2
+    sequence = torch.cat([prompts[0], torch.tensor(pred.token_ids)])[None]
+    with torch.no_grad():
+        out = model(sequence, torch.ones_like(sequence), tiles[0], sam[0][None])
+    expected = torch.sigmoid(F.interpolate(out.mask_logits[:1].float(), size=sizes[0], mode="bilinear")[0, 0]) > 0.5
+    assert pred.mask.dtype == bool and np.array_equal(pred.mask, expected.numpy())
+
+
 @pytest.mark.skipif(not HARDBLINK.exists(), reason="../shared/data/hardblink is absent (real benchmark files)")
 def test_hardblink_items_from_the_real_files():
     from perceptio_dist.eval.benchmarks import hardblink_items

@@ -85,12 +85,17 @@ def _loss_and_grads(module, batch):
     return total.detach(), terms, counts, grads
 
 
-@pytest.mark.parametrize("weighting,implementation", [("token", "fused_torch"), ("sample", "reference"),
-                                                      ("square", "fused_torch")])
-def test_packed_and_padded_micro_batches_give_the_same_terms_and_gradients(packing_setup, weighting, implementation):
+@pytest.mark.parametrize("weighting,implementation,flatten", [("token", "fused_torch", False),
+                                                              ("sample", "reference", False),
+                                                              ("square", "fused_torch", False),
+                                                              ("token", "fused_torch", True)])
+def test_packed_and_padded_micro_batches_give_the_same_terms_and_gradients(packing_setup, weighting, implementation,
+                                                                           flatten):
+    """``flatten``: the packed rows run as one flattened row (flash-attention-2's layout), here under sdpa."""
     from perceptio_dist.data.batch import collate
 
     cfg, tokenizer, model, samples, keys, module_for = packing_setup
+    model.flatten_packed_rows = flatten
     lengths = [s.input_ids.numel() for s in samples]
     budget = 3 * max(lengths)
     padded = collate(samples, tokenizer.pad_token_id, keys)
@@ -114,6 +119,39 @@ def test_packed_and_padded_micro_batches_give_the_same_terms_and_gradients(packi
     for name, g in grads.items():
         scale = ref_grads[name].norm().item()
         assert (g - ref_grads[name]).norm().item() <= 1e-5 * scale + 1e-8 * whole, name
+    model.flatten_packed_rows = False
+
+
+def test_flattened_packed_rows_take_flash_attentions_varlen_path(packing_setup):
+    """What the language model receives, read by transformers' own test for flash-attention-2's varlen path
+    (``_is_packed_sequence``): the packed rows as they are fail it (FA2 would attend across samples of a row);
+    flattened, they pass it, with one sequence per sample and per row's padding."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+
+    cfg, tokenizer, model, samples, keys, _ = packing_setup
+    budget = 3 * max(s.input_ids.numel() for s in samples)
+    batch = pack(samples, budget, tokenizer.pad_token_id, keys)
+    rows = batch.input_ids.shape[0]
+    assert rows > 1
+    seen = []
+    hook = model.backbone.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True)
+    try:
+        model.eval()
+        with torch.no_grad():
+            for flatten in (False, True):
+                model.flatten_packed_rows = flatten
+                model(**_model_inputs(batch))
+    finally:
+        hook.remove()
+        model.flatten_packed_rows = False
+        model.train()
+    as_rows, flat = seen
+    assert as_rows.shape == batch.input_ids.shape and not _is_packed_sequence(as_rows, rows)
+    assert flat.shape == (1, batch.input_ids.numel()) and _is_packed_sequence(flat, 1)
+    (cu_seqlens, _), _ = prepare_fa_kwargs_from_position_ids(flat)
+    padded_rows = sum(int((batch.sample_index[r] < 0).any()) for r in range(rows))
+    assert cu_seqlens.numel() - 1 == len(samples) + padded_rows
 
 
 def test_attention_never_crosses_samples(packing_setup):

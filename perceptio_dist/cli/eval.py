@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="auto: each rank's own GPU (cuda:LOCAL_RANK) when there is one, else the CPU")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="auto: bf16 on a GPU, fp32 on the CPU")
     args = parser.parse_args(argv)
     configure_logging(int(os.environ.get("RANK", "0")))
     if "hardblink" in args.benchmark and not args.hardblink:
@@ -63,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"perceptio-eval: --{flag.replace('_', '-')} {value} does not exist", file=sys.stderr)
             raise SystemExit(EXIT_USAGE)
 
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("perceptio-eval: --device cuda, but torch sees no GPU here (use --device auto or cpu)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
     run_evaluation(args)
 
 

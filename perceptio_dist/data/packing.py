@@ -6,8 +6,9 @@ step and the slot), so resume and rank equivalence stay exact. Each sample keeps
 
 * its own positions: ``position_ids`` restart at 0 where a sample starts. With ``attention_mask=None`` transformers
   reads those restarts as sequence boundaries (masking_utils.find_packed_sequence_indices) and builds a
-  block-diagonal causal mask for SDPA or eager attention, or runs flash-attention's varlen kernel: attention never
-  crosses samples;
+  block-diagonal causal mask for SDPA or eager attention: attention never crosses samples. Flash-attention-2 reads
+  the restarts (its varlen kernel) only in a batch of one row, so under it the model runs the rows as one
+  flattened row (PerceptioModel.flatten_packed_rows);
 * its own image tiles, ``[SEG]`` masks and depth blocks: concatenated in the order their tokens appear in the
   packed rows (row-major), the order in which the model and the objective read them;
 * its own items in the objective: ``sample_index`` names the sample of every token (-1: padding), so per-sample text

@@ -60,7 +60,8 @@ def ground_truth_codes(model, item: EvalItem) -> list[int] | None:
     size = model.depth_vqvae.input_size
     target = torch.from_numpy(inverse_depth_target(item.gt_depth, size))[None, None]
     with torch.no_grad():
-        return model.depth_vqvae.encode(target.to(next(model.depth_vqvae.parameters()).dtype))[0].tolist()
+        weight = next(model.depth_vqvae.parameters())
+        return model.depth_vqvae.encode(target.to(weight.device, weight.dtype))[0].tolist()
 
 
 def intervention_codes(name: str, index: int, items: list[EvalItem], own: dict[int, list[int]],

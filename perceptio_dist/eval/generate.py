@@ -106,8 +106,9 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], pixel_values: list[t
     ids = model.token_ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    input_ids, attention = _pad_left(prompts, pad)
-    pixels = torch.cat(pixel_values).to(model.backbone.dtype)
+    device = model_device(model)
+    input_ids, attention = (t.to(device) for t in _pad_left(prompts, pad))
+    pixels = torch.cat(pixel_values).to(device, model.backbone.dtype)
     torch.manual_seed(settings.seed)
     spatial = (0 if policy.seg == "forbid" else 1) + (0 if policy.depth == "forbid" else ids.num_depth_tokens + 2)
     out = model.backbone.generate(
@@ -131,7 +132,7 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], pixel_values: list[t
             codes = [t - ids.code_start for t in generated[start + 1:generated.index(ids.depth_end)]]
         depth = None
         if codes is not None and len(codes) == ids.num_depth_tokens:
-            depth = model.depth_vqvae.decode(torch.tensor([codes]))[0, 0].float().numpy()
+            depth = model.depth_vqvae.decode(torch.tensor([codes], device=device))[0, 0].float().cpu().numpy()
         mask = None
         if ids.seg in generated:
             mask = _mask_for(model, prompts[row], generated, pixel_values[row], sam_images[row], image_sizes[row])
@@ -143,8 +144,14 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], pixel_values: list[t
 def _mask_for(model, prompt: torch.Tensor, generated: list[int], pixel_values: torch.Tensor, sam_image: torch.Tensor,
               size: tuple[int, int]) -> np.ndarray:
     """The training path: the PerceptioModel over prompt + answer prompts SAM2 with the [SEG] hidden state."""
-    sequence = torch.cat([prompt, torch.tensor(generated, dtype=torch.long)])[None]
-    out = model(sequence, torch.ones_like(sequence), pixel_values, sam_image[None])
+    device = model_device(model)
+    sequence = torch.cat([prompt, torch.tensor(generated, dtype=torch.long)])[None].to(device)
+    out = model(sequence, torch.ones_like(sequence), pixel_values.to(device), sam_image[None].to(device))
     logits = out.mask_logits[:1].float()
     full = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0, 0]
-    return (torch.sigmoid(full) > 0.5).numpy()
+    return (torch.sigmoid(full) > 0.5).cpu().numpy()
+
+
+def model_device(model) -> torch.device:
+    """Where the model's weights are (inputs go there; results come back to the CPU)."""
+    return next(model.parameters()).device

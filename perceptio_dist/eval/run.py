@@ -341,6 +341,15 @@ def load_items(args, questions: dict | None = None) -> list[EvalItem]:
     return items
 
 
+def eval_placement(device: str, dtype: str, local_rank: int, cuda_available: bool) -> tuple[torch.device, torch.dtype]:
+    """Where and in what precision a rank evaluates (perceptio-eval's --device and --dtype): 'auto' is the rank's own
+    GPU in bf16 when there is one, else the CPU in fp32."""
+    on_gpu = device == "cuda" or (device == "auto" and cuda_available)
+    where = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    precision = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype, torch.bfloat16 if on_gpu else torch.float32)
+    return where, precision
+
+
 def run_evaluation(args) -> None:
     """Evaluate ``args.model`` on the benchmarks named in ``args`` (perceptio-eval's options, cli/eval.py)."""
     import torch.distributed as dist
@@ -362,7 +371,11 @@ def run_evaluation(args) -> None:
             export_checkpoint(args.model, folder)
         if distributed:
             dist.barrier()
-    model, tokenizer = load_exported(folder)
+    device, dtype = eval_placement(getattr(args, "device", "auto"), getattr(args, "dtype", "auto"),
+                                   int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model, tokenizer = load_exported(folder, dtype, device)  # built on the device, never in host memory first
     cfg = exported_config(folder)
     builder = build_sample_builder(cfg, tokenizer, model.token_ids)
     items = load_items(args, exported_questions(folder))

@@ -19,9 +19,11 @@ from ..config import BackboneConfig, ConfigError
 log = logging.getLogger(__name__)
 
 
-def choose_attention_implementation(requested: str) -> str:
-    """'auto' -> flash_attention_2 when flash-attn imports and a GPU is present, else sdpa."""
-    has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+def choose_attention_implementation(requested: str, device: torch.device | str | None = None) -> str:
+    """'auto' -> flash_attention_2 when flash-attn imports and the model runs on a GPU, else sdpa. ``device``: where
+    the model is built (None: where training puts it, a GPU when there is one)."""
+    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    has_flash = importlib.util.find_spec("flash_attn") is not None and on_gpu
     if requested == "auto":
         return "flash_attention_2" if has_flash else "sdpa"
     if requested == "flash_attention_2" and not has_flash:
@@ -102,8 +104,10 @@ def build_backbone(
     image_token_id: int,
     attn_implementation: str,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> InternVLForConditionalGeneration:
-    """Load the checkpoint in ``cfg.pretrained_path`` or build a random model from the recipe's architecture."""
+    """Load the checkpoint in ``cfg.pretrained_path`` or build a random model from the recipe's architecture.
+    ``device``: load the weights straight onto it (None: the CPU, or ZeRO-3's partitions)."""
     if cfg.pretrained_path is not None:
         path = cfg.pretrained_path  # resolved when the config was loaded
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -119,7 +123,8 @@ def build_backbone(
                 f"{hf_config.image_token_id} but the tokenizer maps '{cfg.image_token}' to {image_token_id}."
             )
         model = InternVLForConditionalGeneration.from_pretrained(
-            path, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=False
+            path, attn_implementation=attn_implementation, dtype=dtype, trust_remote_code=False,
+            device_map=None if device is None else {"": torch.device(device)},
         )
         log.info("loaded InternVL backbone from %s", path)
         return model

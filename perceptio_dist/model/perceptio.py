@@ -40,8 +40,10 @@ class PerceptioModel(nn.Module):
         base_vocab_size: int,
         freeze_vision_tower: bool = False,
         freeze_language_model: bool = False,
+        flatten_packed_rows: bool = False,
     ):
         super().__init__()
+        self.flatten_packed_rows = flatten_packed_rows
         self.backbone = backbone
         self.seg_head = seg_head
         self.depth_vqvae = depth_vqvae
@@ -79,18 +81,23 @@ class PerceptioModel(nn.Module):
     ) -> PerceptioOutput:
         """``sample_index`` [B, T]: each token's sample (None: one sample per row). ``position_ids`` given: a packed
         batch (data/packing.py); transformers then builds the block-diagonal causal mask from the restarting
-        positions, which it does only without a 2-D attention mask."""
+        positions, which it does only without a 2-D attention mask. With ``flatten_packed_rows`` the rows run as one
+        row (row-major, so image tokens keep their order): flash-attention-2 reads restarting positions as sample
+        boundaries (its varlen kernel) only in a batch of one row, and would otherwise let samples of a row attend
+        to each other. Row padding restarts its positions too, so it stays a block of its own."""
         if sample_index is None:
             sample_index = rows_as_samples(attention_mask)
         packed = position_ids is not None
+        rows, width = input_ids.shape
+        flatten = packed and self.flatten_packed_rows and rows > 1
         out = self.backbone.model(
-            input_ids=input_ids,
+            input_ids=input_ids.reshape(1, -1) if flatten else input_ids,
             attention_mask=None if packed else attention_mask,
-            position_ids=position_ids,
+            position_ids=position_ids.reshape(1, -1) if flatten else position_ids,
             pixel_values=pixel_values.to(self.backbone.dtype),
             use_cache=False,
         )
-        hidden = out.last_hidden_state
+        hidden = out.last_hidden_state.reshape(rows, width, -1) if flatten else out.last_hidden_state
         mask_logits, num_seg = self.segment(hidden, input_ids, sample_index, sam_images)
         return PerceptioOutput(hidden_states=hidden, mask_logits=mask_logits, num_seg=num_seg)
 
@@ -139,13 +146,24 @@ def segment_seg_tokens(seg_head: SegHead, seg_id: int, hidden: torch.Tensor, inp
 
 
 def build_perceptio(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32, seed: int = 0
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype = torch.float32, seed: int = 0,
+    device: torch.device | str | None = None,
 ) -> PerceptioModel:
     """The model for training or inference. ``tokenizer`` gains the spatial tokens (idempotent).
 
     Every part is in ``dtype`` (the backbone is created in it, possibly already partitioned by
-    ZeRO-3; the SAM2 parts and the VQ-VAE are cast before anything partitions them).
+    ZeRO-3; the SAM2 parts and the VQ-VAE are cast before anything partitions them). ``device`` (inference): every
+    part is created on it, so an 8B model never passes through host memory; None: the CPU, for the training engine
+    to place (parallel/placement.py).
     """
+    if device is None:
+        return _build_perceptio(cfg, tokenizer, dtype, seed, None)
+    with torch.device(device):
+        return _build_perceptio(cfg, tokenizer, dtype, seed, torch.device(device))
+
+
+def _build_perceptio(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, seed: int,
+                     device: torch.device | None) -> PerceptioModel:
     b = cfg.backbone
     # The vocabulary before the spatial tokens: a tokenizer that already has them (a second build, an export's
     # tokenizer) holds them at its end.
@@ -155,9 +173,9 @@ def build_perceptio(
     # holds trained rows for them: initialisations of those rows apply only to rows this build creates.
     fresh_spatial_rows = b.pretrained_path is None or not spatial_tokens_known(tokenizer, cfg.tokens)
     token_ids = add_spatial_tokens(tokenizer, cfg.tokens)
-    attn = choose_attention_implementation(b.attn_implementation)
+    attn = choose_attention_implementation(b.attn_implementation, device)
     image_token_id = tokenizer.convert_tokens_to_ids(b.image_token)
-    backbone = build_backbone(b, base_vocab, image_token_id, attn, dtype)
+    backbone = build_backbone(b, base_vocab, image_token_id, attn, dtype, device)
     resize_for_tokenizer(backbone, len(tokenizer))
     # Each part draws its random initialisation from its own seed, so it does not depend on what was built
     # before it (DeepSpeed's partitioned construction consumes random numbers by rank count): frozen parts
@@ -177,8 +195,9 @@ def build_perceptio(
         from .code_embeddings import order_code_rows
 
         order_code_rows(backbone.get_input_embeddings(), backbone.lm_head, vqvae, token_ids, seed + 3)
+    flatten = attn == "flash_attention_2" if b.flatten_packed_rows is None else b.flatten_packed_rows
     model = PerceptioModel(
-        backbone, seg_head, vqvae, token_ids, base_vocab, b.freeze_vision_tower, b.freeze_language_model
+        backbone, seg_head, vqvae, token_ids, base_vocab, b.freeze_vision_tower, b.freeze_language_model, flatten
     )
     if cfg.lora.rank:
         from .lora import apply_lora
