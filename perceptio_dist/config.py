@@ -280,6 +280,10 @@ class ObjectiveConfig:
     )
     chunk_size: int = doc_field("Rows per chunk of the fused LM-head terms (a chunk holds rows x vocabulary fp32 logits).",
                            1024)
+    lm_head_matmul: Literal["fp32", "tf32", "bf16"] = doc_field(
+        "Precision of the fused back ends' LM-head GEMMs (logits, dH, dW); softmax statistics and the terms stay fp32. "
+        "'tf32': TF32 tensor cores on GPUs for these GEMMs only (plain fp32 on the CPU); 'bf16': bf16 operands, fp32 "
+        "accumulation and output; 'fp32': no reduced precision. Error against fp64: docs/training.md.", "tf32")
 
 
 # ------------------------------------------------------------------------------ data

@@ -95,6 +95,40 @@ def test_fused_terms_match_fp64_ground_truth(backend, term, dtype, chunk):
     torch.testing.assert_close(dw.double(), truth_dw, **tol)
 
 
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("backend,chunk", [("fused_torch", 5), ("fused_triton", 47)])
+def test_bf16_gemms_stay_within_the_stated_tolerance_of_fp64(backend, chunk):
+    """objective.lm_head_matmul=bf16 (bf16 operands, fp32 accumulation) on fp32 inputs against the fp64 ground truth:
+    terms within 1e-3 relative, code logits and gradients within 1e-2 relative (norm), the tolerance
+    docs/training.md states. The operands really are rounded: the terms equal fp32 GEMMs on bf16-rounded inputs,
+    not fp32 GEMMs on the inputs themselves (1e-4 away). TF32 keeps 10 mantissa bits to bf16's 7, so its error is
+    below this bound; on the CPU 'tf32' is plain fp32 (bitwise)."""
+    targets = make_targets()
+    layout = build_layout(targets, IDS)
+    hidden, weight = inputs(torch.float32)
+    probe = torch.randn(len(layout.code_rows), IDS.num_codes, generator=torch.Generator().manual_seed(3))
+    w = TERM_WEIGHTS["all"]
+    truth, truth_dh, truth_dw = run(reference_lm_head_terms, hidden.double(), weight.double(), layout, w, probe.double())
+    make = {"fused_torch": lambda m: lm_head_terms_fn("fused_torch", chunk, m),
+            "fused_triton": lambda m: lm_head_terms_fn("fused_triton", chunk, m)}[backend]
+    got, dh, dw = run(make("bf16"), hidden, weight, layout, w, probe)
+    for name in ("total", "text", "marker", "count", "z_loss"):
+        torch.testing.assert_close(getattr(got, name).double(), getattr(truth, name), rtol=1e-3, atol=1e-6, msg=name)
+    assert _relative(got.code_logits, truth.code_logits) < 1e-2
+    assert _relative(dh, truth_dh) < 1e-2 and _relative(dw, truth_dw) < 1e-2
+    rounded, _, _ = run(make("fp32"), hidden.bfloat16().float(), weight.bfloat16().float(), layout, w, probe)
+    plain, _, _ = run(make("fp32"), hidden, weight, layout, w, probe)
+    assert got.total.item() == pytest.approx(rounded.total.item(), rel=1e-6)
+    assert abs(got.total.item() - plain.total.item()) > 1e-4 * abs(plain.total.item())
+    if backend == "fused_torch":
+        tf32, tf32_dh, _ = run(make("tf32"), hidden, weight, layout, w, probe)
+        assert torch.equal(tf32.total, plain.total) and torch.equal(tf32_dh, run(make("fp32"), hidden, weight,
+                                                                                   layout, w, probe)[1])
+
+
 def test_no_depth_blocks_and_no_code_rows():
     targets = torch.randint(0, 123, (20,), generator=torch.Generator().manual_seed(1))
     layout = build_layout(targets, IDS)

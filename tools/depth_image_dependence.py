@@ -50,7 +50,7 @@ def main() -> None:
     cfg = exported_config(args.model)
     model, tokenizer = load_exported(args.model)
     objective = PerceptioObjective(cfg.objective, model.token_ids)
-    lm_head = LMHeadTermsModule(cfg.objective.implementation, cfg.objective.chunk_size, torch.device("cpu"))
+    lm_head = LMHeadTermsModule.from_config(cfg.objective, torch.device("cpu"))
     builder = build_sample_builder(cfg, tokenizer, model.token_ids)
     results = {}
     for folder in args.shards:

@@ -235,8 +235,7 @@ def training_module(cfg, tokenizer, dtype, device):
     if cfg.train.activation_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
-                                   LMHeadTermsModule(cfg.objective.implementation, cfg.objective.chunk_size, device,
-                                                     vocab_size=len(tokenizer)))
+                                   LMHeadTermsModule.from_config(cfg.objective, device, vocab_size=len(tokenizer)))
 
 
 def proxy_batch(sample, tokenizer, device, dtype):

@@ -10,6 +10,7 @@ ends, before autograd runs backward.)
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,17 +18,27 @@ from torch import nn
 from .layout import TargetLayout
 from .lm_head_terms import LMHeadTerms, LMHeadWeights, lm_head_terms_fn, resolve_implementation
 
+if TYPE_CHECKING:
+    from ..config import ObjectiveConfig
+
 log = logging.getLogger(__name__)
 
 
 class LMHeadTermsModule(nn.Module):
     def __init__(self, implementation: str = "auto", chunk_size: int = 1024, device: torch.device | None = None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, matmul: str = "fp32"):
         super().__init__()
         if vocab_size is not None:
             check_chunk_size(chunk_size, vocab_size)
         self.implementation = resolve_implementation(implementation, device or torch.device("cpu"))
-        self._fn = lm_head_terms_fn(self.implementation, chunk_size)
+        self.matmul = matmul
+        self._fn = lm_head_terms_fn(self.implementation, chunk_size, matmul)
+
+    @classmethod
+    def from_config(cls, objective: "ObjectiveConfig", device: torch.device,
+                    vocab_size: int | None = None) -> "LMHeadTermsModule":
+        """The back end the recipe names, resolved for ``device`` (the trainer's, a benchmark's, the GPU check's)."""
+        return cls(objective.implementation, objective.chunk_size, device, vocab_size, objective.lm_head_matmul)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, layout: TargetLayout, weights: LMHeadWeights,
                 code_start: int, num_codes: int) -> LMHeadTerms:

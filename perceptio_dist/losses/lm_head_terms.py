@@ -19,6 +19,7 @@ Three implementations, one interface ``fn(hidden [P, d], weight [V, d], layout, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -113,6 +114,59 @@ def reference_lm_head_terms(hidden: torch.Tensor, weight: torch.Tensor, layout: 
 
 # ---------------------------------------------------------------------------------- fused
 
+LM_HEAD_MATMULS = ("fp32", "tf32", "bf16")
+
+
+class LMHeadMatmul:
+    """The precision of the fused back ends' three GEMMs (logits, dH, dW); the statistics stay in fp32.
+
+    * ``fp32``: plain fp32 GEMMs.
+    * ``tf32``: fp32 GEMMs with TF32 tensor cores allowed, for these GEMMs only (on the CPU: plain fp32).
+    * ``bf16``: operands rounded to bf16, products accumulated and returned in fp32 (cuBLAS's bf16-in/fp32-out
+      GEMM on GPUs; on the CPU the same numbers from fp32 GEMMs on the rounded operands, whose products are exact
+      in fp32).
+
+    Inputs in fp64 (tests) ignore it: fp64 stays exact.
+    """
+
+    def __init__(self, precision: str = "fp32"):
+        if precision not in LM_HEAD_MATMULS:
+            raise ValueError(f"unknown LM-head matmul precision {precision!r} (one of {', '.join(LM_HEAD_MATMULS)})")
+        self.precision = precision
+
+    def operand(self, x: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+        """``x`` as this precision's GEMM operand (the weight is converted once per call, not per chunk)."""
+        return x.to(torch.bfloat16) if self.precision == "bf16" and compute == torch.float32 else x.to(compute)
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
+           accumulate: bool = False) -> torch.Tensor:
+        """a @ b in fp32 (fp64 for fp64 operands), written into ``out`` (added to it when ``accumulate``)."""
+        if self.precision == "bf16" and a.dtype != torch.float64:
+            a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+            # A temporary of the output's size: torch has no in-place bf16-in/fp32-out addmm.
+            result = torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
+            if out is None:
+                return result
+            return out.add_(result) if accumulate else out.copy_(result)
+        with self._tf32(a.is_cuda and self.precision == "tf32"):
+            if out is None:
+                return a @ b
+            return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _tf32(enabled: bool):
+        """TF32 for the GEMMs inside only; the process-wide setting is left as it was."""
+        if not enabled:
+            yield
+            return
+        matmul = torch.backends.cuda.matmul
+        before, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before
+
 
 class RowOps(NamedTuple):
     """The per-row work on a chunk of logits, in torch or in Triton.
@@ -157,12 +211,12 @@ class _FusedLMHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, layout_tensors, meta):
         targets, is_text, is_marker, code_rows, roles, row_weight = layout_tensors
-        w, n, code_start, num_codes, bounds, ops, single_backward, dens = meta
+        w, n, code_start, num_codes, bounds, ops, single_backward, dens, gemm = meta
         text_den, marker_den, count_den, z_den = dens
         p, compute = hidden.shape[0], torch.promote_types(hidden.dtype, torch.float32)
-        weight_c = weight.to(compute)
+        weight_c = gemm.operand(weight, compute)  # fp32 (fp64), or bf16 for bf16 GEMMs
         grad_hidden = torch.empty(p, hidden.shape[1], dtype=compute, device=hidden.device)
-        grad_weight = torch.zeros_like(weight_c)
+        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device)
         code_logits = torch.empty(p, num_codes, dtype=compute, device=hidden.device)
         sums = torch.zeros(4, dtype=torch.float64, device=hidden.device)  # text, marker, count, z
         per_ce = torch.zeros(p, dtype=compute, device=hidden.device)
@@ -170,8 +224,8 @@ class _FusedLMHead(torch.autograd.Function):
                     + is_marker.to(compute) * (w.marker / marker_den))
         count_scale = w.count / ((n + 1) * count_den)
         for start, end in bounds:
-            h = hidden[start:end].to(compute)
-            logits = h @ weight_c.t()  # [c, V], the only chunk-sized buffer
+            h = gemm.operand(hidden[start:end], compute)
+            logits = gemm.mm(h, weight_c.t())  # [c, V] fp32, the only chunk-sized buffer
             y = targets[start:end]
             code_logits[start:end] = logits[:, code_start : code_start + num_codes]
             lse, target_logit, code_lse, aux = ops.stats(logits, y, code_start, num_codes)
@@ -192,8 +246,8 @@ class _FusedLMHead(torch.autograd.Function):
             b_coef = ce_scale[start:end]
             a_coef = b_coef + 2.0 * w.z_loss * lse / z_den - c
             ops.grad_(logits, y, lse, code_lse, aux, a_coef, b_coef, c, code_start, num_codes)
-            grad_hidden[start:end] = logits @ weight_c
-            grad_weight.addmm_(logits.t(), h)
+            gemm.mm(logits, weight_c, out=grad_hidden[start:end])
+            gemm.mm(logits.t(), h, out=grad_weight, accumulate=True)
             del logits
         sums[0] = (per_ce * row_weight.to(compute))[is_text].double().sum()
         sums[1] = per_ce[is_marker].double().sum()
@@ -202,7 +256,7 @@ class _FusedLMHead(torch.autograd.Function):
         z = sums[3] / z_den
         total = (w.text * text + w.marker * marker + w.count * count + w.z_loss * z).to(compute)
         ctx.save_for_backward(grad_hidden, grad_weight, code_rows, hidden[code_rows].to(compute),
-                              weight_c[code_start : code_start + num_codes].clone())
+                              weight[code_start : code_start + num_codes].to(compute))
         ctx.meta = (code_start, num_codes, hidden.dtype, weight.dtype, single_backward)
         logged = [t.to(compute) for t in (text, marker, count, z)]
         ctx.mark_non_differentiable(*logged)
@@ -226,12 +280,14 @@ class _FusedLMHead(torch.autograd.Function):
 
 def fused_lm_head_terms(hidden: torch.Tensor, weight: torch.Tensor, layout: TargetLayout, w: LMHeadWeights,
                         code_start: int, num_codes: int, chunk_size: int = 1024,
-                        row_ops: RowOps = TORCH_ROW_OPS, single_backward: bool = True) -> LMHeadTerms:
+                        row_ops: RowOps = TORCH_ROW_OPS, single_backward: bool = True,
+                        matmul: str = "fp32") -> LMHeadTerms:
     bounds = chunk_bounds(layout, chunk_size)
     row_weight = text_weights_of(layout, torch.float64)
     tensors = (layout.targets, layout.is_text, layout.is_marker, layout.code_rows, count_roles(layout), row_weight)
     dens = w.denominators(layout, row_weight)
-    meta = (w, layout.num_depth_tokens, code_start, num_codes, bounds, row_ops, single_backward, dens)
+    meta = (w, layout.num_depth_tokens, code_start, num_codes, bounds, row_ops, single_backward, dens,
+            LMHeadMatmul(matmul))
     return LMHeadTerms(*_FusedLMHead.apply(hidden, weight, tensors, meta))
 
 
@@ -258,11 +314,15 @@ def resolve_implementation(requested: str, device: torch.device) -> str:
     return requested
 
 
-def lm_head_terms_fn(implementation: str, chunk_size: int) -> Callable:
+def lm_head_terms_fn(implementation: str, chunk_size: int, matmul: str = "fp32") -> Callable:
+    """The back end's function; ``matmul``: the fused back ends' GEMM precision (LMHeadMatmul; the reference is
+    always plain fp32)."""
     if implementation == "reference":
         return reference_lm_head_terms
     if implementation == "fused_torch":
-        return lambda h, wt, layout, w, cs, k: fused_lm_head_terms(h, wt, layout, w, cs, k, chunk_size)
+        return lambda h, wt, layout, w, cs, k: fused_lm_head_terms(h, wt, layout, w, cs, k, chunk_size,
+                                                                   matmul=matmul)
     if implementation == "fused_triton":
-        return lambda h, wt, layout, w, cs, k: fused_lm_head_terms(h, wt, layout, w, cs, k, chunk_size, triton_row_ops())
+        return lambda h, wt, layout, w, cs, k: fused_lm_head_terms(h, wt, layout, w, cs, k, chunk_size,
+                                                                   triton_row_ops(), matmul=matmul)
     raise ValueError(f"unknown LM-head implementation {implementation!r}")

@@ -151,8 +151,7 @@ class Trainer:
         token_ids = model.token_ids
 
         objective = PerceptioObjective(cfg.objective, token_ids)
-        lm_head_terms = LMHeadTermsModule(cfg.objective.implementation, cfg.objective.chunk_size, self.dist.device,
-                                          vocab_size=len(self.tokenizer))
+        lm_head_terms = LMHeadTermsModule.from_config(cfg.objective, self.dist.device, vocab_size=len(self.tokenizer))
         self.lm_head_implementation = lm_head_terms.implementation
         module = self.strategy.wrap(model, objective, lm_head_terms)
         del model  # a pipeline stage keeps only its own layers
