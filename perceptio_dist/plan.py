@@ -194,7 +194,9 @@ def model_sizes(cfg, mean_sample_tokens: int | None = None) -> ModelSizes:
     sam2_embedding = 2.0 * 256 * 64 * 64 * 3  # bf16 image embedding and two high-resolution feature maps
     total = sum(b.params for b in blocks)
     trainable = sum(b.trainable for b in blocks)
-    flops = flops_model_for(model).step_flops([mean_tokens], tiles)
+    # The LM head runs on the rows that predict a label: at most the sample's tokens outside its image tiles.
+    answer_rows = max(1, mean_tokens - tiles * image_tokens_per_tile(cfg.model.backbone))
+    flops = flops_model_for(model).step_flops([mean_tokens], tiles, target_rows=answer_rows)
     # Per unit (a padded sample or a packed row): the SAM2 embedding is per sample, the loss chunk per unit.
     fixed = loss_chunk + sam2_embedding * samples_per_row
     return ModelSizes(total, trainable, largest, tuple(blocks), fixed, flops, samples_per_row, d, seq,

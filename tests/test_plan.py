@@ -153,7 +153,11 @@ def test_packing_counts_real_tokens_and_packed_rows(sizes_8b):
     from perceptio_dist.train.flops import flops_model_for
 
     f = flops_model_for(build_perceptio_meta(load_config("perceptio_8b", []).model))
-    by_hand = 6 * f.llm_params * (seq - mean) + 12 * f.llm_layers * f.llm_hidden * (seq * seq - mean * mean)
+    # The LM head: the rows outside the image tiles (max_tiles + a thumbnail), at least one.
+    image_tokens = (load_config("perceptio_8b", []).model.backbone.max_tiles + 1) * f.image_tokens_per_tile
+    head_rows = [max(1, t - image_tokens) for t in (seq, mean)]
+    by_hand = (6 * f.llm_params * (seq - mean) + 12 * f.llm_layers * f.llm_hidden * (seq * seq - mean * mean)
+               + 6 * f.lm_head_params * (head_rows[0] - head_rows[1]))
     assert sizes_8b.flops_per_sample - padded.flops_per_sample == pytest.approx(by_hand, rel=1e-9)
     # A decoder layer's activations grow with the unit's tokens: a packed row of 2 x seq holds twice a padded sample's.
     layer = {b.name: b for b in padded.blocks}["decoder.0"].activation_bytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -81,10 +82,22 @@ def test_weight_decay_skips_biases_norms_and_embeddings():
 
 
 def test_step_flops_by_hand():
-    fm = FlopsModel(llm_params=100, llm_layers=2, llm_hidden=8, vision_params=10, vision_layers=1, vision_hidden=4,
-                    patches_per_tile=16, projector_params=5, image_tokens_per_tile=4)
-    expected = 6 * 100 * (3 + 5) + 12 * 2 * 8 * (9 + 25) + 2 * (2 * 10 * 16 + 4 * 1 * 4 * 256) + 2 * 5 * 4 * 2
-    assert fm.step_flops([3, 5], num_tiles=2) == expected
+    fm = FlopsModel(llm_params=100, llm_layers=2, llm_hidden=8, lm_head_params=30, vision_params=10, vision_layers=1,
+                    vision_hidden=4, patches_per_tile=16, projector_params=5, image_tokens_per_tile=4)
+    # Everything trained: decoder 6 N per token, attention, the LM head on the 4 target rows only, the tower and
+    # the projector forward and backward (3 passes).
+    decoder, attention, head = 6 * 100 * (3 + 5), 12 * 2 * 8 * (9 + 25), 6 * 30 * 4
+    tower_forward, projector_forward = 2 * (2 * 10 * 16 + 4 * 1 * 4 * 256), 2 * 5 * 4 * 2
+    assert fm.step_flops([3, 5], num_tiles=2, target_rows=4) == (decoder + attention + head + 3 * tower_forward
+                                                                 + 3 * projector_forward)
+    assert fm.step_flops([3, 5], num_tiles=2) == fm.step_flops([3, 5], num_tiles=2, target_rows=8)  # every token
+    # A frozen tower runs forward only; the projector in front of it then needs no input gradient (2 passes).
+    frozen_tower = dataclasses.replace(fm, trains_vision=False)
+    assert frozen_tower.step_flops([3, 5], 2, 4) == decoder + attention + head + tower_forward + 2 * projector_forward
+    # LoRA: 10 of the decoder's 100 weights trained: forward and input gradient for all, weight gradient for 10.
+    lora = dataclasses.replace(frozen_tower, trains_projector=False, llm_trained_params=10)
+    assert lora.step_flops([3, 5], 2, 4) == ((4 * 100 + 2 * 10) * 8 + attention + head + tower_forward
+                                             + projector_forward)
 
 
 def test_flops_model_reads_the_perceptio_sizes(tiny_cfg, tiny_tokenizer):
@@ -93,8 +106,11 @@ def test_flops_model_reads_the_perceptio_sizes(tiny_cfg, tiny_tokenizer):
     model = build_perceptio(tiny_cfg.model, tiny_tokenizer)
     fm = flops_model_for(model)
     layers = sum(p.numel() for p in model.backbone.model.language_model.layers.parameters())
-    assert fm.llm_params == layers + model.lm_head.weight.numel()
+    assert fm.llm_params == layers and fm.lm_head_params == model.lm_head.weight.numel()
     assert fm.patches_per_tile == 64 and fm.image_tokens_per_tile == 16
+    assert fm.trains_vision and fm.trains_projector and fm.llm_trained_params == layers
+    model.backbone.model.vision_tower.requires_grad_(False)
+    assert not flops_model_for(model).trains_vision
 
 
 def test_metrics_jsonl_and_wandb_mode(tmp_path, monkeypatch):

@@ -195,7 +195,7 @@ def check_proxy(device, steps: int) -> list[dict]:
         if i >= 2:  # two warm-up steps
             times.append(time.perf_counter() - start)
             tokens += batch.num_tokens
-            work += flops.step_flops(batch.sample_lengths, batch.pixel_values.shape[0])
+            work += flops.step_flops(batch.sample_lengths, batch.pixel_values.shape[0], target_rows=batch.num_targets)
     seconds = sum(times)
     sizes = model_sizes(cfg, mean_sample_tokens=max(1, tokens // len(times)))
     memory_gb = torch.cuda.get_device_properties(dist.device).total_memory / 2**30 if not cpu else 24.0

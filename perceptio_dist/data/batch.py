@@ -63,6 +63,11 @@ class Batch:
         return int(self.attention_mask.sum())
 
     @property
+    def num_targets(self) -> int:
+        """Tokens with a label, i.e. the rows whose LM-head logits the loss computes."""
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
     def num_samples(self) -> int:
         return int(self.sam_images.shape[0])
 

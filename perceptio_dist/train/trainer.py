@@ -301,8 +301,9 @@ class Trainer:
         def count_work(batch) -> torch.Tensor:
             # Real tokens per sample (packed or padded), so padding never counts as work.
             lengths = batch.sample_lengths
-            return torch.tensor([sum(lengths), batch.num_samples, flops.step_flops(lengths, batch.pixel_values.shape[0]),
-                                 batch.input_ids.numel()], dtype=torch.float64, device=device)
+            model_flops = flops.step_flops(lengths, batch.pixel_values.shape[0], target_rows=batch.num_targets)
+            return torch.tensor([sum(lengths), batch.num_samples, model_flops, batch.input_ids.numel()],
+                                dtype=torch.float64, device=device)
 
         def on_batch(batch, micro: int) -> None:
             if samples_sink is not None:
