@@ -100,7 +100,7 @@ def check(command: str) -> None:
         args = words[2:] if sub else words[1:]
     elif program in ("python", "python3", "torchrun") and "-m" in words:
         module = words[words.index("-m") + 1]
-        if module in ("pytest", "torch.distributed.run"):
+        if module in ("pytest", "torch.distributed.run", "pip"):
             return
         rest = words[words.index("-m") + 2:]
         sub = rest[0] if rest and not rest[0].startswith("-") and module.endswith("vqvae") else ""

@@ -21,20 +21,26 @@ Rows:
    AdamW, no DeepSpeed, no fp32 master copy: a lower bound on a hand-written loop's cost); step time and the
    ZeRO-3 run's ratio over it. Goal: <= 1.10x. Both loops' first losses are printed: they must agree.
 
-Wheels beyond a stock CUDA PyTorch image (its torch and triton are used as they are), measured from what the dry
-run imports by tools/gen_gpu_requirements.py:
+Wheels beyond a stock CUDA PyTorch image (its torch and triton are used as they are; Python 3.12), measured from
+what the dry run imports by tools/gen_gpu_requirements.py (tools/gpu_check_requirements.txt, about 19 MiB):
 
-    pip install --no-deps -r tools/gpu_check_requirements.txt && pip install --no-deps -e .
+    python tools/gen_gpu_requirements.py --wheels .whl                       # where pip reaches PyPI
+    python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl   # on the GPU machine, offline
+    PYTHONPATH=/tmp/site python3 tools/gpu_check.py
 
-Optional rows: flash-attn, liger-kernel, cut-cross-entropy, where their wheels are installed. Each row is isolated:
-a failing one prints its error in the table, the others still run, and the exit status is 1.
+This package itself needs no install: the check imports it from the checkout. Optional rows: flash-attn,
+liger-kernel, cut-cross-entropy, where their wheels are installed; without flash-attn the attention row reports
+itself skipped. Each row is isolated and has a time limit (ROW_LIMITS_S, 400 s in all on a GPU): a failing or
+overrunning one prints its error in the table, the others still run, and the exit status is 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,7 +63,7 @@ PROXY_MIX = [(1.0, 5, 40)]  # every proxy sample: 4 tiles + thumbnail, a depth b
 # ------------------------------------------------------------------------------------------------- 1. loss
 
 
-def check_fused_loss(cpu: bool) -> list[dict]:
+def check_fused_loss(cpu: bool, limit_s: int | None = None) -> list[dict]:
     shape = (["--tokens", "512", "--hidden", "32", "--vocab", "500", "--chunk", "64", "--dtype", "fp32"] if cpu else
              ["--tokens", "8192", "--hidden", "4096", "--dtype", "bf16", "--device", "cuda"])
     impls = ["reference", "fused_torch", "fused_triton"]
@@ -66,7 +72,8 @@ def check_fused_loss(cpu: bool) -> list[dict]:
             impls.append(name)
     env = {**os.environ, **({"TRITON_INTERPRET": "1"} if cpu else {})}
     proc = subprocess.run([sys.executable, str(TOOLS / "bench_fused_loss.py"), *shape, "--impls", *impls],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+                          capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=None if limit_s is None else limit_s - 5)  # ends before the row's alarm
     if proc.returncode:
         return [{"check": "fused LM-head loss", "result": f"failed: {proc.stderr.strip().splitlines()[-1:]}"}]
     out = json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -197,7 +204,14 @@ def check_proxy(device, steps: int) -> list[dict]:
             tokens += batch.num_tokens
             work += flops.step_flops(batch.sample_lengths, batch.pixel_values.shape[0], target_rows=batch.num_targets)
     seconds = sum(times)
-    sizes = model_sizes(cfg, mean_sample_tokens=max(1, tokens // len(times)))
+    # Like for like: the plan for samples as the proxy's are (its longest, its tiles), not the recipe's 8,192-token,
+    # 13-tile worst case.
+    longest = max(len(s.input_ids) for s in samples)
+    tiles = max(s.pixel_values.shape[0] for s in samples)
+    sizes = model_sizes(load_config("tiny_cpu" if cpu else "perceptio_8b",
+                                    [*(PROXY_CPU if cpu else PROXY_8B), f"data.max_seq_len={longest}",
+                                     f"model.backbone.max_tiles={max(1, tiles - 1)}"]),
+                        mean_sample_tokens=longest)
     memory_gb = torch.cuda.get_device_properties(dist.device).total_memory / 2**30 if not cpu else 24.0
     predicted = {p.layout: p for p in plan(sizes, Cluster(nodes=1, gpus_per_node=1, gpu_memory_gb=memory_gb,
                                                           reserve_gb=0), 1, [])}["zero3"]
@@ -213,7 +227,7 @@ def check_proxy(device, steps: int) -> list[dict]:
          "goal": ">= 45 %" if not cpu else "", "result": "" if cpu else ("ok" if mfu >= 0.45 else "below goal")},
         {"check": f"{name}: peak memory vs perceptio-plan", "figure": f"measured {measured}, predicted "
          f"{predicted_gb:.1f} GB (model states {predicted.model_states_gb:.1f} + activations "
-         f"{predicted.activations_per_sample_gb:.2f})"},
+         f"{predicted.activations_per_sample_gb:.2f}) for samples of {longest} tokens and {tiles} tiles"},
         {"check": f"{name}: loss finite", "result": "ok" if bool(torch.isfinite(loss.detach()).all()) else "NOT FINITE"},
         {"check": f"{name}: plain PyTorch loop, same samples", "figure": f"{plain_s:.3f} s/step; first loss "
          f"{plain_first_loss:.6f} (ZeRO-3: {first_loss:.6f})"},
@@ -290,9 +304,12 @@ def main() -> None:
     device = torch.device(args.device)
     steps = args.steps or (2 if args.device == "cpu" else 5)
     started = time.perf_counter()
-    rows = isolated("fused LM-head loss", lambda: check_fused_loss(cpu=args.device == "cpu"))
-    rows += isolated("attention", lambda: [check_attention(device)])
-    rows += isolated("8B-width proxy", lambda: check_proxy(device, steps))
+    limits = ROW_LIMITS_S if args.device == "cuda" else {}  # the CPU dry run's time is the suite's concern
+    rows = isolated("fused LM-head loss", lambda: check_fused_loss(cpu=args.device == "cpu",
+                                                                   limit_s=limits.get("loss")),
+                    limits.get("loss"))
+    rows += isolated("attention", lambda: [check_attention(device)], limits.get("attention"))
+    rows += isolated("8B-width proxy", lambda: check_proxy(device, steps), limits.get("proxy"))
     title = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU dry run (tiny shapes)"
     print(f"\n{title}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
           f"{time.perf_counter() - started:.0f} s\n")
@@ -304,12 +321,38 @@ def main() -> None:
         raise SystemExit(1)
 
 
-def isolated(name: str, check) -> list[dict]:
-    """The rows of ``check``, or one row with its error: a failing check never costs the table its other rows."""
+# Seconds per row on a GPU, so the whole check ends within 7 minutes (about 6 when all goes well); a row past its
+# limit is reported as failed and the next one runs.
+ROW_LIMITS_S = {"loss": 150, "attention": 60, "proxy": 190}
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int | None):
+    """Raise TimeoutError in this (main) thread after ``seconds``; None: no limit."""
+    if seconds is None:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"over its {seconds} s limit")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def isolated(name: str, check, limit_s: int | None = None) -> list[dict]:
+    """The rows of ``check``, or one row with its error: a failing check, or one past ``limit_s`` seconds, never
+    costs the table its other rows."""
     import traceback
 
     try:
-        return check()
+        with time_limit(limit_s):
+            return check()
     except Exception as exc:  # noqa: BLE001  (reported in the table, and the exit status says so)
         traceback.print_exc()
         message = " ".join(str(exc).split())[:300]
