@@ -82,6 +82,7 @@ def exported(tmp_path_factory):
 
     cfg = load_config("tiny_cpu", [NO_TOKENIZER])
     tokenizer = load_tokenizer(cfg.model.backbone)
+    torch.manual_seed(0)  # the same random model whichever tests ran before
     model = build_perceptio(cfg.model, tokenizer).eval()
     folder = tmp_path_factory.mktemp("export") / "model"
     write_exported(model, tokenizer, cfg, folder, "a random test model")
@@ -119,6 +120,10 @@ def test_constraint_state_machine_by_hand():
     assert not free_text & {10, 11, 12, 13, 14, 15, 16} and {0, 9, 17} <= free_text
     forbid = SpatialConstraint(ids, 0, SpatialPolicy(seg="forbid", depth="forbid"))
     assert not set(torch.nonzero(forbid.allowed([], 20)).flatten().tolist()) & {10, 11, 12, 13, 14, 15, 16}
+    # The image-context token (here 9) never: an answer holding one could not be read back by the model.
+    no_image = SpatialConstraint(ids, 0, SpatialPolicy(seg="free", depth="free"), never=(9,))
+    assert 9 not in set(torch.nonzero(no_image.allowed([], 20)).flatten().tolist())
+    assert 9 in free_text
 
 
 @pytest.mark.parametrize("policy", [SpatialPolicy("forbid", "force"), SpatialPolicy("force", "force"),

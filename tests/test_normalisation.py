@@ -95,17 +95,16 @@ def split_step(objective, impl, micro_batches: list[list[int]], replicas: int = 
     for b in batches:
         items = objective.item_counts(b["labels"], b["num_seg"])
         counts += torch.tensor([items[t] for t in TERMS], dtype=torch.float64)
-    objective.normaliser = StepNormaliser(counts, scale=float(len(batches)))  # accum x replicas micro-batches
     weight_grad = torch.zeros_like(WEIGHT)
     hidden_grads, totals, terms = {}, [], torch.zeros(len(TERMS), dtype=torch.float64)
-    for m, b in zip(micro_batches, batches):
-        out, gw, gh, _ = run(objective, impl, b)
-        weight_grad += gw / len(batches)
-        for row, index in enumerate(m):
-            hidden_grads[index] = gh[row, :len(SAMPLES[index])] / len(batches)
-        totals.append(out.total.item() / len(batches))
-        terms += torch.stack([out.terms[t] for t in TERMS])
-    objective.normaliser = None
+    with objective.normalised_by(StepNormaliser(counts, scale=float(len(batches)))):  # accum x replicas
+        for m, b in zip(micro_batches, batches):
+            out, gw, gh, _ = run(objective, impl, b)
+            weight_grad += gw / len(batches)
+            for row, index in enumerate(m):
+                hidden_grads[index] = gh[row, :len(SAMPLES[index])] / len(batches)
+            totals.append(out.total.item() / len(batches))
+            terms += torch.stack([out.terms[t] for t in TERMS])
     return sum(totals), terms, weight_grad, hidden_grads
 
 
@@ -237,3 +236,20 @@ def test_fused_count_term_matches_the_reference_on_extreme_masses(backend):
     h = torch.tensor([[0.0] * V] + rows, dtype=torch.float32, requires_grad=True)
     fn(h, torch.eye(V), layout, LMHeadWeights(0, 0, 1, 0), IDS.code_start, IDS.num_codes).total.backward()
     assert torch.isfinite(h.grad).all() and h.grad[-1].abs().max().item() == 0.0
+
+
+def test_the_step_normaliser_holds_inside_its_context_only():
+    """normalised_by scopes the step's counts: inside, every call divides by them; outside (and after an error
+    inside), each call is a step of its own again."""
+    objective = PerceptioObjective(ObjectiveConfig(mask_point_samples=0), IDS)
+    impl = IMPLEMENTATIONS["reference"]
+    batch = make_batch([0, 1])
+    alone = run(objective, impl, batch)[0].total.item()
+    items = objective.item_counts(batch["labels"], batch["num_seg"])
+    doubled = StepNormaliser(torch.tensor([2 * items[t] for t in TERMS], dtype=torch.float64), scale=1.0)
+    with objective.normalised_by(doubled):
+        inside = run(objective, impl, batch)[0].total.item()
+    assert inside == pytest.approx(alone / 2, rel=1e-6)
+    with pytest.raises(RuntimeError), objective.normalised_by(doubled):
+        raise RuntimeError("a failing forward")
+    assert run(objective, impl, batch)[0].total.item() == pytest.approx(alone, rel=1e-9)

@@ -113,14 +113,13 @@ def training_setup(args_overrides: list[str]):
     return cfg, module, optimizer, scheduler, iter(build_loader(cfg, tokenizer, model.token_ids, rank=0, world_size=1))
 
 
-def set_step_normaliser(module, micro_batches: list) -> None:
-    """The objective's normaliser for a step of ``micro_batches`` on one rank, as the trainer sets it: every term is
-    the mean over the step's items, scaled so that averaging the micro-batch losses gives the step's objective."""
+def step_normalised(module, micro_batches: list):
+    """The context a step of ``micro_batches`` on one rank runs in, as the trainer's: every term is the mean over the
+    step's items, scaled so that averaging the micro-batch losses gives the step's objective."""
     from perceptio_dist.losses.objective import StepNormaliser
-    from perceptio_dist.parallel.strategy import step_item_counts
 
-    counts = step_item_counts(module.objective, micro_batches, micro_batches[0].input_ids.device)
-    module.objective.normaliser = StepNormaliser(counts.cpu(), scale=float(len(micro_batches)))
+    counts = module.objective.step_counts(micro_batches, micro_batches[0].input_ids.device)
+    return module.objective.normalised_by(StepNormaliser(counts.cpu(), scale=float(len(micro_batches))))
 
 
 def plain_step(module, optimizer, scheduler, micro_batches: list, grad_clip: float):
@@ -129,12 +128,12 @@ def plain_step(module, optimizer, scheduler, micro_batches: list, grad_clip: flo
     Returns the step's loss (what perceptio-train logs as ``loss``)."""
     import torch
 
-    set_step_normaliser(module, micro_batches)
     total = 0.0
-    for batch in micro_batches:
-        loss, _, _ = module(**batch.as_dict())
-        (loss / len(micro_batches)).backward()
-        total += loss.detach() / len(micro_batches)
+    with step_normalised(module, micro_batches):
+        for batch in micro_batches:
+            loss, _, _ = module(**batch.as_dict())
+            (loss / len(micro_batches)).backward()
+            total += loss.detach() / len(micro_batches)
     torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
@@ -177,11 +176,11 @@ def deepspeed_loop(args_overrides: list[str], steps: int, warmup: int, stage: in
     for _ in range(steps):
         start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
-        set_step_normaliser(module, micro_batches)
-        for batch in micro_batches:
-            loss, _, _ = engine(**batch.as_dict())
-            engine.backward(loss)
-            engine.step()  # an update at the accumulation boundary only
+        with step_normalised(module, micro_batches):
+            for batch in micro_batches:
+                loss, _, _ = engine(**batch.as_dict())
+                engine.backward(loss)
+                engine.step()  # an update at the accumulation boundary only
         times.append(time.perf_counter() - start)
     return {"step_s": statistics.median(times[warmup:])}
 

@@ -33,12 +33,15 @@ class SpatialPolicy:
 class SpatialConstraint(LogitsProcessor):
     """Masks the scores of each row by the state of its answer so far (tokens after the prompt)."""
 
-    def __init__(self, ids: SpatialTokenIds, prompt_length: int, policy: SpatialPolicy):
-        self.ids, self.prompt_length, self.policy = ids, prompt_length, policy
+    def __init__(self, ids: SpatialTokenIds, prompt_length: int, policy: SpatialPolicy, never: tuple[int, ...] = ()):
+        """``never``: tokens an answer may not hold at all (the image-context token: the model replaces every one
+        of them with image features, so an answer holding one cannot be read back)."""
+        self.ids, self.prompt_length, self.policy, self.never = ids, prompt_length, policy, list(never)
 
     def allowed(self, generated: list[int], vocab: int) -> torch.Tensor:
         ids, policy = self.ids, self.policy
         allow = torch.ones(vocab, dtype=torch.bool)
+        allow[self.never] = False
         only = torch.zeros(vocab, dtype=torch.bool)
         if ids.depth_start in generated and ids.depth_end not in generated:
             codes = len(generated) - 1 - generated.index(ids.depth_start)
@@ -113,7 +116,8 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], pixel_values: list[t
     spatial = (0 if policy.seg == "forbid" else 1) + (0 if policy.depth == "forbid" else ids.num_depth_tokens + 2)
     out = model.backbone.generate(
         input_ids=input_ids, attention_mask=attention, pixel_values=pixels,
-        logits_processor=LogitsProcessorList([SpatialConstraint(ids, input_ids.shape[1], policy)]),
+        logits_processor=LogitsProcessorList([SpatialConstraint(ids, input_ids.shape[1], policy,
+                                                                never=(model.backbone.config.image_token_id,))]),
         max_new_tokens=settings.max_new_tokens + spatial, do_sample=settings.do_sample,
         temperature=settings.temperature if settings.do_sample else None,
         top_p=settings.top_p if settings.do_sample else None, top_k=None,

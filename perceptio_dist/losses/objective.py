@@ -41,8 +41,9 @@ has no depth block or no [SEG] (ZeRO-3 rule), on inputs multiplied by zero.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +75,26 @@ class PerceptioObjective:
     def __init__(self, cfg: ObjectiveConfig, ids: SpatialTokenIds):
         self.cfg = cfg
         self.ids = ids
-        # Set by the parallel strategy before each optimizer step's first forward (None: each call its own step).
-        self.normaliser: StepNormaliser | None = None
+        self._step: StepNormaliser | None = None  # inside normalised_by(); None: each call its own step
+
+    @contextlib.contextmanager
+    def normalised_by(self, normaliser: StepNormaliser) -> Iterator[None]:
+        """Every call inside divides by the step's item counts (the parallel strategy opens it around a step's
+        forwards and backwards, recomputation included); outside, each call is a step of its own."""
+        previous, self._step = self._step, normaliser
+        try:
+            yield
+        finally:
+            self._step = previous
+
+    def step_counts(self, micro_batches: Iterable, device: torch.device) -> torch.Tensor:
+        """The items each term scores over micro-batches ([len(TERMS)] float64), from their labels alone (known
+        before any forward): one rank's part of the step normaliser's counts."""
+        counts = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
+        for batch in micro_batches:
+            items = self.item_counts(batch.labels, int(batch.seg_masks.shape[0]), batch.sample_index)
+            counts += torch.tensor([items[t] for t in TERMS], dtype=torch.float64, device=device)
+        return counts
 
     @staticmethod
     def target_positions(labels: torch.Tensor, sample_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,7 +150,7 @@ class PerceptioObjective:
         layout = self.target_layout(labels, sample_index)
         h_sel, targets = hidden[:, :-1][self.target_positions(labels, sample_index)], layout.targets
         counts = self.item_counts_of(layout, num_seg)
-        norm = self.normaliser or StepNormaliser.local(counts)
+        norm = self._step or StepNormaliser.local(counts)
         lm_weights = LMHeadWeights(cfg.text_weight, cfg.marker_weight, cfg.count_weight, cfg.z_loss_weight,
                                    norm.denominator("text"), norm.denominator("marker"), norm.denominator("count"),
                                    norm.denominator("z_loss"))

@@ -87,7 +87,8 @@ class TokenEmbeddingPipe(nn.Module):
         self.embed_tokens = source.model.backbone.model.language_model.embed_tokens
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        input_ids, attention_mask, pixel_values = inputs
+        input_ids, attention_mask, pixel_values = (inputs[FIRST_STAGE_INPUTS.index(name)] for name in
+                                                   ("input_ids", "attention_mask", "pixel_values"))
         return self.embed_tokens(input_ids), input_ids, attention_mask, pixel_values
 
 
@@ -179,12 +180,13 @@ class HeadPipe(nn.Module):
         return self.norm(hidden)
 
     def loss(self, hidden: torch.Tensor, labels: tuple[torch.Tensor, ...]):
-        targets, input_ids, sample_index, sam_images, seg_masks, teacher_depth, has_teacher_depth = labels
-        mask_logits, num_seg = segment_seg_tokens(self.seg_head, self.seg_id, hidden, input_ids, sample_index,
-                                                  sam_images)
+        batch = dict(zip(LAST_STAGE_LABELS, labels))
+        mask_logits, num_seg = segment_seg_tokens(self.seg_head, self.seg_id, hidden, batch["input_ids"],
+                                                  batch["sample_index"], batch["sam_images"])
         return objective_outputs(self.objective, self.lm_head_terms, hidden, self.lm_head_weight,
-                                 self.depth_vqvae.soft_decode, mask_logits, num_seg, targets, seg_masks,
-                                 teacher_depth, has_teacher_depth, sample_index)
+                                 self.depth_vqvae.soft_decode, mask_logits, num_seg, batch["labels"],
+                                 batch["seg_masks"], batch["teacher_depth"], batch["has_teacher_depth"],
+                                 batch["sample_index"])
 
 
 def _pass_through(module: nn.Module, inputs):
@@ -325,14 +327,20 @@ def stage_of(cfg: PerceptioConfig, rank: int, world_size: int) -> tuple[int, int
     return rank // replicas, rank % replicas, replicas
 
 
+# The batch fields the pipe engine hands the first stage (inputs) and the last stage (labels), in tuple order: the
+# one place that order is written (pipeline_batches packs by it, the stages unpack by it).
+FIRST_STAGE_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+LAST_STAGE_LABELS = ("labels", "input_ids", "sample_index", "sam_images", "seg_masks", "teacher_depth",
+                     "has_teacher_depth")
+
+
 def pipeline_batches(batches: Iterator, on_batch=None) -> Iterator[tuple[tuple, tuple]]:
     """Batches as DeepSpeed's pipe engine reads them: (first-stage inputs, last-stage labels)."""
     for batch in batches:
         if on_batch is not None:
             on_batch(batch)
-        yield ((batch.input_ids, batch.attention_mask, batch.pixel_values),
-               (batch.labels, batch.input_ids, batch.sample_index, batch.sam_images, batch.seg_masks,
-                batch.teacher_depth, batch.has_teacher_depth))
+        yield (tuple(getattr(batch, name) for name in FIRST_STAGE_INPUTS),
+               tuple(getattr(batch, name) for name in LAST_STAGE_LABELS))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

@@ -55,16 +55,7 @@ class StepResult:
     loss: float  # mean loss of the step over every rank (what the engine optimised)
     records: list[tuple[torch.Tensor, torch.Tensor]]  # this rank's (terms, counts) per scored micro-batch
     batches: list = field(default_factory=list)  # this rank's batches to count as work (each sample once)
-
-
-def step_item_counts(objective: PerceptioObjective, micro_batches: list, device: torch.device) -> torch.Tensor:
-    """The items each term scores over one rank's micro-batches of a step ([len(TERMS)] float64), from the labels
-    alone: the local part of the step's normaliser (also tools/bench_trainer.py's plain loop)."""
-    counts = torch.zeros(len(TERMS), dtype=torch.float64, device=device)
-    for batch in micro_batches:
-        items = objective.item_counts(batch.labels, int(batch.seg_masks.shape[0]), batch.sample_index)
-        counts += torch.tensor([items[t] for t in TERMS], dtype=torch.float64, device=device)
-    return counts
+    item_counts: list[float] = field(default_factory=list)  # the step's items per term (TERMS order), all ranks
 
 
 class ParallelStrategy:
@@ -76,20 +67,20 @@ class ParallelStrategy:
         self.cfg, self.dist = cfg, dist
         self.stage, self.data_rank, self.data_ranks = 0, dist.rank, dist.world_size
         self.engine = None
-        self.objective: PerceptioObjective | None = None  # set by wrap(); receives each step's normaliser
+        self.objective: PerceptioObjective | None = None  # set by wrap(); each step runs normalised_by its counts
 
-    def read_step(self, batches: Iterator) -> list:
-        """The step's micro-batches of this rank, read before its first forward; sets the objective's normaliser.
+    def read_step(self, batches: Iterator) -> tuple[list, StepNormaliser]:
+        """The step's micro-batches of this rank, read before its first forward, and the step's normaliser (the
+        objective's item counts over every rank's micro-batches), which the step's forwards run under.
 
         Every rank of a replica reads the same micro-batches (pipeline stages), so the all-ranks sum of the
         counts holds each replica's items ``pp_stages`` times.
         """
         accum, device = self.cfg.train.grad_accum_steps, self.dist.device
         micro_batches = [next(batches).to(device) for _ in range(accum)]
-        counts = all_reduce_sum(step_item_counts(self.objective, micro_batches, device))
+        counts = all_reduce_sum(self.objective.step_counts(micro_batches, device))
         counts = counts / (self.dist.world_size // self.data_ranks)
-        self.objective.normaliser = StepNormaliser(counts.cpu(), scale=float(accum * self.data_ranks))
-        return micro_batches
+        return micro_batches, StepNormaliser(counts.cpu(), scale=float(accum * self.data_ranks))
 
     # ------------------------------------------------------------------------------------------ build
 
@@ -178,24 +169,26 @@ class ZeroStrategy(ParallelStrategy):
     def step(self, batches, on_batch, guard, step):
         engine, device, accum = self.engine, self.dist.device, self.cfg.train.grad_accum_steps
         loss_sum = torch.zeros(1, device=device)
-        result = StepResult(0.0, [])
-        for micro, batch in enumerate(self.read_step(batches)):
-            on_batch(batch, micro)
-            loss, terms, counts = engine(**batch.as_dict())
-            if any_rank(not bool(torch.isfinite(loss.detach()).all()), device):
-                guard.nonfinite(step, update_applied=False)  # may stop the run
-                # No gradient from this micro-batch on any rank, but DeepSpeed still counts it, so the update
-                # happens where it would have and later steps read their planned samples.
-                engine.backward(torch.zeros((), device=device, requires_grad=True) * 1.0)  # a graph, no parameter
+        micro_batches, normaliser = self.read_step(batches)
+        result = StepResult(0.0, [], item_counts=normaliser.counts.tolist())
+        with self.objective.normalised_by(normaliser):
+            for micro, batch in enumerate(micro_batches):
+                on_batch(batch, micro)
+                loss, terms, counts = engine(**batch.as_dict())
+                if any_rank(not bool(torch.isfinite(loss.detach()).all()), device):
+                    guard.nonfinite(step, update_applied=False)  # may stop the run
+                    # No gradient from this micro-batch on any rank, but DeepSpeed still counts it, so the update
+                    # happens where it would have and later steps read their planned samples.
+                    engine.backward(torch.zeros((), device=device, requires_grad=True) * 1.0)  # a graph, no param
+                    engine.step()
+                    continue
+                guard.finite()
+                engine.backward(loss)
                 engine.step()
-                continue
-            guard.finite()
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float()
-            if self.tp_rank == 0:
-                result.records.append((terms, counts))
-                result.batches.append(batch)
+                loss_sum += loss.detach().float()
+                if self.tp_rank == 0:
+                    result.records.append((terms, counts))
+                    result.batches.append(batch)
         # DeepSpeed optimises the mean of the micro-batch totals over accumulation steps and replicas; with the
         # step normaliser's scale that mean is the step's objective.
         result.loss = all_reduce_mean(loss_sum / accum).item()
@@ -248,13 +241,15 @@ class PipelineStrategy(ParallelStrategy):
             on_batch(batch, len(read))
             read.append(batch)
 
-        micro_batches = self.read_step(batches)
-        loss = float(self.engine.train_batch(pipeline_batches(iter(micro_batches), read_one)))  # same on every rank
+        micro_batches, normaliser = self.read_step(batches)
+        with self.objective.normalised_by(normaliser):
+            loss = float(self.engine.train_batch(pipeline_batches(iter(micro_batches), read_one)))  # every rank's
         if np.isfinite(loss):
             guard.finite()
         else:
             guard.nonfinite(step, update_applied=True)
-        return StepResult(loss, self.stage_loss.take_records(), read if self.last_stage else [])
+        return StepResult(loss, self.stage_loss.take_records(), read if self.last_stage else [],
+                          normaliser.counts.tolist())
 
     def layout(self):
         return self._layout

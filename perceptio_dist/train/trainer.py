@@ -327,7 +327,7 @@ class Trainer:
             "loss": result.loss,
             **{f"loss/{name}": (value if n > 0 else None) for name, value, n in zip(TERMS, term_means,
                                                                                      term_counts.tolist())},
-            **{f"items/{name}": value for name, value in zip(TERMS, self.strategy.objective.normaliser.counts.tolist())},
+            **{f"items/{name}": value for name, value in zip(TERMS, result.item_counts)},
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens": int(tokens),
