@@ -202,7 +202,8 @@ def _loss_curves(out: Path) -> Path:
                 ax.plot(*zip(*points), style, label=name)
         ax.set_title(term, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-        ax.legend(fontsize=7)
+        if ax.lines:  # a term neither run logged has nothing to label
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "loss_curves.png"
     fig.savefig(path, dpi=80)

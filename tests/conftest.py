@@ -177,6 +177,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark the fast tier (tests/fast_tier.py says which tests and why)."""
+    from .fast_tier import is_fast
+
+    for item in items:
+        if is_fast(item.path.name, getattr(item, "originalname", item.name)) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.fast)
+
+
 def tools_module(name: str):
     """A script of tools/ imported as a module (tools/ is not a package)."""
     import importlib.util

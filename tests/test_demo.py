@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from .conftest import CLUSTER_SHELL, ROOT, run_process, without_launcher_variables
 
 STAGES = ("scenes", "tokenizer", "shards", "train", "ablation", "evaluate", "report")
@@ -57,3 +59,24 @@ def test_quick_demo_runs_every_stage_then_reuses_them(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     for stage in STAGES:
         assert f"{stage}: done in an earlier run" in second.stdout, stage
+
+
+def test_the_demo_report_tables_its_runs_metrics_and_draws_their_losses(tmp_path):
+    """The report from the two runs' metrics alone: one row per benchmark and metric, both models side by side,
+    a dash where a model has no figure, and the loss curves drawn from metrics.jsonl."""
+    from perceptio_dist.demo import write_demo_report
+
+    out = tmp_path / "demo"
+    metrics = {"depth_model": {"synthetic_depth_3": {"accuracy": 0.5, "count": 12},
+                               "synthetic_refer": {"ciou": 0.25, "giou": 0.125, "count": 4}},
+               "ablation": {"synthetic_depth_3": {"accuracy": 0.75, "count": 12}}}
+    (out).mkdir()
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    for name, losses in (("depth_model", [3.0, 2.0]), ("ablation", [3.5, 2.5])):
+        (out / name).mkdir()
+        (out / name / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v, "loss/text": v / 2})
+                                                          + "\n" for i, v in enumerate(losses)))
+    report = write_demo_report(out).read_text()
+    assert "| synthetic_depth_3 | accuracy | 50.0 | 75.0 | 12 |" in report
+    assert "| synthetic_refer | ciou | 25.0 | - | 4 |" in report and "| synthetic_refer | giou | 12.5 | - | 4 |" in report
+    assert (out / "loss_curves.png").stat().st_size > 1000 and "![losses](loss_curves.png)" in report

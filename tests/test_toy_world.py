@@ -205,6 +205,25 @@ def test_sweep_file_is_checked_before_anything_trains(tmp_path):
             load_sweep(path)
 
 
+def test_perceptio_sweep_refuses_a_bad_file_and_unknown_names_before_training(tmp_path, capsys):
+    from perceptio_dist.cli import CONFIG_ERROR_EXIT
+    from perceptio_dist.cli.sweep import main
+
+    scenes = tmp_path / "heldout"
+    scenes.mkdir()
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps({"recipe": "toy_spatial", "heldout_scenes": str(scenes), "recipes": "x",
+                                "configurations": [{"name": "base"}]}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--sweep", str(path), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == CONFIG_ERROR_EXIT and "unknown field" in capsys.readouterr().err
+    path.write_text(json.dumps({"recipe": "toy_spatial", "heldout_scenes": str(scenes),
+                                "configurations": [{"name": "base"}]}))
+    with pytest.raises(SystemExit, match=r"--only names no configuration \['other'\]"):
+        main(["--sweep", str(path), "--out", str(tmp_path / "out"), "--only", "other"])
+    assert not (tmp_path / "out").exists()  # nothing trained
+
+
 @pytest.mark.parametrize("name", ["toy_spatial", "toy_localisation"])
 def test_shipped_sweep_files_validate(tmp_path, name):
     """Every configuration of the sweeps the README reports loads against its recipe (held-out scenes: a stand-in)."""
