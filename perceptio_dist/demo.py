@@ -229,7 +229,7 @@ def write_demo_report(out: Path) -> Path:
                 lines.append(f"| {group} | {key} | {fa} | {fb} | {a.get('count', a.get('splits', ''))} |")
     from .eval.baselines import baselines_table
     from .eval.marker_step import marker_step_table
-    from .eval.run import faithfulness_table
+    from .eval.report import faithfulness_table
 
     for name, label in (("depth_model", "Depth model"), ("ablation", "Ablation")):
         lines += [line.replace("## Baselines", f"## {label}: baselines") for line in baselines_table(metrics[name])]

@@ -4,7 +4,12 @@
 * ``parallel/`` imports nothing from ``train/``; ``data/`` nothing from ``teachers/`` or ``preprocess/``;
   ``model/``, ``losses/`` and ``kernels/`` nothing from ``data``, ``parallel``, ``train`` or the entry points;
 * only ``config.py`` expands or resolves paths; only ``train/checkpoint.py`` names the checkpoint marker;
-* every console script in pyproject.toml points into ``perceptio_dist/cli/``.
+* every console script in pyproject.toml points into ``perceptio_dist/cli/``, and only ``cli/`` parses command
+  lines (argparse): library code takes typed arguments;
+* ``eval/`` imports nothing from the entry points.
+
+Each rule is a function of the sources, also run on a deliberate violation, so a rule that stops seeing anything
+fails here.
 """
 
 from __future__ import annotations
@@ -63,21 +68,48 @@ def test_no_import_cycles():
     assert not cycles, cycles
 
 
+FLOORS = {
+    "perceptio_dist.parallel": ("perceptio_dist.train",),
+    "perceptio_dist.data": ("perceptio_dist.teachers", "perceptio_dist.preprocess", "perceptio_dist.train",
+                            "perceptio_dist.parallel"),
+    "perceptio_dist.model": ("perceptio_dist.data", "perceptio_dist.parallel", "perceptio_dist.train",
+                             "perceptio_dist.losses", "perceptio_dist.cli"),
+    "perceptio_dist.losses": ("perceptio_dist.data", "perceptio_dist.parallel", "perceptio_dist.train",
+                              "perceptio_dist.cli"),
+    "perceptio_dist.kernels": ("perceptio_dist.losses", "perceptio_dist.train"),
+    "perceptio_dist.eval": ("perceptio_dist.cli",),
+}
+
+
+def broken_floors(graph: dict[str, set[str]], rules: dict[str, tuple[str, ...]] = FLOORS) -> list[tuple[str, str]]:
+    return [(module, target) for module, targets in graph.items() for target in targets
+            for floor, forbidden in rules.items()
+            if (module == floor or module.startswith(floor + ".")) and target.startswith(forbidden)]
+
+
 def test_floors_are_kept():
-    rules = {
-        "perceptio_dist.parallel": ("perceptio_dist.train",),
-        "perceptio_dist.data": ("perceptio_dist.teachers", "perceptio_dist.preprocess", "perceptio_dist.train",
-                                "perceptio_dist.parallel"),
-        "perceptio_dist.model": ("perceptio_dist.data", "perceptio_dist.parallel", "perceptio_dist.train",
-                                 "perceptio_dist.losses", "perceptio_dist.cli"),
-        "perceptio_dist.losses": ("perceptio_dist.data", "perceptio_dist.parallel", "perceptio_dist.train",
-                                  "perceptio_dist.cli"),
-        "perceptio_dist.kernels": ("perceptio_dist.losses", "perceptio_dist.train"),
-    }
-    broken = [(module, target) for module, targets in _import_graph().items() for target in targets
-              for floor, forbidden in rules.items()
-              if (module == floor or module.startswith(floor + ".")) and target.startswith(forbidden)]
-    assert not broken, broken
+    assert not broken_floors(_import_graph())
+    # A deliberate violation: evaluation reaching into the command line.
+    assert broken_floors({"perceptio_dist.eval.run": {"perceptio_dist.cli.eval"}}) == [
+        ("perceptio_dist.eval.run", "perceptio_dist.cli.eval")]
+
+
+def parses_command_lines(tree: ast.Module) -> bool:
+    """Whether a module imports argparse (anywhere, also inside a function)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name == "argparse" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and node.module == "argparse":
+            return True
+    return False
+
+
+def test_only_the_entry_points_parse_command_lines():
+    outside = [name for name, (_, tree) in _modules().items()
+               if parses_command_lines(tree) and not name.startswith("perceptio_dist.cli")]
+    assert not outside, outside
+    assert parses_command_lines(ast.parse("def run():\n    from argparse import Namespace\n"))
+    assert not parses_command_lines(ast.parse("import dataclasses\n"))
 
 
 def test_one_home_for_paths_and_the_checkpoint_format():

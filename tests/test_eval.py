@@ -58,7 +58,7 @@ def test_ciou_and_giou_by_hand():
 def test_referring_answers_that_repeat_the_expression_by_hand():
     from perceptio_dist.eval.benchmarks import EvalItem
     from perceptio_dist.eval.generate import Prediction
-    from perceptio_dist.eval.run import score
+    from perceptio_dist.eval.metrics import score
 
     mask = np.zeros((4, 4), bool)
     mask[:2, :2] = True
@@ -228,7 +228,7 @@ def test_hardblink_items_from_the_real_files():
 def test_hardblink_scoring_of_fixed_predictions_against_the_real_answers():
     from perceptio_dist.eval.benchmarks import hardblink_items
     from perceptio_dist.eval.generate import Prediction
-    from perceptio_dist.eval.run import score
+    from perceptio_dist.eval.metrics import score
 
     items = list(hardblink_items(HARDBLINK))
     for text, expected in (("(A)", (41, 28, 23)), ("Point A is the closest.", (41, 28, 23))):
@@ -264,7 +264,7 @@ def test_mmbench_circular_evaluation_scored_by_hand(tmp_path):
     pass (rotation 0): 3 of 3; per pass: 4 + 3 + 1 of 10."""
     from perceptio_dist.eval.benchmarks import mmbench_items
     from perceptio_dist.eval.generate import Prediction
-    from perceptio_dist.eval.run import score
+    from perceptio_dist.eval.metrics import score
 
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
@@ -407,7 +407,8 @@ def test_intervention_codes_and_prefix_by_hand():
 
 def test_intervention_and_consistency_metrics_by_hand():
     from perceptio_dist.eval.generate import Prediction
-    from perceptio_dist.eval.run import faithfulness_table, score
+    from perceptio_dist.eval.metrics import score
+    from perceptio_dist.eval.report import faithfulness_table
 
     depth = np.zeros((4, 4), np.float32)
     depth[0, 0] = 1.0  # the point at the top left is nearest
@@ -436,7 +437,7 @@ def test_intervention_and_consistency_metrics_by_hand():
 def test_relative_depth_baselines_and_legibility_by_hand():
     from perceptio_dist.eval.baselines import baselines_table, legibility, relative_depth_baselines
     from perceptio_dist.eval.generate import Prediction
-    from perceptio_dist.eval.run import score
+    from perceptio_dist.eval.metrics import score
 
     # images 240 x 320 (H x W); labels 11 px tall there (0.035 x 320), 64 / 240 of that on a 64-px tile
     size = (240, 320)

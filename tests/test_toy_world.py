@@ -293,7 +293,7 @@ def test_marker_step_scored_by_hand():
     from perceptio_dist.eval.benchmarks import EvalItem
     from perceptio_dist.eval.generate import Prediction
     from perceptio_dist.eval.marker_step import marker_step_table
-    from perceptio_dist.eval.run import score
+    from perceptio_dist.eval.metrics import score
 
     answers = ["A at 3,4 near 5; B at 3,5 near 2; B at 3,0 near 2. (A)",
                "A at 3,4 near 7; B at 3,0 near 2; C at 3,6 near 5; D at 1,1 near 1. (A)", "A at 2,2 near 8; B)",

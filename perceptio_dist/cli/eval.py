@@ -4,12 +4,13 @@ splits the items over ranks; the results do not depend on the rank count)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 from ..eval.benchmarks import DEFAULT_HARDBLINK
-from ..eval.run import EXIT_USAGE, run_evaluation
+from ..eval.run import EXIT_USAGE, EvalRequest, run_evaluation
 from ..logging_setup import configure_logging
 from ..train.checkpoint import is_complete, newest_complete
 
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("perceptio-eval: --device cuda, but torch sees no GPU here (use --device auto or cpu)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
-    run_evaluation(args)
+    request = EvalRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalRequest)})
+    run_evaluation(dataclasses.replace(request, refcoco_splits=tuple(args.refcoco_splits)))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from .benchmarks import EvalItem
-from .generate import Prediction
+from .generate import GenerationSettings, Prediction, SpatialPolicy, generate
+from .predict import generation_inputs
 
 INTERVENTIONS = ("own", "ground_truth", "random", "constant", "other_image")
 
@@ -93,3 +94,42 @@ def chain_prefix(prediction: Prediction, codes: list[int], ids) -> list[int] | N
         return None
     start = tokens.index(ids.depth_start)
     return tokens[:start + 1] + [ids.code_start + int(c) for c in codes] + [ids.depth_end]
+
+
+def intervene(model, tokenizer, builder, items: list[EvalItem], batches: list[list[int]],
+              own: dict[int, Prediction], settings: GenerationSettings,
+              progress: bool) -> dict[str, dict[int, Prediction]]:
+    """Per intervention (eval/faithfulness.py), the answers generated after the same chain with other codes, for
+    the relative-depth items of ``batches`` whose own answer has a depth block. Ranks take whole batches."""
+    from tqdm import tqdm
+
+    ids = model.token_ids
+    own_codes = {i: p.depth_codes for i, p in own.items()
+                 if items[i].task == "relative_depth" and p.depth_codes is not None}
+    mine = [[i for i in chunk if i in own_codes] for chunk in batches]
+    truth = {i: c for i in (j for chunk in mine for j in chunk) if (c := ground_truth_codes(model, items[i]))}
+    text_only = SpatialPolicy(seg="forbid", depth="forbid")  # the chain is in the prompt now
+    out: dict[str, dict[int, Prediction]] = {name: {} for name in INTERVENTIONS[1:]}
+    with tqdm(total=sum(map(len, mine)) * len(out), desc="interventions", unit="answer",
+              disable=not progress or not any(mine)) as bar:
+        for chunk in mine:
+            if not chunk:
+                continue
+            base = generation_inputs(tokenizer, builder, items, chunk)  # once per batch, for every intervention
+            for name in out:
+                chosen, codes_of, prompts = [], [], []
+                for k, i in enumerate(chunk):
+                    codes = intervention_codes(name, i, items, own_codes, truth, ids.num_codes, ids.num_depth_tokens)
+                    prefix = None if codes is None else chain_prefix(own[i], codes, ids)
+                    if prefix is not None:
+                        chosen.append(k)
+                        codes_of.append(codes)
+                        prompts.append(torch.cat([base[0][k], torch.tensor(prefix, dtype=torch.long)]))
+                if chosen:
+                    pixels, sam, sizes = ([part[k] for k in chosen] for part in base[1:])
+                    answers = generate(model, tokenizer, prompts, pixels, sam, sizes, text_only, settings)
+                    for k, codes, prediction in zip(chosen, codes_of, answers):
+                        prediction.depth_codes = codes
+                        out[name][chunk[k]] = prediction
+                bar.update(len(chunk))
+    return out
