@@ -904,16 +904,24 @@ def _validate_parallel(cfg: PerceptioConfig, err) -> None:
                       "to run.")
 
 
-def data_parallel_size(cfg: PerceptioConfig, world_size: int) -> int:
-    """Replicas of the model: every rank in mode zero, ranks / pp_stages in mode pipeline, ranks / tp_size with
-    tensor parallelism."""
+def parallel_layout(cfg: PerceptioConfig, world_size: int):
+    """The run's layout on ``world_size`` ranks (parallel/layout.py), or a config error naming the field that does
+    not divide the ranks."""
+    from .parallel.layout import ParallelLayout
+
     if world_size % cfg.parallel.pp_stages:
         raise ConfigError(f"Config error at 'parallel.pp_stages': {world_size} ranks cannot be split into "
                           f"{cfg.parallel.pp_stages} pipeline stages of equal size.")
     if world_size % cfg.parallel.tp_size:
         raise ConfigError(f"Config error at 'parallel.tp_size': {world_size} ranks cannot be split into tensor-parallel "
                           f"groups of {cfg.parallel.tp_size}.")
-    return world_size // (cfg.parallel.pp_stages * cfg.parallel.tp_size)
+    return ParallelLayout(world_size, cfg.parallel.pp_stages, cfg.parallel.tp_size)
+
+
+def data_parallel_size(cfg: PerceptioConfig, world_size: int) -> int:
+    """Replicas of the model: every rank in mode zero, ranks / pp_stages in mode pipeline, ranks / tp_size with
+    tensor parallelism."""
+    return parallel_layout(cfg, world_size).replicas
 
 
 def validate_runtime(cfg: PerceptioConfig, world_size: int) -> None:

@@ -5,9 +5,9 @@ files whose other tests start ranks, clusters or long runs."""
 
 FAST_FILES = {
     "test_architecture.py", "test_config.py", "test_depth_vqvae.py", "test_docs.py", "test_fast_tier.py",
-    "test_fused_loss.py",
-    "test_gpu_readiness.py", "test_harness.py", "test_model.py", "test_normalisation.py", "test_objective.py",
-    "test_peer_loss.py", "test_plan.py", "test_seg_head.py", "test_train_units.py",
+    "test_fused_loss.py", "test_gpu_readiness.py", "test_harness.py", "test_model.py", "test_normalisation.py",
+    "test_objective.py", "test_parallel_layout.py", "test_peer_loss.py", "test_plan.py", "test_seg_head.py",
+    "test_train_units.py",
 }
 
 FAST_TESTS = {

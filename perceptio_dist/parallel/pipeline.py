@@ -35,7 +35,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.internvl.modeling_internvl import InternVLModel
 
-from ..config import ConfigError, PerceptioConfig
+from ..config import ConfigError, PerceptioConfig, parallel_layout
 from ..losses.lm_head_module import LMHeadTermsModule
 from ..losses.objective import PerceptioObjective, objective_outputs
 from ..model.perceptio import PerceptioModel, keep_frozen_parts_in_eval, segment_seg_tokens
@@ -290,7 +290,7 @@ def build_pipeline_module(cfg: PerceptioConfig, model: PerceptioModel, objective
                   + trainable(model.seg_head))
     bounds = stage_bounds(cfg, params)
     loss = StageLoss()
-    topology = PipeDataParallelTopology(num_pp=par.pp_stages, num_dp=world_size // par.pp_stages)
+    topology = PipeDataParallelTopology(num_pp=par.pp_stages, num_dp=parallel_layout(cfg, world_size).replicas)
     pipe = _pipeline_module_class()(bounds, layers=specs, topology=topology, loss_fn=loss,
                                      partition_method="explicit", dynamic_shape=True)
     source.model = None
@@ -319,12 +319,6 @@ def _pipeline_module_class():
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
     return PerceptioPipelineModule
-
-
-def stage_of(cfg: PerceptioConfig, rank: int, world_size: int) -> tuple[int, int, int]:
-    """(pipeline stage, data-parallel rank, data-parallel size) of ``rank`` (PipeDataParallelTopology order)."""
-    replicas = world_size // cfg.parallel.pp_stages
-    return rank // replicas, rank % replicas, replicas
 
 
 # The batch fields the pipe engine hands the first stage (inputs) and the last stage (labels), in tuple order: the

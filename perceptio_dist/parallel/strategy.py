@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import PerceptioConfig
+from ..config import PerceptioConfig, parallel_layout
 from ..losses.lm_head_module import LMHeadTermsModule
 from ..losses.objective import TERMS, PerceptioObjective, StepNormaliser
 from ..model.perceptio import PerceptioModel
@@ -59,13 +59,16 @@ class StepResult:
 
 
 class ParallelStrategy:
-    """Base: what both modes share. Subclasses set ``stage``, ``data_rank`` and ``data_ranks``."""
+    """Base: what both modes share, the rank's place in the layout (parallel/layout.py) among it."""
 
     mode = ""
 
     def __init__(self, cfg: PerceptioConfig, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
-        self.stage, self.data_rank, self.data_ranks = 0, dist.rank, dist.world_size
+        self.layout_of_ranks = parallel_layout(cfg, dist.world_size)
+        where = self.layout_of_ranks.position(dist.rank)
+        self.stage, self.data_rank, self.tp_rank = where.stage, where.data_rank, where.tp_rank
+        self.data_ranks = self.layout_of_ranks.replicas
         self.engine = None
         self.objective: PerceptioObjective | None = None  # set by wrap(); each step runs normalised_by its counts
 
@@ -142,11 +145,6 @@ class ZeroStrategy(ParallelStrategy):
 
     mode = "zero"
 
-    def __init__(self, cfg, dist):
-        super().__init__(cfg, dist)
-        tp = cfg.parallel.tp_size
-        self.tp_rank, self.data_rank, self.data_ranks = dist.rank % tp, dist.rank // tp, dist.world_size // tp
-
     def model_construction(self, ds_config: dict):
         from .zero import partitioned_construction
 
@@ -199,10 +197,7 @@ class PipelineStrategy(ParallelStrategy):
     mode = "pipeline"
 
     def __init__(self, cfg, dist):
-        from .pipeline import stage_of
-
         super().__init__(cfg, dist)
-        self.stage, self.data_rank, self.data_ranks = stage_of(cfg, dist.rank, dist.world_size)
         self.last_stage = self.stage == cfg.parallel.pp_stages - 1
         self.stage_loss = None
         self._layout: list[dict] | None = None
