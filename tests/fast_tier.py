@@ -47,6 +47,7 @@ FAST_TESTS = {
                      "test_referring_answers_that_repeat_the_expression_by_hand",
                      "test_constraint_state_machine_by_hand", "test_generation_obeys_the_spatial_constraint",
                      "test_mask_comes_from_the_seg_hidden_state_as_in_training", "test_eval_placement_by_hand",
+                     "test_batches_hold_one_task_and_the_policy_follows_the_training_chain_by_hand",
                      "test_an_export_loads_in_bf16_on_the_named_device_and_generates",
                      "test_refcoco_and_mmbench_readers", "test_mmbench_circular_evaluation_scored_by_hand",
                      "test_perceptio_eval_rejects_bad_input_clearly", "test_nearest_point_and_chain_consistency_by_hand",

@@ -172,6 +172,25 @@ def test_mask_comes_from_the_seg_hidden_state_as_in_training(exported):
     assert out.num_seg == 1 and np.array_equal(pred.mask, expected.numpy())
 
 
+def test_batches_hold_one_task_and_the_policy_follows_the_training_chain_by_hand():
+    from types import SimpleNamespace
+
+    from perceptio_dist.eval.predict import decoding_policy, plan_batches
+
+    items = [SimpleNamespace(task=t) for t in ("relative_depth", "referring_seg", "relative_depth", "relative_depth")]
+    # Per task in order of first appearance, in batches of 2: ranks take whole batches, one policy each.
+    assert plan_batches(items, 2) == [[0, 2], [3], [1]]
+    # No chain recorded: [SEG] for referring, the depth block for relative depth when trained with depth tokens.
+    assert decoding_policy("referring_seg", None, True, "auto") == SpatialPolicy("force", "forbid")
+    assert decoding_policy("relative_depth", None, True, "auto") == SpatialPolicy("forbid", "force")
+    assert decoding_policy("relative_depth", None, False, "auto") == SpatialPolicy("forbid", "forbid")
+    # The export's chain.json decides (multiple choice answers look like the vqa task's); --depth-policy overrides.
+    chain = {"relative_depth": {"seg": "forbid", "depth": "free"}, "vqa": {"seg": "forbid", "depth": "forbid"}}
+    assert decoding_policy("relative_depth", chain, True, "auto") == SpatialPolicy("forbid", "free")
+    assert decoding_policy("multiple_choice", chain, True, "auto") == SpatialPolicy("forbid", "forbid")
+    assert decoding_policy("relative_depth", chain, True, "force") == SpatialPolicy("forbid", "force")
+
+
 def test_eval_placement_by_hand():
     from perceptio_dist.eval.run import eval_placement
 
