@@ -59,7 +59,7 @@ class StepResult:
 
 
 class ParallelStrategy:
-    """Base: what both modes share, the rank's place in the layout (parallel/layout.py) among it."""
+    """Base: what both modes share, among it the rank's place in the parallel layout (parallel/layout.py)."""
 
     mode = ""
 
