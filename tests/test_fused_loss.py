@@ -111,7 +111,8 @@ def test_bf16_gemms_stay_within_the_stated_tolerance_of_fp64(backend, chunk):
     hidden, weight = inputs(torch.float32)
     probe = torch.randn(len(layout.code_rows), IDS.num_codes, generator=torch.Generator().manual_seed(3))
     w = TERM_WEIGHTS["all"]
-    truth, truth_dh, truth_dw = run(reference_lm_head_terms, hidden.double(), weight.double(), layout, w, probe.double())
+    truth, truth_dh, truth_dw = run(reference_lm_head_terms, hidden.double(), weight.double(), layout, w,
+                                    probe.double())
     make = {"fused_torch": lambda m: lm_head_terms_fn("fused_torch", chunk, m),
             "fused_triton": lambda m: lm_head_terms_fn("fused_triton", chunk, m)}[backend]
     got, dh, dw = run(make("bf16"), hidden, weight, layout, w, probe)

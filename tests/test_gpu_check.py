@@ -69,7 +69,7 @@ def test_the_gpu_checks_wheels_are_pinned_and_bring_their_own_dependencies():
     from .conftest import tools_module
 
     gen = tools_module("gen_gpu_requirements")
-    listed = dict(line.split("==", 1) for line in gen.OUT.read_text().splitlines() if line and not line.startswith("#"))
+    listed = dict(line.split("==", 1) for line in gen.listed_requirements())
     pins = gen.pinned()
     assert {name: pins.get(name) for name in listed} == listed
     missing = {n for n in gen.closure(set(listed)) if not gen.from_image(n)} - set(listed) - gen.OPTIONAL

@@ -127,7 +127,7 @@ def run_mode(mode: str, micro: int, count: int, threads: int) -> dict:
     batches = micro_batches(sample_stream(cfg, tokenizer, model, count), mode, micro)
     warm_up = micro_batches(sample_stream(cfg, tokenizer, model, 2 * micro, seed=1), mode, micro)
     module = PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
-                                     LMHeadTermsModule.from_config(cfg.objective, torch.device("cpu")))  # a CPU benchmark: the CPU back end
+                                     LMHeadTermsModule.from_config(cfg.objective, torch.device("cpu")))  # CPU back end
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
 
     def step(batch):

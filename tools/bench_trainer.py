@@ -108,7 +108,7 @@ def training_setup(args_overrides: list[str]):
     tokenizer = load_tokenizer(cfg.model.backbone)
     model = build_perceptio(cfg.model, tokenizer, torch.float32, seed=cfg.train.seed).train()
     module = PerceptioTrainingModule(model, PerceptioObjective(cfg.objective, model.token_ids),
-                                     LMHeadTermsModule.from_config(cfg.objective, torch.device("cpu")))  # a CPU benchmark: the CPU back end
+                                     LMHeadTermsModule.from_config(cfg.objective, torch.device("cpu")))  # CPU back end
     optimizer, scheduler = build_optimizer(module, cfg.train)
     return cfg, module, optimizer, scheduler, iter(build_loader(cfg, tokenizer, model.token_ids, rank=0, world_size=1))
 

@@ -162,7 +162,8 @@ def check_proxy(device, steps: int) -> list[dict]:
     import deepspeed
 
     cpu = device.type != "cuda"
-    cfg = load_config("tiny_cpu" if cpu else "perceptio_8b", PROXY_CPU if cpu else PROXY_8B)
+    recipe, overrides = ("tiny_cpu", PROXY_CPU) if cpu else ("perceptio_8b", PROXY_8B)
+    cfg = load_config(recipe, overrides)
     dist = init_distributed("auto")
     ds_config = build_deepspeed_config(cfg, 1)
     tokenizer = load_tokenizer(cfg.model.backbone)
@@ -208,9 +209,8 @@ def check_proxy(device, steps: int) -> list[dict]:
     # 13-tile worst case.
     longest = max(len(s.input_ids) for s in samples)
     tiles = max(s.pixel_values.shape[0] for s in samples)
-    sizes = model_sizes(load_config("tiny_cpu" if cpu else "perceptio_8b",
-                                    [*(PROXY_CPU if cpu else PROXY_8B), f"data.max_seq_len={longest}",
-                                     f"model.backbone.max_tiles={max(1, tiles - 1)}"]),
+    sizes = model_sizes(load_config(recipe, [*overrides, f"data.max_seq_len={longest}",
+                                             f"model.backbone.max_tiles={max(1, tiles - 1)}"]),
                         mean_sample_tokens=longest)
     memory_gb = torch.cuda.get_device_properties(dist.device).total_memory / 2**30 if not cpu else 24.0
     predicted = {p.layout: p for p in plan(sizes, Cluster(nodes=1, gpus_per_node=1, gpu_memory_gb=memory_gb,

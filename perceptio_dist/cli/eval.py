@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("perceptio-eval: --device cuda, but torch sees no GPU here (use --device auto or cpu)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
-    request = EvalRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalRequest)})
-    run_evaluation(dataclasses.replace(request, refcoco_splits=tuple(args.refcoco_splits)))
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalRequest)}
+    run_evaluation(EvalRequest(**{**options, "refcoco_splits": tuple(args.refcoco_splits)}))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..losses.objective import IGNORE_INDEX
+from ..losses.objective import IGNORE_INDEX, PerceptioObjective
 
 
 @dataclass
@@ -64,8 +64,8 @@ class Batch:
 
     @property
     def num_targets(self) -> int:
-        """Tokens with a label, i.e. the rows whose LM-head logits the loss computes."""
-        return int((self.labels != IGNORE_INDEX).sum())
+        """The rows whose LM-head logits the loss computes (the objective's target positions)."""
+        return int(PerceptioObjective.target_positions(self.labels, self.sample_index).sum())
 
     @property
     def num_samples(self) -> int:

@@ -99,7 +99,7 @@ def chain_prefix(prediction: Prediction, codes: list[int], ids) -> list[int] | N
 def intervene(model, tokenizer, builder, items: list[EvalItem], batches: list[list[int]],
               own: dict[int, Prediction], settings: GenerationSettings,
               progress: bool) -> dict[str, dict[int, Prediction]]:
-    """Per intervention (eval/faithfulness.py), the answers generated after the same chain with other codes, for
+    """Per intervention (INTERVENTIONS but "own"), the answers generated after the same chain with other codes, for
     the relative-depth items of ``batches`` whose own answer has a depth block. Ranks take whole batches."""
     from tqdm import tqdm
 

@@ -139,16 +139,16 @@ def generate(model, tokenizer, prompts: list[torch.Tensor], pixel_values: list[t
             depth = model.depth_vqvae.decode(torch.tensor([codes], device=device))[0, 0].float().cpu().numpy()
         mask = None
         if ids.seg in generated:
-            mask = _mask_for(model, prompts[row], generated, pixel_values[row], sam_images[row], image_sizes[row])
+            mask = _mask_for(model, prompts[row], generated, pixel_values[row], sam_images[row], image_sizes[row],
+                             device)
         predictions.append(Prediction(tokenizer.decode(text_ids, skip_special_tokens=True).strip(), generated,
                                       codes, depth, mask))
     return predictions
 
 
 def _mask_for(model, prompt: torch.Tensor, generated: list[int], pixel_values: torch.Tensor, sam_image: torch.Tensor,
-              size: tuple[int, int]) -> np.ndarray:
+              size: tuple[int, int], device: torch.device) -> np.ndarray:
     """The training path: the PerceptioModel over prompt + answer prompts SAM2 with the [SEG] hidden state."""
-    device = model_device(model)
     sequence = torch.cat([prompt, torch.tensor(generated, dtype=torch.long)])[None].to(device)
     out = model(sequence, torch.ones_like(sequence), pixel_values.to(device), sam_image[None].to(device))
     logits = out.mask_logits[:1].float()

@@ -70,8 +70,8 @@ def load_items(request: EvalRequest, questions: dict | None = None) -> list[Eval
     if request.synthetic_scenes:
         items += list(synthetic_items(request.synthetic_scenes, questions))
     if request.refcoco:
-        items += list(refcoco_items(request.refcoco, request.refcoco_dataset, request.refcoco_split_by, request.refcoco_splits,
-                                    request.refcoco_images))
+        items += list(refcoco_items(request.refcoco, request.refcoco_dataset, request.refcoco_split_by,
+                                    request.refcoco_splits, request.refcoco_images))
     if request.mmbench:
         items += list(mmbench_items(request.mmbench, circular=request.mmbench_circular))
     if request.limit:

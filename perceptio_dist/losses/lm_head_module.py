@@ -31,7 +31,6 @@ class LMHeadTermsModule(nn.Module):
         if vocab_size is not None:
             check_chunk_size(chunk_size, vocab_size)
         self.implementation = resolve_implementation(implementation, device or torch.device("cpu"))
-        self.matmul = matmul
         self._fn = lm_head_terms_fn(self.implementation, chunk_size, matmul)
 
     @classmethod

@@ -11,6 +11,7 @@ result the objective multiplies by zero, so parameter gathers stay in step acros
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -156,10 +157,9 @@ def build_perceptio(
     part is created on it, so an 8B model never passes through host memory; None: the CPU, for the training engine
     to place (parallel/placement.py).
     """
-    if device is None:
-        return _build_perceptio(cfg, tokenizer, dtype, seed, None)
-    with torch.device(device):
-        return _build_perceptio(cfg, tokenizer, dtype, seed, torch.device(device))
+    device = None if device is None else torch.device(device)
+    with device if device is not None else contextlib.nullcontext():
+        return _build_perceptio(cfg, tokenizer, dtype, seed, device)
 
 
 def _build_perceptio(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, seed: int,

@@ -87,9 +87,9 @@ class TokenEmbeddingPipe(nn.Module):
         self.embed_tokens = source.model.backbone.model.language_model.embed_tokens
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        input_ids, attention_mask, pixel_values = (inputs[FIRST_STAGE_INPUTS.index(name)] for name in
-                                                   ("input_ids", "attention_mask", "pixel_values"))
-        return self.embed_tokens(input_ids), input_ids, attention_mask, pixel_values
+        batch = dict(zip(FIRST_STAGE_INPUTS, inputs))
+        input_ids = batch["input_ids"]
+        return self.embed_tokens(input_ids), input_ids, batch["attention_mask"], batch["pixel_values"]
 
 
 class VisionMergePipe(nn.Module):

@@ -4,8 +4,8 @@ Per optimizer step, with a matmul of N weights costing 2 N per token forward, an
 and the weight gradient backward:
 * LLM decoder: (4 * N_layers + 2 * N_trained) per token: forward and input gradient for every weight (the gradient
   flows on to the embeddings and the vision side), the weight gradient for the trained ones only (6 * N fully
-  trained, 4 * N frozen, about 4 * N under LoRA), plus attention 12 * L * d * T per token for a sequence of length T, i.e.
-  12 * L * d * sum_i T_i^2 over the batch (4 * L * d forward; backward twice that);
+  trained, 4 * N frozen, about 4 * N under LoRA), plus attention 12 * L * d * T per token for a sequence of
+  length T, i.e. 12 * L * d * sum_i T_i^2 over the batch (4 * L * d forward; backward twice that);
 * LM head: 6 * V * d per *target row* only: the fused loss computes logits for the rows that predict a label
   (answer tokens), not for the image and prompt tokens;
 * vision: InternViT 2 * N_vision per patch token plus 4 * L_v * d_v * P^2 per tile of P patch tokens, times 3 when
@@ -76,11 +76,9 @@ class FlopsModel:
 def flops_model_for(model) -> FlopsModel:
     """Read the sizes from a PerceptioModel (works under ZeRO-3: full sizes via ds_numel)."""
 
-    def count(module) -> int:
-        return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
-
-    def trained(module) -> bool:
-        return any(p.requires_grad for p in module.parameters())
+    def count(module, trained_only: bool = False) -> int:
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters()
+                   if p.requires_grad or not trained_only)
 
     bb = model.backbone
     inner = bb.model
@@ -100,10 +98,9 @@ def flops_model_for(model) -> FlopsModel:
         patches_per_tile=patches,
         projector_params=count(inner.multi_modal_projector),
         image_tokens_per_tile=cfg.image_seq_length,
-        llm_trained_params=sum(int(getattr(p, "ds_numel", p.numel())) for p in lm.layers.parameters()
-                               if p.requires_grad),
-        trains_vision=trained(inner.vision_tower),
-        trains_projector=trained(inner.multi_modal_projector),
+        llm_trained_params=count(lm.layers, trained_only=True),
+        trains_vision=count(inner.vision_tower, trained_only=True) > 0,
+        trains_projector=count(inner.multi_modal_projector, trained_only=True) > 0,
     )
 
 
