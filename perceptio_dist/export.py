@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import yaml
 
-from .config import ConfigError, PerceptioConfig, config_from_dict, dump_yaml
+from .config import ConfigError, dump_yaml
+from .config.training import PerceptioConfig, config_from_dict
 from .model.depth_vqvae import TOKENIZER_ID_KEY, tokenizer_identity
 from .train.checkpoint import CONSOLIDATED_FILE, is_complete, newest_complete, saved_config
 

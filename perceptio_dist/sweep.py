@@ -103,7 +103,7 @@ def load_sweep(path: str | Path) -> Sweep:
                           "(render them with perceptio-scenes --seed 100000 ...).")
     sweep.heldout_scenes = str(scenes.resolve())
     # Every configuration's recipe and overrides load and validate now, not after an hour of training.
-    from .config import load_config
+    from .config.training import load_config
 
     for entry in entries:
         try:

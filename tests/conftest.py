@@ -107,7 +107,7 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_cfg(tmp_path, tiny_shards):
-    from perceptio_dist.config import load_config
+    from perceptio_dist.config.training import load_config
 
     return load_config("tiny_cpu", [f"logging.output_dir={tmp_path / 'run'}", "logging.wandb=disabled",
                                     f"data.shards={tiny_shards}", NO_TOKENIZER])
@@ -141,7 +141,7 @@ def save_initial_backbone(folder: Path, shards: Path) -> Path:
     different rank counts (random init under ZeRO-3's zero.Init depends on the rank count)."""
     import torch
 
-    from perceptio_dist.config import load_config
+    from perceptio_dist.config.training import load_config
     from perceptio_dist.model.perceptio import build_perceptio
     from perceptio_dist.model.tokenizer import load_tokenizer
 

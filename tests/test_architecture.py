@@ -3,10 +3,12 @@
 * no import cycle, counting imports inside functions too;
 * ``parallel/`` imports nothing from ``train/``; ``data/`` nothing from ``teachers/`` or ``preprocess/``;
   ``model/``, ``losses/`` and ``kernels/`` nothing from ``data``, ``parallel``, ``train`` or the entry points;
-* only ``config.py`` expands or resolves paths; only ``train/checkpoint.py`` names the checkpoint marker;
+* only ``config/paths.py`` expands or resolves paths; only ``train/checkpoint.py`` names the checkpoint marker;
 * every console script in pyproject.toml points into ``perceptio_dist/cli/``, and only ``cli/`` parses command
   lines (argparse): library code takes typed arguments;
-* ``eval/`` imports nothing from the entry points.
+* ``eval/`` imports nothing from the entry points;
+* config fields are declared beside their component, in its ``config.py`` (or ``<job>_config.py``), and the
+  configuration engine (``config/``) imports no component: only ``config/training.py`` assembles them.
 
 Each rule is a function of the sources, also run on a deliberate violation, so a rule that stops seeing anything
 fails here.
@@ -115,7 +117,7 @@ def test_only_the_entry_points_parse_command_lines():
 def test_one_home_for_paths_and_the_checkpoint_format():
     for path in PACKAGE.rglob("*.py"):
         text, rel = path.read_text(), path.relative_to(ROOT).as_posix()
-        if rel != "perceptio_dist/config.py":
+        if rel != "perceptio_dist/config/paths.py":
             assert "expandvars" not in text and "expanduser" not in text and "REPO_ROOT" not in text, rel
         if rel != "perceptio_dist/train/checkpoint.py":
             assert "COMPLETE.json" not in text, rel
@@ -127,3 +129,41 @@ def test_console_scripts_live_in_cli():
     for target in scripts.values():
         module, function = target.split(":")
         assert f"def {function}(" in (ROOT / (module.replace(".", "/") + ".py")).read_text(), target
+
+
+def declares_config_fields(tree: ast.Module) -> bool:
+    """Whether a module declares config fields (calls doc_field or path_field)."""
+    return any(isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+               and node.func.id in ("doc_field", "path_field") for node in ast.walk(tree))
+
+
+def misplaced_config_modules(modules: dict[str, ast.Module]) -> list[str]:
+    """Modules that declare config fields but are not a component's config module."""
+    return sorted(name for name, tree in modules.items() if declares_config_fields(tree)
+                  and not name.rsplit(".", 1)[-1].endswith("config")
+                  and name not in ("perceptio_dist.config.fields", "perceptio_dist.config.training"))
+
+
+def engine_reaching_components(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Imports from the configuration engine into any component (config/training.py is the one assembler)."""
+    engine = "perceptio_dist.config"
+    return sorted((module, target) for module, targets in graph.items() for target in targets
+                  if (module == engine or module.startswith(engine + ".")) and module != f"{engine}.training"
+                  and not (target == engine or target.startswith(engine + ".")))
+
+
+def test_configs_live_beside_their_components():
+    modules = {name: tree for name, (_, tree) in _modules().items()}
+    assert not misplaced_config_modules(modules)
+    assert {"perceptio_dist.model.config", "perceptio_dist.data.config", "perceptio_dist.parallel.config"} <= {
+        name for name, tree in modules.items() if declares_config_fields(tree)}
+    # A deliberate violation: a field declared inside the trainer.
+    planted = ast.parse("x: int = doc_field('A knob.', 1)\n")
+    assert misplaced_config_modules({"perceptio_dist.train.trainer": planted}) == ["perceptio_dist.train.trainer"]
+
+
+def test_the_config_engine_knows_no_component():
+    assert not engine_reaching_components(_import_graph())
+    # A deliberate violation: the path module reading the model's config.
+    assert engine_reaching_components({"perceptio_dist.config.paths": {"perceptio_dist.model.config"}}) == [
+        ("perceptio_dist.config.paths", "perceptio_dist.model.config")]

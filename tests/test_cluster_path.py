@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from perceptio_dist.config import load_config, load_typed_config
+from perceptio_dist.config import load_typed_config
+from perceptio_dist.config.training import load_config
 from perceptio_dist.preprocess.config import PreprocessConfig, load_preprocess_config
 from perceptio_dist.train.vqvae_config import VQVAETrainConfig
 

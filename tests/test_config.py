@@ -7,14 +7,8 @@ import sys
 
 import pytest
 
-from perceptio_dist.config import (
-    ConfigError,
-    PerceptioConfig,
-    iter_field_docs,
-    load_config,
-    recipe_names,
-    validate_runtime,
-)
+from perceptio_dist.config import ConfigError, iter_field_docs, recipe_names
+from perceptio_dist.config.training import PerceptioConfig, load_config, validate_runtime
 
 from .conftest import NO_TOKENIZER, ROOT
 
@@ -109,7 +103,7 @@ def test_missing_data_and_checkpoint_paths(tmp_path, monkeypatch):
 
 
 def test_every_field_is_documented():
-    docs = list(iter_field_docs())
+    docs = list(iter_field_docs(PerceptioConfig))
     assert len(docs) > 60
     undocumented = [name for name, _, _, doc in docs if len(doc) < 10]
     assert not undocumented

@@ -353,7 +353,7 @@ def test_task_weights_and_the_no_depth_ablation(tiny_cfg, tiny_tokenizer):
 def test_a_curriculum_phase_reads_only_its_tasks_and_resumes_across_the_switch(tiny_cfg, tiny_tokenizer):
     """data.curriculum through the real loader: depth samples only for the first 3 steps, then VQA only; a
     loader restored at step 2 reads what the uninterrupted one reads, across the switch."""
-    from perceptio_dist.config import CurriculumPhase
+    from perceptio_dist.data.config import CurriculumPhase
 
     changes = {"data": {"task_weights": {"vqa": 1.0}, "curriculum": [CurriculumPhase(3, {"depth": 1.0})]}}
     loader = _loader(tiny_cfg, tiny_tokenizer, 0, 1, **changes)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from perceptio_dist.config import ConfigError, DepthVQVAEConfig
+from perceptio_dist.config import ConfigError
+from perceptio_dist.model.config import DepthVQVAEConfig
 from perceptio_dist.eval.depth_metrics import (
     abs_rel,
     align_to_depth,

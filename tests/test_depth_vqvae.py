@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perceptio_dist.config import DepthVQVAEConfig
+from perceptio_dist.model.config import DepthVQVAEConfig
 from perceptio_dist.model.depth_vqvae import DepthVQVAE, EMAVectorQuantizer
 
 CFG = DepthVQVAEConfig(input_size=32, code_dim=8, base_channels=4, max_channels=16, num_res_blocks=1)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from perceptio_dist.config import load_config
+from perceptio_dist.config.training import load_config
 from perceptio_dist.eval.benchmarks import DEFAULT_HARDBLINK
 from perceptio_dist.eval.generate import GenerationSettings, SpatialConstraint, SpatialPolicy, generate
 from perceptio_dist.eval.scoring import MaskScores, parse_choice_letter

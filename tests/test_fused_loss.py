@@ -11,7 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is de
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from perceptio_dist.config import ObjectiveConfig  # noqa: E402
+from perceptio_dist.losses.config import ObjectiveConfig  # noqa: E402
 from perceptio_dist.losses.layout import build_layout, chunk_bounds  # noqa: E402
 from perceptio_dist.losses.lm_head_terms import (  # noqa: E402
     LMHeadWeights,

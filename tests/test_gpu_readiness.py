@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from perceptio_dist.config import DepthVQVAEConfig
+from perceptio_dist.model.config import DepthVQVAEConfig
 from perceptio_dist.model.code_embeddings import order_code_rows
 from perceptio_dist.model.depth_vqvae import DepthVQVAE
 from perceptio_dist.model.spatial_tokens import SpatialTokenIds

@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from perceptio_dist.config import ConfigError, load_config
+from perceptio_dist.config import ConfigError
+from perceptio_dist.config.training import load_config
 from perceptio_dist.train.checkpoint import tag_for
 
 from .conftest import (NO_TOKENIZER, assert_steps_repeat_bit_for_bit, read_metrics, run_ranks,
@@ -184,7 +185,7 @@ def test_lora_run_resumes_exactly(lora_runs, tiny_shards, tmp_path):
 def test_export_merges_the_adapters_and_writes_the_adapter(lora_runs, tmp_path):
     from safetensors.torch import load_file
 
-    from perceptio_dist.config import config_from_dict
+    from perceptio_dist.config.training import config_from_dict
     from perceptio_dist.data.training_data import build_loader
     from perceptio_dist.export import consolidated_state_dict, export_checkpoint, load_exported
     from perceptio_dist.model.perceptio import build_perceptio

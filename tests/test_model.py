@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from perceptio_dist.config import ConfigError, load_config
+from perceptio_dist.config import ConfigError
+from perceptio_dist.config.training import load_config
 from perceptio_dist.data.training_data import build_loader
 from perceptio_dist.model.perceptio import build_perceptio, build_perceptio_meta, parameter_report
 from perceptio_dist.model.seg_head import build_sam2

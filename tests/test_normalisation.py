@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from perceptio_dist.config import ObjectiveConfig
+from perceptio_dist.losses.config import ObjectiveConfig
 from perceptio_dist.losses.lm_head_terms import (
     LMHeadWeights,
     fused_lm_head_terms,

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from perceptio_dist.config import DepthVQVAEConfig, ObjectiveConfig
+from perceptio_dist.losses.config import ObjectiveConfig
+from perceptio_dist.model.config import DepthVQVAEConfig
 from perceptio_dist.losses.lm_head_terms import fused_lm_head_terms, reference_lm_head_terms
 from perceptio_dist.losses.mask_loss import mask_loss
 from perceptio_dist.losses.objective import IGNORE_INDEX, PerceptioObjective, find_depth_blocks

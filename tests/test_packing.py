@@ -14,7 +14,8 @@ import psutil
 import pytest
 import torch
 
-from perceptio_dist.config import ConfigError, load_config
+from perceptio_dist.config import ConfigError
+from perceptio_dist.config.training import load_config
 from perceptio_dist.data.packing import pack, plan_rows
 from perceptio_dist.losses.objective import TERMS
 

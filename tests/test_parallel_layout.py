@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from perceptio_dist.config import ConfigError, load_config, parallel_layout
+from perceptio_dist.config import ConfigError
+from perceptio_dist.config.training import load_config
 from perceptio_dist.parallel.layout import ParallelLayout, RankPosition
 
 
@@ -32,8 +33,8 @@ def test_tensor_parallel_groups_are_consecutive_ranks_by_hand():
 
 def test_ranks_that_do_not_divide_are_config_errors():
     cfg = load_config("tiny_cpu", ["parallel.mode=pipeline", "parallel.pp_stages=2", "parallel.zero_stage=1"])
-    assert parallel_layout(cfg, 4).replicas == 2
+    assert cfg.parallel.layout(4).replicas == 2
     with pytest.raises(ConfigError, match="'parallel.pp_stages': 3 ranks cannot be split into 2 pipeline stages"):
-        parallel_layout(cfg, 3)
+        cfg.parallel.layout(3)
     with pytest.raises(ValueError, match="outside a world of 4"):
         ParallelLayout(4).position(4)

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from perceptio_dist.config import ConfigError, data_parallel_size, load_config
+from perceptio_dist.config import ConfigError
+from perceptio_dist.config.training import load_config
 from perceptio_dist.train.checkpoint import tag_for
 
 from .conftest import NO_TOKENIZER, ROOT, read_metrics, run_ranks
@@ -185,9 +186,9 @@ def test_deepspeed_config_of_a_pipeline(tmp_path):
     assert ds["train_batch_size"] == 2 * 3 * 2  # micro x accum x replicas (4 ranks / 2 stages)
     assert ds["zero_optimization"]["stage"] == 1
     assert ds["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
-    assert data_parallel_size(cfg, 4) == 2
+    assert cfg.parallel.layout(4).replicas == 2
     with pytest.raises(ConfigError, match="3 ranks cannot be split into 2 pipeline stages"):
-        data_parallel_size(cfg, 3)
+        cfg.parallel.layout(3).replicas
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"pipeline": {"activation_checkpoint_interval": 1}}))
     cfg = load_config("tiny_cpu", [*PIPELINE[:2], "parallel.pp_stages=2", f"parallel.deepspeed_config={bad}"])

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from perceptio_dist.config import ConfigError, load_config
+from perceptio_dist.config import ConfigError
+from perceptio_dist.config.training import load_config
 from perceptio_dist.plan import Block, Cluster, ModelSizes, model_sizes, plan, split_stages
 
 from .conftest import NO_TOKENIZER, ROOT

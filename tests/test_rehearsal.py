@@ -103,7 +103,7 @@ def test_the_page_is_made_of_known_steps_in_order():
     ("preprocess_8b_teacher", "preprocess", "preprocess.yaml"), ("preprocess_8b_codes", "preprocess", "preprocess.yaml"),
 ])
 def test_each_shrink_overlay_loads_and_changes_no_path(recipe, kind, overlay, monkeypatch):
-    from perceptio_dist.config import _path_fields, load_typed_config
+    from perceptio_dist.config import load_typed_config, path_fields
     from perceptio_dist.cli.config import CONFIG_KINDS
 
     monkeypatch.setenv("PERCEPTIO_WEIGHTS", "/w")
@@ -113,8 +113,8 @@ def test_each_shrink_overlay_loads_and_changes_no_path(recipe, kind, overlay, mo
     shrunk = load_typed_config(cls, recipe, [str(OVERLAYS / overlay)], kind=kind)
     # SAM2's architecture is named by a config file: Hiera-L -> the tiny one is the image encoder's size.
     size_not_path = {"model.seg_head.sam2_config"}
-    paths = {d: getattr(o, n) for o, n, d, _ in _path_fields(shipped) if d not in size_not_path}
-    assert paths == {d: getattr(o, n) for o, n, d, _ in _path_fields(shrunk) if d not in size_not_path}
+    paths = {d: getattr(o, n) for o, n, d, _ in path_fields(shipped) if d not in size_not_path}
+    assert paths == {d: getattr(o, n) for o, n, d, _ in path_fields(shrunk) if d not in size_not_path}
     assert shipped != shrunk
 
 
@@ -125,7 +125,7 @@ def _save_weights(weights: Path) -> None:
     """Step 1 at toy size: each model saved in the format the page tells users to produce."""
     import torch
 
-    from perceptio_dist.config import load_config
+    from perceptio_dist.config.training import load_config
     from perceptio_dist.model.perceptio import build_perceptio
     from perceptio_dist.model.seg_head import build_sam2
     from perceptio_dist.model.tokenizer import load_tokenizer

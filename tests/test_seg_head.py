@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perceptio_dist.config import ConfigError, SegHeadConfig
+from perceptio_dist.config import ConfigError
+from perceptio_dist.model.config import SegHeadConfig
 from perceptio_dist.model.seg_head import build_sam2, build_seg_head, sam2_image_size
 
 

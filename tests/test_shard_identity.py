@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from perceptio_dist.config import ConfigError, DepthVQVAEConfig, load_config
+from perceptio_dist.config import ConfigError
+from perceptio_dist.config.training import load_config
+from perceptio_dist.model.config import DepthVQVAEConfig
 from perceptio_dist.data.shards import npy_load, read_manifest, read_shard
 from perceptio_dist.data.training_data import check_manifest_matches
 from perceptio_dist.model.depth_vqvae import TOKENIZER_ID_KEY, DepthVQVAE, load_depth_vqvae, tokenizer_identity

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from perceptio_dist.config import ConfigError, load_config
+from perceptio_dist.config import ConfigError
+from perceptio_dist.config.training import load_config
 from perceptio_dist.train.checkpoint import tag_for
 
 from .conftest import (NO_TOKENIZER, ROOT, assert_steps_repeat_bit_for_bit, read_metrics, run_ranks,

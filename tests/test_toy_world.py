@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from perceptio_dist.config import ConfigError, load_config
+from perceptio_dist.config import ConfigError
+from perceptio_dist.config.training import load_config
 from perceptio_dist.eval.baselines import legibility
 from perceptio_dist.eval.benchmarks import EvalItem
 from perceptio_dist.eval.scoring import parse_choice_letter
@@ -513,7 +514,7 @@ def test_code_levels_on_real_shards(tiny_shards, tmp_path):
 
     from safetensors.torch import save_file
 
-    from perceptio_dist.config import DepthVQVAEConfig
+    from perceptio_dist.model.config import DepthVQVAEConfig
     from perceptio_dist.data.shards import read_shard
     from perceptio_dist.model.depth_vqvae import DepthVQVAE
 

@@ -9,7 +9,9 @@ import math
 import pytest
 from torch import nn
 
-from perceptio_dist.config import ConfigError, LoggingConfig, load_config
+from perceptio_dist.config import ConfigError
+from perceptio_dist.config.training import load_config
+from perceptio_dist.train.config import LoggingConfig
 from perceptio_dist.parallel.deepspeed_config import build_deepspeed_config
 from perceptio_dist.train.flops import FlopsModel, flops_model_for
 from perceptio_dist.train.metrics import MetricsLogger, wandb_mode

@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from perceptio_dist.config import load_config  # noqa: E402
+from perceptio_dist.config.training import load_config  # noqa: E402
 from perceptio_dist.data.conversation import ImageTokens  # noqa: E402
 from perceptio_dist.data.loader import ShardLoader  # noqa: E402
 from perceptio_dist.data.sample_builder import SampleBuilder, SampleGeometry  # noqa: E402

@@ -47,7 +47,7 @@ MODEL = ["model.backbone.text.hidden_size=256", "model.backbone.text.num_layers=
 def setup():
     import torch
 
-    from perceptio_dist.config import load_config
+    from perceptio_dist.config.training import load_config
     from perceptio_dist.model.perceptio import build_perceptio
     from perceptio_dist.model.tokenizer import load_tokenizer
 

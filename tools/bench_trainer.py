@@ -93,7 +93,7 @@ def training_setup(args_overrides: list[str]):
     it (same seed, model, objective, LM-head back end, parameter groups, loader)."""
     import torch
 
-    from perceptio_dist.config import load_config
+    from perceptio_dist.config.training import load_config
     from perceptio_dist.data.training_data import build_loader
     from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
     from perceptio_dist.losses.objective import PerceptioObjective
@@ -311,7 +311,7 @@ def main() -> None:
         if engine:
             print(f"perceptio-train ZeRO-{stage} over the bare ZeRO-{stage} engine loop (what the stack adds to "
                   f"DeepSpeed): {min(medians[trainer]) / min(engine):.3f}x")
-    from perceptio_dist.config import load_config
+    from perceptio_dist.config.training import load_config
 
     interval = load_config("perceptio_8b", []).checkpoint.save_every_steps
     step = save_run_step

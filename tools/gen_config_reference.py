@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from perceptio_dist.config import PerceptioConfig, iter_field_docs
+from perceptio_dist.config import iter_field_docs
+from perceptio_dist.config.training import PerceptioConfig
 from perceptio_dist.preprocess.config import PreprocessConfig
 from perceptio_dist.train.vqvae_config import VQVAETrainConfig
 

@@ -113,7 +113,7 @@ def check_attention(device) -> dict:
     import torch
 
     from bench_packing import sample_stream
-    from perceptio_dist.config import load_config
+    from perceptio_dist.config.training import load_config
     from perceptio_dist.data.packing import pack
     from perceptio_dist.losses.lm_head_module import LMHeadTermsModule
     from perceptio_dist.losses.objective import PerceptioObjective
@@ -149,7 +149,7 @@ def check_proxy(device, steps: int) -> list[dict]:
     import torch
 
     from bench_packing import sample_stream
-    from perceptio_dist.config import load_config
+    from perceptio_dist.config.training import load_config
     from perceptio_dist.model.tokenizer import load_tokenizer
     from perceptio_dist.parallel.deepspeed_config import build_deepspeed_config
     from perceptio_dist.parallel.distributed import init_distributed

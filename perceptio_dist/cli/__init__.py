@@ -20,7 +20,8 @@ import argparse
 import os
 import sys
 
-from ..config import ConfigError, PerceptioConfig, load_config, recipe_names
+from ..config import ConfigError, recipe_names
+from ..config.training import PerceptioConfig, load_config
 
 CONFIG_ERROR_EXIT = 2
 

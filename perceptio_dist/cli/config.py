@@ -51,7 +51,7 @@ def config_main(argv: list[str] | None = None) -> None:
 
 
 def _train_kind():
-    from ..config import PerceptioConfig, load_config
+    from ..config.training import PerceptioConfig, load_config
 
     return PerceptioConfig, load_config, "tiny_cpu"
 

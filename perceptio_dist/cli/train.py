@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     cfg = load_or_exit(args.recipe, overrides)
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
-        from ..config import validate_runtime
+        from ..config.training import validate_runtime
 
         try:  # a rank-count mistake (batch arithmetic, pipeline stages) stops here, not in every rank
             validate_runtime(cfg, args.nproc_per_node * args.nnodes)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ..config import SHARD_URL_SCHEMES, ConfigError
+from ..config import ConfigError
+from .config import SHARD_URL_SCHEMES
 from .shards import MANIFEST, ShardSample, file_sha256, read_manifest
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ import logging
 
 from transformers import PreTrainedTokenizerBase
 
-from ..config import ConfigError, PerceptioConfig
+from ..config import ConfigError
+from ..config.training import PerceptioConfig
 from ..model.depth_vqvae import is_trained_tokenizer_id, tokenizer_identity
 from ..model.geometry import sample_geometry
 from ..model.spatial_tokens import SpatialTokenIds

@@ -19,7 +19,7 @@ from .layout import TargetLayout
 from .lm_head_terms import LMHeadTerms, LMHeadWeights, lm_head_terms_fn, resolve_implementation
 
 if TYPE_CHECKING:
-    from ..config import ObjectiveConfig
+    from .config import ObjectiveConfig
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..config import ObjectiveConfig
+from .config import ObjectiveConfig
 from ..model.spatial_tokens import SpatialTokenIds
 from .layout import IGNORE_INDEX, TargetLayout, build_layout
 from .lm_head_terms import LMHeadTerms, LMHeadWeights

@@ -14,7 +14,8 @@ import logging
 import torch
 from transformers import AutoConfig, InternVLConfig, InternVLForConditionalGeneration
 
-from ..config import BackboneConfig, ConfigError
+from ..config import ConfigError
+from .config import BackboneConfig
 
 log = logging.getLogger(__name__)
 

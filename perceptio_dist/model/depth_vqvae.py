@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DepthVQVAEConfig
+from .config import DepthVQVAEConfig
 
 
 class ResBlock(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ModelConfig
+from .config import ModelConfig
 from .backbone import image_tokens_per_tile
 from .seg_head import sam2_image_size
 

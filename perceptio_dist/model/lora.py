@@ -24,7 +24,7 @@ import re
 import torch
 from torch import nn
 
-from ..config import LoraConfig
+from .config import LoraConfig
 
 ROW_MASKED = "_perceptio_trains_rows_from"  # attribute on a weight whose rows below it never train
 

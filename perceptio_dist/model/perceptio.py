@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
-from ..config import ModelConfig
+from .config import ModelConfig
 from .backbone import build_backbone, choose_attention_implementation, internvl_config, resize_for_tokenizer
 from .depth_vqvae import DepthVQVAE, load_depth_vqvae
 from .seg_head import SegHead, build_seg_head

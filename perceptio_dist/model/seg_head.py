@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ConfigError, SegHeadConfig
+from ..config import ConfigError
+from .config import SegHeadConfig
 
 # SAM2 normalises its input with the ImageNet statistics.
 SAM2_PIXEL_MEAN = (0.485, 0.456, 0.406)

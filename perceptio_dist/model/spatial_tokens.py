@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from ..config import SpatialTokensConfig
+from .config import SpatialTokensConfig
 
 
 @dataclass(frozen=True)

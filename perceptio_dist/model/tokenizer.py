@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ..config import BackboneConfig
+from .config import BackboneConfig
 
 # ChatML turn markers used by InternVL2.5's chat template (and by Qwen2.5).
 CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, PerceptioConfig, data_parallel_size
+from ..config import ConfigError
+from ..config.training import PerceptioConfig
 
 AUTO = "auto"
 
@@ -54,7 +55,7 @@ def build_deepspeed_config(cfg: PerceptioConfig, world_size: int) -> dict:
     t = cfg.train
     _merge(template, "train_micro_batch_size_per_gpu", t.micro_batch_size, source)
     _merge(template, "gradient_accumulation_steps", t.grad_accum_steps, source)
-    replicas = data_parallel_size(cfg, world_size)
+    replicas = cfg.parallel.layout(world_size).replicas
     # DeepSpeed checks train_batch_size against its world size before it builds the tensor-parallel mesh, so with
     # tensor parallelism it counts every rank (its gradients are still averaged over the data-parallel group only).
     counted = replicas * cfg.parallel.tp_size

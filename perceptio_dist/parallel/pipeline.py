@@ -35,7 +35,8 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.internvl.modeling_internvl import InternVLModel
 
-from ..config import ConfigError, PerceptioConfig, parallel_layout
+from ..config import ConfigError
+from ..config.training import PerceptioConfig
 from ..losses.lm_head_module import LMHeadTermsModule
 from ..losses.objective import PerceptioObjective, objective_outputs
 from ..model.perceptio import PerceptioModel, keep_frozen_parts_in_eval, segment_seg_tokens
@@ -290,7 +291,7 @@ def build_pipeline_module(cfg: PerceptioConfig, model: PerceptioModel, objective
                   + trainable(model.seg_head))
     bounds = stage_bounds(cfg, params)
     loss = StageLoss()
-    topology = PipeDataParallelTopology(num_pp=par.pp_stages, num_dp=parallel_layout(cfg, world_size).replicas)
+    topology = PipeDataParallelTopology(num_pp=par.pp_stages, num_dp=cfg.parallel.layout(world_size).replicas)
     pipe = _pipeline_module_class()(bounds, layers=specs, topology=topology, loss_fn=loss,
                                      partition_method="explicit", dynamic_shape=True)
     source.model = None

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import PerceptioConfig, parallel_layout
+from ..config.training import PerceptioConfig
 from ..losses.lm_head_module import LMHeadTermsModule
 from ..losses.objective import TERMS, PerceptioObjective, StepNormaliser
 from ..model.perceptio import PerceptioModel
@@ -65,7 +65,7 @@ class ParallelStrategy:
 
     def __init__(self, cfg: PerceptioConfig, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
-        self.layout_of_ranks = parallel_layout(cfg, dist.world_size)
+        self.layout_of_ranks = cfg.parallel.layout(dist.world_size)
         where = self.layout_of_ranks.position(dist.rank)
         self.stage, self.data_rank, self.tp_rank = where.stage, where.data_rank, where.tp_rank
         self.data_ranks = self.layout_of_ranks.replicas

@@ -6,17 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ..config import (
-    TASKS,
-    ConfigError,
-    DepthVQVAEConfig,
-    SpatialTokensConfig,
-    check_depth_downsampling,
-    check_input_paths,
-    doc_field,
-    load_typed_config,
-    path_field,
-)
+from ..config import ConfigError, check_input_paths, doc_field, load_typed_config, path_field
+from ..data.config import TASKS
+from ..model.config import DepthCodesConfig, DepthVQVAEConfig, check_depth_downsampling
 
 # The registry of source types: each name is an adapter module preprocess/sources/<name>.py with a function
 # iter_<name>(SourceConfig) (preprocess/sources/__init__.py finds it by that name).
@@ -95,8 +87,8 @@ class PreprocessConfig:
     shard_size: int = doc_field("Samples per shard (per task).", 1000)
     sources: list[SourceConfig] = doc_field("The raw sources to read.", default_factory=list)
     teacher: TeacherConfig = doc_field("The depth teacher.", default_factory=TeacherConfig)
-    tokens: SpatialTokensConfig = doc_field("K and the grid of the depth codes (must match training).",
-                                       default_factory=SpatialTokensConfig)
+    tokens: DepthCodesConfig = doc_field("K and the grid of the depth codes (must match training).",
+                                       default_factory=DepthCodesConfig)
     depth_vqvae: DepthVQVAEConfig = doc_field("The depth tokenizer that turns depth maps into codes.",
                                          default_factory=DepthVQVAEConfig)
     vqvae_seed: int = doc_field("Seed of a random tokenizer when depth_vqvae.checkpoint is null (tests, demos).", 0)
@@ -144,6 +136,7 @@ def validate_preprocess(cfg: PreprocessConfig) -> None:
             raise err(f"sources[{i}].marker_step", "reads markers out of depth-grid cells: set marker_grid too.")
         if cfg.split == "train" and src.type == "hardblink":
             raise err(f"sources[{i}].type", "HardBLINK is evaluation data: never train on it (use split: eval).")
+    cfg.tokens.check("tokens")
     check_depth_downsampling(cfg.depth_vqvae.input_size, cfg.tokens.depth_grid, "depth_vqvae.input_size")
     if cfg.teacher.input_size % 14:
         raise err("teacher.input_size", "must be a multiple of 14 (the ViT patch size).")
@@ -168,6 +161,13 @@ _NOT_CONTENT = {"output_dir", "from_shards", "decode_concurrency", "tokenizer_nu
                 "teacher.num_cpus", "depth_vqvae.checkpoint"}
 
 
+# The token spelling and initialiser the tokens section carried (at their defaults) when it was the model's whole
+# token config; they never shaped a shard, but identities include them so that none changed when they left.
+_TOKEN_FIELDS_IN_OLD_IDENTITIES = {"seg_token": "[SEG]", "depth_start_token": "<DEPTH_START>",
+                                   "depth_end_token": "<DEPTH_END>", "depth_code_template": "<DEPTH_{}>",
+                                   "code_embedding_init": "mean"}
+
+
 def content_fields(cfg: PreprocessConfig) -> dict:
     """The preprocessing fields that shape what a shard holds (paths, resources and concurrency removed; the
     teacher and tokenizer weights are identified separately, by their identities)."""
@@ -181,6 +181,8 @@ def content_fields(cfg: PreprocessConfig) -> dict:
         return value
 
     fields = strip(asdict(cfg), "")
+    if "tokens" in fields:  # identities as written before the section held K and the grid only (no shard rebuilt)
+        fields["tokens"] = {**_TOKEN_FIELDS_IN_OLD_IDENTITIES, **fields["tokens"]}
     if cfg.depth_vqvae.checkpoint or not cfg.depth_codes:  # the seed of a random tokenizer plays no part
         fields.pop("vqvae_seed")
     if not cfg.depth_codes:  # a teacher pass: the maps' size matters, not the tokenizer (retraining it rebuilds nothing)

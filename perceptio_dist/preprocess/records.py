@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..config import TASKS
+from ..data.config import TASKS
 
 _KEY_OK = re.compile(r"[^A-Za-z0-9_.-]+")
 # The question HardBLINK asks; the synthetic relative-depth task asks the same.

@@ -262,7 +262,7 @@ class CodeStage:
     def __init__(self, vqvae_config: dict, num_codes: int, grid: int, checkpoint: str | None, seed: int):
         import torch
 
-        from ..config import DepthVQVAEConfig
+        from ..model.config import DepthVQVAEConfig
         from ..model.depth_vqvae import DepthVQVAE, load_depth_vqvae
 
         torch.manual_seed(seed)

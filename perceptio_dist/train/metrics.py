@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import LoggingConfig
+from .config import LoggingConfig
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..config import ConfigError, PerceptioConfig, config_from_dict, dump_yaml, validate_runtime
+from ..config import ConfigError, dump_yaml
+from ..config.training import PerceptioConfig, config_from_dict, validate_runtime
 from ..data.training_data import build_loader
 from ..logging_setup import configure_logging
 from ..losses.lm_head_module import LMHeadTermsModule

@@ -5,15 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ..config import (
-    ConfigError,
-    DepthVQVAEConfig,
-    SpatialTokensConfig,
-    check_depth_downsampling,
-    doc_field,
-    load_typed_config,
-    path_field,
-)
+from ..config import ConfigError, doc_field, load_typed_config, path_field
+from ..model.config import DepthCodesConfig, DepthVQVAEConfig, check_depth_downsampling
 
 
 @dataclass
@@ -39,7 +32,7 @@ class VQVAEDataConfig:
 class VQVAETrainConfig:
     output_dir: str = path_field("Run folder: checkpoints/, metrics.jsonl, and the final tokenizer.safetensors + "
                                  "tokenizer.json.", "runs/depth_vqvae", kind="output")
-    tokens: SpatialTokensConfig = doc_field("K (num_depth_codes) and the grid.", default_factory=SpatialTokensConfig)
+    tokens: DepthCodesConfig = doc_field("K (num_depth_codes) and the grid.", default_factory=DepthCodesConfig)
     depth_vqvae: DepthVQVAEConfig = doc_field("Architecture (its checkpoint field is ignored here).",
                                          default_factory=DepthVQVAEConfig)
     data: VQVAEDataConfig = doc_field("Training depth maps.", default_factory=VQVAEDataConfig)

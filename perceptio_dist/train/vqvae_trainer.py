@@ -252,14 +252,14 @@ class VQVAETrainer:
 
 
 def _logging_for(cfg: VQVAETrainConfig):
-    from ..config import LoggingConfig
+    from .config import LoggingConfig
 
     return LoggingConfig(output_dir=cfg.output_dir, wandb=cfg.wandb, wandb_project="perceptio_dist_vqvae")
 
 
 def load_tokenizer(folder: str | Path, device: str = "cpu") -> tuple[DepthVQVAE, dict]:
     """A trained tokenizer folder (tokenizer.safetensors + tokenizer.json) -> (model in eval mode, metadata)."""
-    from ..config import DepthVQVAEConfig
+    from ..model.config import DepthVQVAEConfig
     from ..model.depth_vqvae import load_depth_vqvae
 
     folder = Path(folder)

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from perceptio_dist.config import load_config
+from perceptio_dist.config.training import load_config
 from perceptio_dist.parallel.zero import partition_report
 from perceptio_dist.train.trainer import Trainer
 
