@@ -211,3 +211,42 @@ def test_a_checkpoint_from_before_a_new_model_field_resumes():
     other = load_config("tiny_cpu", ["model.backbone.vision.position_init=sincos_2d"]).to_dict()["model"]
     assert _model_differences(saved_model_fields(saved), other) == [
         "model.backbone.vision.position_init: checkpoint 'random', recipe 'sincos_2d'"]
+
+
+def test_sources_are_a_tagged_union(tmp_path):
+    """Each source type holds only its own fields: `type` picks the dataclass (synthetic when missing), a field of
+    another type is refused by name, and an unknown type lists the known ones."""
+    from perceptio_dist.preprocess.config import RefcocoSource, SyntheticSource, load_preprocess_config
+
+    def recipe(source: str) -> str:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(f"output_dir: {tmp_path}/out\nsources:\n  - {source}\n")
+        return str(path)
+
+    cfg = load_preprocess_config(recipe("{path: /scenes, marker_grid: 4}"))
+    assert type(cfg.sources[0]) is SyntheticSource and cfg.sources[0].marker_grid == 4
+    cfg = load_preprocess_config(recipe("{type: refcoco, path: /refer, dataset: refcocog}"))
+    assert type(cfg.sources[0]) is RefcocoSource and cfg.sources[0].dataset == "refcocog"
+    with pytest.raises(ConfigError, match=r"unknown key 'sources\[0\]\.dataset'"):
+        load_preprocess_config(recipe("{type: synthetic, path: /scenes, dataset: refcocog}"))
+    with pytest.raises(ConfigError, match=r"'sources\[0\]\.type': expected one of 'synthetic', 'refcoco'.*got 'tfrecord'"):
+        load_preprocess_config(recipe("{type: tfrecord, path: /x}"))
+    with pytest.raises(ConfigError, match=r"'sources\[0\]\.marker_step'"):
+        load_preprocess_config(recipe("{path: /scenes, marker_step: true}"))
+
+
+# What each shipped preprocessing recipe's shards depend on (preprocess/job.py's producer "contents"), as computed
+# by the code before the components owned their configs (commit 52a87b8): moving fields between dataclasses must
+# rebuild no shard.
+CONTENTS_BEFORE_THE_CONFIG_SPLIT = {"preprocess_8b_codes": "d70c892378c6d880", "preprocess_8b_teacher": "fad62ddc353e123d",
+                                    "preprocess_tiny": "144fd11ae069699d", "preprocess_toy": "6e1790badb0a680d"}
+
+
+def test_shard_contents_identity_survives_the_config_split():
+    from perceptio_dist.preprocess.config import load_preprocess_config
+    from perceptio_dist.preprocess.job import producer
+
+    ids = {"depth_tokenizer": None, "teacher": None}
+    assert set(recipe_names("preprocess")) == set(CONTENTS_BEFORE_THE_CONFIG_SPLIT)
+    for name, contents in CONTENTS_BEFORE_THE_CONFIG_SPLIT.items():
+        assert producer(load_preprocess_config(name), ids)["contents"] == contents, name

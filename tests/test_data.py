@@ -15,7 +15,13 @@ import torch
 from PIL import Image
 
 from perceptio_dist.data.conversation import ImageTokens, encode_conversation, spatial_answer_ids
-from perceptio_dist.preprocess.config import SourceConfig
+from perceptio_dist.preprocess.config import (
+    CocoSource,
+    HardblinkSource,
+    ImageFolderSource,
+    LlavaSource,
+    RefcocoSource,
+)
 from perceptio_dist.preprocess.stages import decode_row, draw_markers, plan_shards
 from perceptio_dist.preprocess.records import Record
 from perceptio_dist.preprocess.restricted_pickle import load_plain_pickle
@@ -140,12 +146,12 @@ def test_closest_point_markers_follow_the_rules():
 
 def test_refcoco_adapter_reads_the_refer_layout(tmp_path):
     root = make_refcoco(tmp_path)
-    records = list(iter_source(SourceConfig(type="refcoco", path=str(root), dataset="refcoco")))
+    records = list(iter_source(RefcocoSource(path=str(root), dataset="refcoco")))
     assert [r.meta["expression"] for r in records] == ["the coloured box", "box in the middle", "small cup top left"]
     assert all(r.task == "referring_seg" and r.with_seg and "polygons" in r.mask for r in records)
     assert records[0].turns[0][0] == "Please segment the coloured box in this image."
     assert Path(records[0].image).exists()
-    val = list(iter_source(SourceConfig(type="refcoco", path=str(root), splits=["val"])))
+    val = list(iter_source(RefcocoSource(path=str(root), splits=["val"])))
     assert [r.meta["expression"] for r in val] == ["validation only"]
 
 
@@ -164,19 +170,19 @@ def test_restricted_unpickler_refuses_code():
 
 
 def test_coco_llava_and_image_folder_adapters(tmp_path):
-    coco = list(iter_source(SourceConfig(type="coco", path=str(make_coco(tmp_path / "coco")))))
+    coco = list(iter_source(CocoSource(path=str(make_coco(tmp_path / "coco")))))
     assert [(r.meta["image_id"], r.meta["category"]) for r in coco] == [(1, "dog"), (2, "kite"), (3, "dog")]
-    llava = list(iter_source(SourceConfig(type="llava", path=str(make_llava(tmp_path / "llava")))))
+    llava = list(iter_source(LlavaSource(path=str(make_llava(tmp_path / "llava")))))
     assert len(llava) == 1 and llava[0].turns == [["What is in the picture?", "A box."], ["What colour is it?", "Grey."]]
-    folder = list(iter_source(SourceConfig(type="image_folder", path=str(make_image_folder(tmp_path / "imgs")))))
+    folder = list(iter_source(ImageFolderSource(path=str(make_image_folder(tmp_path / "imgs")))))
     assert len(folder) == 4 and all(r.task == "depth" and r.with_depth for r in folder)
-    limited = list(iter_source(SourceConfig(type="image_folder", path=str(tmp_path / "imgs"), max_records=2)))
+    limited = list(iter_source(ImageFolderSource(path=str(tmp_path / "imgs"), max_records=2)))
     assert len(limited) == 2
 
 
 @pytest.mark.skipif(not HARDBLINK.exists(), reason="HardBLINK files not found at ../shared/data/hardblink")
 def test_hardblink_adapter_on_the_real_files():
-    records = list(iter_source(SourceConfig(type="hardblink", path=str(HARDBLINK))))
+    records = list(iter_source(HardblinkSource(path=str(HARDBLINK))))
     assert Counter(r.source for r in records) == {"hardblink_3": 124, "hardblink_4": 124, "hardblink_5": 124}
     assert all(r.split == "eval" and Path(r.image).exists() for r in records)
     assert all(r.turns[0][1] in {"(A)", "(B)", "(C)", "(D)", "(E)"} for r in records)
@@ -188,7 +194,7 @@ def test_hardblink_adapter_on_the_real_files():
 
 
 def test_decode_draws_markers_and_quarantines_bad_records(tmp_path):
-    coco = list(iter_source(SourceConfig(type="coco", path=str(make_coco(tmp_path / "coco")))))
+    coco = list(iter_source(CocoSource(path=str(make_coco(tmp_path / "coco")))))
     rows = {r.meta["ann_id"]: decode_row({"shard": "s", "record": json.dumps(r.to_dict())}) for r in coco}
     assert rows[1]["error"] == "" and rows[1]["image_ext"] == "jpg"
     mask = np.asarray(Image.open(io.BytesIO(rows[1]["mask"])))
@@ -490,13 +496,15 @@ def test_teacher_output_and_ground_truth_target(tmp_path):
 
 
 def test_every_registered_source_type_has_its_adapter():
-    """Source types are registered once (preprocess/config.SOURCE_TYPES); the config type and the adapters follow."""
+    """Source types are declared once (the members of preprocess/config.SourceConfig); the adapters follow."""
     import typing
 
     from perceptio_dist.preprocess.config import SOURCE_TYPES, SourceConfig
     from perceptio_dist.preprocess.sources import adapter
 
-    assert typing.get_args(typing.get_type_hints(SourceConfig)["type"]) == SOURCE_TYPES
+    members = typing.get_args(SourceConfig)
+    assert SOURCE_TYPES == tuple(typing.get_args(typing.get_type_hints(m)["type"])[0] for m in members)
+    assert SOURCE_TYPES == tuple(m().type for m in members)  # each member's default tag is its own
     for name in SOURCE_TYPES:
         assert callable(adapter(name)), name
     with pytest.raises(ValueError, match="unknown source type 'tfrecord'"):

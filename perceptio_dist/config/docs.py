@@ -8,7 +8,7 @@ import typing
 
 import yaml
 
-from .typed_yaml import type_name
+from .typed_yaml import TAG, tagged_members, type_name
 
 def iter_field_docs(cls: type, prefix: str = ""):
     """Yield (dotted name, type name, default, doc) for every leaf field, for --explain and docs/configuration.md."""
@@ -20,6 +20,22 @@ def iter_field_docs(cls: type, prefix: str = ""):
             yield from iter_field_docs(tp, name + ".")
             continue
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        members = tagged_members(item)
+        if members:  # fields every kind has under name[], each kind's own under name[<kind>]
+            yield name, f"a list of {' or '.join(m.__name__ for m in members.values())}", [], f.metadata.get("doc", "")
+            shared = set.intersection(*({g.name for g in dataclasses.fields(m)} for m in members.values()))
+            first = next(iter(members.values()))
+            for row in iter_field_docs(first, name + "[]."):
+                if row[0].endswith(f".{TAG}"):  # documented once, on the members' common base
+                    doc = next(f.metadata["doc"] for base in first.__mro__ if dataclasses.is_dataclass(base)
+                               for f in dataclasses.fields(base) if f.name == TAG and "doc" in f.metadata)
+                    yield row[0], "one of " + ", ".join(map(repr, members)), row[2], doc
+                elif row[0].split(".")[-1] in shared:
+                    yield row
+            for tag, member in members.items():
+                yield from (row for row in iter_field_docs(member, f"{name}[{tag}].")
+                            if row[0].split(".")[-1] not in shared)
+            continue
         if item is not None and dataclasses.is_dataclass(item):
             yield name, f"a list of {item.__name__}", [], f.metadata.get("doc", "")
             yield from iter_field_docs(item, name + "[].")

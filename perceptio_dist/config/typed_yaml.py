@@ -1,5 +1,9 @@
 """Typed YAML: a parsed recipe checked against a config dataclass's annotations, field by field, with a message that
-names the field and the type it wants."""
+names the field and the type it wants.
+
+A union of dataclasses is a tagged union: each member declares ``type: Literal["<its name>"]``, and a mapping's
+``type`` key picks the member (the first member when it is missing), so each kind holds only its own fields.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +34,30 @@ def type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+TAG = "type"
+
+
+def tagged_members(tp: Any) -> dict[str, type]:
+    """{tag: member} of a tagged union annotation (a union of dataclasses), {} for any other annotation."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return {}
+    members = typing.get_args(tp)
+    if not all(dataclasses.is_dataclass(m) for m in members):
+        return {}
+    return {typing.get_args(typing.get_type_hints(m)[TAG])[0]: m for m in members}
+
+
+def _build_tagged(value: Any, members: dict[str, type], path: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"Config error at '{path}': expected a mapping with a '{TAG}' key "
+                          f"({', '.join(map(repr, members))}), got {value!r}.")
+    tag = value.get(TAG, next(iter(members)))
+    if tag not in members:
+        raise ConfigError(f"Config error at '{path}.{TAG}': expected one of {', '.join(map(repr, members))}, "
+                          f"got {tag!r}.")
+    return build_dataclass(members[tag], value, path)
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it (ints widened to floats)."""
 
@@ -41,6 +69,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         )
 
     origin = typing.get_origin(tp)
+    members = tagged_members(tp)
+    if members:
+        return _build_tagged(value, members, path)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise fail()

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.shards import npy_load
-from ..preprocess.config import SourceConfig
+from ..preprocess.config import HardblinkSource, RefcocoSource, SyntheticSource
 from ..preprocess.stages import decode_row
 from ..preprocess.records import Record
 
@@ -59,7 +59,7 @@ def _item_from_record(record: Record, group: str) -> EvalItem:
 def hardblink_items(path: str | Path) -> Iterator[EvalItem]:
     from ..preprocess.sources.hardblink import iter_hardblink
 
-    for record in iter_hardblink(SourceConfig(type="hardblink", path=str(path))):
+    for record in iter_hardblink(HardblinkSource(path=str(path))):
         yield _item_from_record(record, f"hardblink_{record.meta['num_points']}")
 
 
@@ -70,7 +70,7 @@ def synthetic_items(scenes: str | Path, questions: dict | None = None) -> Iterat
     marker style, grid, sets per scene, point counts); none: the defaults."""
     from ..preprocess.sources.synthetic import iter_synthetic
 
-    spec = SourceConfig(type="synthetic", path=str(scenes), tasks=["relative_depth", "referring_seg"],
+    spec = SyntheticSource(path=str(scenes), tasks=["relative_depth", "referring_seg"],
                         **(questions or {}))
     for record in iter_synthetic(spec):
         if record.task == "relative_depth":
@@ -84,7 +84,7 @@ def refcoco_items(path: str | Path, dataset: str, split_by: str, splits: Iterabl
     from ..preprocess.sources.refcoco import iter_refcoco
 
     for split in splits:
-        spec = SourceConfig(type="refcoco", path=str(path), dataset=dataset, split_by=split_by, splits=[split],
+        spec = RefcocoSource(path=str(path), dataset=dataset, split_by=split_by, splits=[split],
                             images=images)
         for record in iter_refcoco(spec):
             yield _item_from_record(record, f"{dataset}_{split}")

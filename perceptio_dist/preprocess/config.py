@@ -6,55 +6,73 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ..config import ConfigError, check_input_paths, doc_field, load_typed_config, path_field
+from ..config import ConfigError, check_input_paths, config_error, doc_field, load_typed_config, path_field
+from ..config.typed_yaml import tagged_members
 from ..data.config import TASKS
 from ..model.config import DepthCodesConfig, DepthVQVAEConfig, check_depth_downsampling
 
-# The registry of source types: each name is an adapter module preprocess/sources/<name>.py with a function
-# iter_<name>(SourceConfig) (preprocess/sources/__init__.py finds it by that name).
-SOURCE_TYPES = ("synthetic", "refcoco", "coco", "llava", "image_folder", "hardblink")
+# The source types: each is a dataclass below, holding only its own fields (a tagged union on `type`), and an
+# adapter module preprocess/sources/<type>.py with a function iter_<type>(source) (found by that name).
 
 
 @dataclass
-class SourceConfig:
-    type: Literal[SOURCE_TYPES] = doc_field(
+class SourceBase:
+    """What every source has: its type, where its raw data is, and how many records to keep."""
+
+    type: str = doc_field(
         "Adapter: synthetic (scene folders from perceptio-scenes), refcoco (refer toolkit layout), coco (instances "
-        "json), llava (conversation json), image_folder (depth-only), hardblink (evaluation only).", "synthetic")
+        "json), llava (conversation json), image_folder (depth-only), hardblink (evaluation only). A source holds "
+        "only its type's fields.", "synthetic")
     path: str = path_field("Root of the source: scenes folder, refer data root, instances.json, llava json, image "
                            "folder or HardBLINK folder.", "", purpose="the source's raw data (see sources[].type)",
                            remedy="Give the source's absolute path (a Ray job runs in a copy of the working folder).")
-    images: Optional[str] = path_field("Images folder (coco, refcoco, llava); null: next to `path`.", None,
-                                       purpose="the source's images folder", folder=True)
-    dataset: Literal["refcoco", "refcoco+", "refcocog"] = doc_field("refcoco: which refer dataset under `path`.", "refcoco")
-    split_by: str = doc_field("refcoco: annotation split file, refs(<split_by>).p (unc, umd or google).", "unc")
-    splits: list[str] = doc_field("refcoco: which refer splits to keep.", default_factory=lambda: ["train"])
-    tasks: list[str] = doc_field("synthetic: which tasks to generate from each scene.", default_factory=lambda: list(TASKS))
     max_records: Optional[int] = doc_field("Keep at most this many records of the source (in its order); null: all.", None)
+
+
+@dataclass
+class SyntheticSource(SourceBase):
+    """Rendered scenes (perceptio-scenes) with exact depth and masks; the relative-depth questions are made here."""
+
+    type: Literal["synthetic"] = "synthetic"
+    tasks: list[str] = doc_field("Which tasks to generate from each scene.", default_factory=lambda: list(TASKS))
     questions_per_scene: int = doc_field(
-        "synthetic: relative-depth questions (marker sets) per scene. Each is its own sample; more sets are cheap "
+        "Relative-depth questions (marker sets) per scene. Each is its own sample; more sets are cheap "
         "data for the one task a tiny model has the least of.", 1)
-    point_counts: list[int] = doc_field("synthetic: numbers of points a relative-depth question may have (2-5), "
+    point_counts: list[int] = doc_field("Numbers of points a relative-depth question may have (2-5), "
                                         "drawn uniformly.", default_factory=lambda: [3, 4, 5])
     marker_style: Literal["hardblink", "colour"] = doc_field(
-        "synthetic: how markers are drawn. hardblink: as the benchmark (red ring, white letter on black). colour: a "
+        "How markers are drawn. hardblink: as the benchmark (red ring, white letter on black). colour: a "
         "toy-only simplification legible at a tiny model's input (a disc in the letter's own colour, the letter on "
         "it); models trained on it see HardBLINK's style only at evaluation.", "hardblink")
     marker_grid: Optional[int] = doc_field(
-        "synthetic: every marker in its own cell of this grid (set it to the depth grid) and the closest point "
+        "Every marker in its own cell of this grid (set it to the depth grid) and the closest point "
         "also closest by its cell's mean depth, so perfect depth tokens answer the question; null: not enforced.",
         None)
     marker_step: bool = doc_field(
-        "synthetic: relative-depth answers first read each marker out of the depth map ('A at 3,5 near 7; B at "
+        "Relative-depth answers first read each marker out of the depth map ('A at 3,5 near 7; B at "
         "3,1 near 3. (A)': depth-grid cell, nearness 0-9), then answer; needs marker_grid. A chain-of-thought "
         "option after AURORA (marker coordinates, then depth); the ablation without depth tokens gets the same "
         "text.", False)
     marker_step_format: Literal["cells", "nearness", "scan"] = doc_field(
-        "synthetic, with marker_step: the step's form. cells: 'A at 3,5 near 7; B at 3,1 near 3. (A)'. nearness: "
+        "With marker_step: the step's form. cells: 'A at 3,5 near 7; B at 3,1 near 3. (A)'. nearness: "
         "'A near 7; B near 3. (A)'. scan (toy-only): the marker band's cells in reading order, three rows of one "
         "character per cell (the marker there or -, the nearest marker's level so far as K-T = 0-9, its letter), "
         "then the answer: '--A--B--|--KKKMMM|--AAABBB. (B)'; every character is a read at a fixed distance, the "
         "lookup a tiny model learns (docs/research, the toy world). Needs a tokenizer that keeps the row "
         "characters apart (the builtin tiny BPE does).", "cells")
+
+    def check(self, at: str) -> None:
+        bad = sorted(set(self.tasks) - set(TASKS))
+        if bad:
+            raise config_error(f"{at}.tasks", f"unknown task(s) {bad}; tasks are {list(TASKS)}.")
+        if self.questions_per_scene < 1:
+            raise config_error(f"{at}.questions_per_scene", "must be at least 1.")
+        if not self.point_counts or any(not 2 <= n <= 5 for n in self.point_counts):
+            raise config_error(f"{at}.point_counts", f"each count must be 2-5 (letters A-E), got {self.point_counts}.")
+        if self.marker_grid is not None and self.marker_grid < 1:
+            raise config_error(f"{at}.marker_grid", "must be a positive grid size or null.")
+        if self.marker_step and self.marker_grid is None:
+            raise config_error(f"{at}.marker_step", "reads markers out of depth-grid cells: set marker_grid too.")
 
     def question_rules(self):
         """The synthetic relative-depth question rules these fields describe (preprocess/scenes/tasks.py)."""
@@ -63,6 +81,56 @@ class SourceConfig:
         return QuestionRules(per_scene=self.questions_per_scene, counts=tuple(self.point_counts),
                              marker_style=self.marker_style, points=PointRules(grid=self.marker_grid),
                              marker_step=self.marker_step, step_format=self.marker_step_format)
+
+
+@dataclass
+class ImageSource(SourceBase):
+    """A source whose images sit in a folder of their own."""
+
+    images: Optional[str] = path_field("Images folder; null: next to `path` (refcoco: <path>/images).", None,
+                                       purpose="the source's images folder", folder=True)
+
+
+@dataclass
+class RefcocoSource(ImageSource):
+    """RefCOCO / RefCOCO+ / RefCOCOg in the refer toolkit's layout."""
+
+    type: Literal["refcoco"] = "refcoco"
+    dataset: Literal["refcoco", "refcoco+", "refcocog"] = doc_field("Which refer dataset under `path`.", "refcoco")
+    split_by: str = doc_field("Annotation split file, refs(<split_by>).p (unc, umd or google).", "unc")
+    splits: list[str] = doc_field("Which refer splits to keep.", default_factory=lambda: ["train"])
+
+
+@dataclass
+class CocoSource(ImageSource):
+    """COCO instances json (every annotated object becomes a referring question by its category)."""
+
+    type: Literal["coco"] = "coco"
+
+
+@dataclass
+class LlavaSource(ImageSource):
+    """LLaVA-style conversation json (visual question answering)."""
+
+    type: Literal["llava"] = "llava"
+
+
+@dataclass
+class ImageFolderSource(SourceBase):
+    """A folder of images and nothing else: depth-only samples from the teacher."""
+
+    type: Literal["image_folder"] = "image_folder"
+
+
+@dataclass
+class HardblinkSource(SourceBase):
+    """The HardBLINK relative-depth benchmark (evaluation only)."""
+
+    type: Literal["hardblink"] = "hardblink"
+
+
+SourceConfig = (SyntheticSource | RefcocoSource | CocoSource | LlavaSource | ImageFolderSource | HardblinkSource)
+SOURCE_TYPES = tuple(tagged_members(SourceConfig))
 
 
 @dataclass
@@ -123,19 +191,10 @@ def validate_preprocess(cfg: PreprocessConfig) -> None:
     for i, src in enumerate(cfg.sources):
         if not src.path:
             raise err(f"sources[{i}].path", "is required.")
-        bad = sorted(set(src.tasks) - set(TASKS))
-        if bad:
-            raise err(f"sources[{i}].tasks", f"unknown task(s) {bad}; tasks are {list(TASKS)}.")
-        if src.questions_per_scene < 1:
-            raise err(f"sources[{i}].questions_per_scene", "must be at least 1.")
-        if not src.point_counts or any(not 2 <= n <= 5 for n in src.point_counts):
-            raise err(f"sources[{i}].point_counts", f"each count must be 2-5 (letters A-E), got {src.point_counts}.")
-        if src.marker_grid is not None and src.marker_grid < 1:
-            raise err(f"sources[{i}].marker_grid", "must be a positive grid size or null.")
-        if src.marker_step and src.marker_grid is None:
-            raise err(f"sources[{i}].marker_step", "reads markers out of depth-grid cells: set marker_grid too.")
         if cfg.split == "train" and src.type == "hardblink":
             raise err(f"sources[{i}].type", "HardBLINK is evaluation data: never train on it (use split: eval).")
+        if isinstance(src, SyntheticSource):
+            src.check(f"sources[{i}]")
     cfg.tokens.check("tokens")
     check_depth_downsampling(cfg.depth_vqvae.input_size, cfg.tokens.depth_grid, "depth_vqvae.input_size")
     if cfg.teacher.input_size % 14:
@@ -167,6 +226,13 @@ _TOKEN_FIELDS_IN_OLD_IDENTITIES = {"seg_token": "[SEG]", "depth_start_token": "<
                                    "depth_end_token": "<DEPTH_END>", "depth_code_template": "<DEPTH_{}>",
                                    "code_embedding_init": "mean"}
 
+# Likewise the fields every source carried when one dataclass held all types' fields, at their defaults (a field
+# of another type never shaped a shard).
+_SOURCE_FIELDS_IN_OLD_IDENTITIES = {
+    "dataset": "refcoco", "split_by": "unc", "splits": ["train"], "tasks": list(TASKS), "max_records": None,
+    "questions_per_scene": 1, "point_counts": [3, 4, 5], "marker_style": "hardblink", "marker_grid": None,
+    "marker_step": False, "marker_step_format": "cells"}
+
 
 def content_fields(cfg: PreprocessConfig) -> dict:
     """The preprocessing fields that shape what a shard holds (paths, resources and concurrency removed; the
@@ -183,6 +249,8 @@ def content_fields(cfg: PreprocessConfig) -> dict:
     fields = strip(asdict(cfg), "")
     if "tokens" in fields:  # identities as written before the section held K and the grid only (no shard rebuilt)
         fields["tokens"] = {**_TOKEN_FIELDS_IN_OLD_IDENTITIES, **fields["tokens"]}
+    if "sources" in fields:  # and before each source type held only its own fields
+        fields["sources"] = [{**_SOURCE_FIELDS_IN_OLD_IDENTITIES, **source} for source in fields["sources"]]
     if cfg.depth_vqvae.checkpoint or not cfg.depth_codes:  # the seed of a random tokenizer plays no part
         fields.pop("vqvae_seed")
     if not cfg.depth_codes:  # a teacher pass: the maps' size matters, not the tokenizer (retraining it rebuilds nothing)

@@ -1,7 +1,8 @@
 """Source adapters: each turns one raw dataset layout into :class:`~perceptio_dist.preprocess.records.Record`s.
 
-The source types are registered once, in ``preprocess.config.SOURCE_TYPES``; the adapter of type ``name`` is
-the function ``iter_<name>`` of the module ``sources/<name>.py``.
+The source types are declared once, as the members of ``preprocess.config.SourceConfig`` (a tagged union: each
+type's dataclass holds only its own fields); the adapter of type ``name`` is the function ``iter_<name>`` of the
+module ``sources/<name>.py``.
 """
 
 from __future__ import annotations

@@ -13,14 +13,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
-from ..config import SourceConfig
+from ..config import CocoSource
 from ..records import Record, safe_key
 from .refcoco import coco_mask
 
 MIN_AREA = 100.0  # pixels; smaller objects make poor targets
 
 
-def iter_coco(spec: SourceConfig) -> Iterator[Record]:
+def iter_coco(spec: CocoSource) -> Iterator[Record]:
     path = Path(spec.path)
     data = json.loads(path.read_text())
     images_dir = Path(spec.images) if spec.images else path.parent

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..config import SourceConfig
+from ..config import HardblinkSource
 from ..records import Record, safe_key
 
 POINT_COUNTS = (3, 4, 5)
@@ -21,7 +21,7 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def iter_hardblink(spec: SourceConfig) -> Iterator[Record]:
+def iter_hardblink(spec: HardblinkSource) -> Iterator[Record]:
     root = Path(spec.path)
     for n in POINT_COUNTS:
         questions = _jsonl(root / "questions" / f"blink_{n}pointscenter_questions.jsonl")

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from ..config import SourceConfig
+from ..config import ImageFolderSource
 from ..records import DEPTH_ANSWER, DEPTH_QUESTION, Record, safe_key
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def iter_image_folder(spec: SourceConfig) -> Iterator[Record]:
+def iter_image_folder(spec: ImageFolderSource) -> Iterator[Record]:
     root = Path(spec.path)
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         rel = path.relative_to(root)

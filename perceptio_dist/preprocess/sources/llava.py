@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..config import SourceConfig
+from ..config import LlavaSource
 from ..records import Record, safe_key
 
 
@@ -24,7 +24,7 @@ def _turns(conversations: list[dict]) -> list[list[str]]:
     return turns
 
 
-def iter_llava(spec: SourceConfig) -> Iterator[Record]:
+def iter_llava(spec: LlavaSource) -> Iterator[Record]:
     path = Path(spec.path)
     images_dir = Path(spec.images) if spec.images else path.parent
     for i, entry in enumerate(json.loads(path.read_text())):

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..config import SourceConfig
+from ..config import RefcocoSource
 from ..records import Record, safe_key
 from ..restricted_pickle import load_plain_pickle
 
@@ -36,7 +36,7 @@ def coco_mask(annotation: dict, image: dict) -> dict:
     return {"rle": seg, "size": size} if isinstance(seg, dict) else {"polygons": seg, "size": size}
 
 
-def iter_refcoco(spec: SourceConfig) -> Iterator[Record]:
+def iter_refcoco(spec: RefcocoSource) -> Iterator[Record]:
     folder = Path(spec.path) / spec.dataset
     images_dir = Path(spec.images) if spec.images else Path(spec.path) / "images"
     instances = json.loads((folder / "instances.json").read_text())

@@ -7,13 +7,13 @@ from typing import Iterator
 
 import numpy as np
 
-from ..config import SourceConfig
+from ..config import SyntheticSource
 from ..records import Record
 from ..scenes.render import load_scene_meta
 from ..scenes.tasks import scene_records
 
 
-def iter_synthetic(spec: SourceConfig) -> Iterator[Record]:
+def iter_synthetic(spec: SyntheticSource) -> Iterator[Record]:
     root = Path(spec.path)
     rules = spec.question_rules()
     for folder in sorted(p for p in root.iterdir() if (p / "meta.json").exists()):
