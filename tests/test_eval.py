@@ -69,8 +69,9 @@ def test_referring_answers_that_repeat_the_expression_by_hand():
     metrics, rows = score(items, [Prediction(text, [], None, None, mask) for text in answers])
     # Surrounding spaces do not count, a wrong word or a changed capital does: 1 of 3.
     assert [row["answer_exact"] for row in rows] == [True, False, False]
-    assert metrics["synthetic_refer"]["answer_exact"] == pytest.approx(1 / 3)
-    assert metrics["synthetic_refer"]["ciou"] == pytest.approx(1.0)
+    assert metrics.groups["synthetic_refer"].masks.answer_exact == pytest.approx(1 / 3)
+    assert metrics.groups["synthetic_refer"].masks.ciou == pytest.approx(1.0)
+    assert metrics.groups["synthetic_refer"].choices is None
 
 
 @pytest.fixture(scope="module")
@@ -252,11 +253,13 @@ def test_hardblink_scoring_of_fixed_predictions_against_the_real_answers():
     items = list(hardblink_items(HARDBLINK))
     for text, expected in (("(A)", (41, 28, 23)), ("Point A is the closest.", (41, 28, 23))):
         metrics, rows = score(items, [Prediction(text, [], None, None, None) for _ in items])
-        counts = tuple(round(metrics[f"hardblink_{n}"]["accuracy"] * 124) for n in (3, 4, 5))
+        counts = tuple(round(metrics.groups[f"hardblink_{n}"].accuracy * 124) for n in (3, 4, 5))
         assert counts == expected
-        assert metrics["hardblink_mean"]["accuracy"] == pytest.approx(sum(expected) / 3 / 124)
+        assert metrics.means["hardblink_mean"].accuracy == pytest.approx(sum(expected) / 3 / 124)
+        assert metrics.to_json()["hardblink_mean"] == {"accuracy": metrics.means["hardblink_mean"].accuracy,
+                                                       "splits": 3}
     metrics, _ = score(items, [Prediction(i.answer, [], None, None, None) for i in items])  # the answers themselves
-    assert all(metrics[f"hardblink_{n}"]["accuracy"] == 1.0 for n in (3, 4, 5))
+    assert all(metrics.groups[f"hardblink_{n}"].accuracy == 1.0 for n in (3, 4, 5))
 
 
 def test_refcoco_and_mmbench_readers(tmp_path):
@@ -306,9 +309,9 @@ def test_mmbench_circular_evaluation_scored_by_hand(tmp_path):
 
     verdicts = [True] * 4 + [True, True, False, True] + [True, False]
     metrics, _ = score(items, [answer(i, ok) for i, ok in zip(items, verdicts)])
-    m = metrics["mmbench_circular"]
-    assert m["circular_accuracy"] == pytest.approx(1 / 3) and m["single_pass_accuracy"] == 1.0
-    assert m["accuracy"] == pytest.approx(8 / 10) and m["questions"] == 3
+    m = metrics.groups["mmbench_circular"]
+    assert m.circular.circular_accuracy == pytest.approx(1 / 3) and m.circular.single_pass_accuracy == 1.0
+    assert m.accuracy == pytest.approx(8 / 10) and m.circular.questions == 3
     single = list(mmbench_items(tsv))
     assert [i.key for i in single] == ["mmbench_1", "mmbench_2", "mmbench_3"] and single[0].answer == "C"
 
@@ -441,15 +444,20 @@ def test_intervention_and_consistency_metrics_by_hand():
                                 2: Prediction("(B)", [], [1] * 16, None, None)},
                      "ground_truth": {1: Prediction("(B)", [], [2] * 16, None, None)}}
     metrics, rows = score(items, own, interventions)
-    m = metrics["synthetic_depth_2"]
-    assert m["accuracy"] == pytest.approx(1 / 3)  # only the first answer is right
+    m = metrics.groups["synthetic_depth_2"]
+    assert m.accuracy == pytest.approx(1 / 3)  # only the first answer is right
     # random: (B) everywhere, right only for the second item; ground truth: only item 1, right
-    assert m["interventions"] == {"own": pytest.approx(1 / 3), "random": pytest.approx(1 / 3), "ground_truth": 1.0}
-    assert m["intervention_counts"] == {"own": 3, "random": 3, "ground_truth": 1}
-    assert m["chain_consistency"] == pytest.approx(2 / 3)  # answers A, A, B; the map says A every time
+    assert m.interventions.accuracy == {"own": pytest.approx(1 / 3), "random": pytest.approx(1 / 3),
+                                        "ground_truth": 1.0}
+    assert m.interventions.counts == {"own": 3, "random": 3, "ground_truth": 1}
+    assert m.chain.consistency == pytest.approx(2 / 3)  # answers A, A, B; the map says A every time
+    # metrics.json keeps its layout: the figures flat, in this order, a kind absent where the group has none.
+    assert list(metrics.to_json()["synthetic_depth_2"]) == [
+        "accuracy", "count", "answer_letters", "chain_consistency", "chain_count", "baselines", "interventions",
+        "intervention_counts"]
     assert rows[1]["interventions"]["random"] == {"prediction": "(B)", "parsed": "B", "correct": True,
                                                   "codes": [1] * 16}
-    table = "\n".join(faithfulness_table(metrics))
+    table = "\n".join(faithfulness_table(metrics.to_json()))
     assert "| synthetic_depth_2 | 33.3 (3) | 100.0 (1) | 33.3 (3) | – | – | 66.7 (3) |" in table
 
 
@@ -470,9 +478,10 @@ def test_relative_depth_baselines_and_legibility_by_hand():
     assert leg["label_px_at_input"] == pytest.approx(11 * 64 / 240)
     assert leg["shared_cell"] == pytest.approx(1 / 3)  # only the third: (10, 100) and (30, 110) share cell (0, 1)
     metrics, _ = score(items, [Prediction("(B)", [], None, None, None)] * 3, geometry=(64, 4))
-    assert metrics["synthetic_depth_3"]["baselines"] == b and metrics["synthetic_depth_3"]["legibility"] == leg
-    assert metrics["synthetic_depth_3"]["answer_letters"] == {"B": 3}
-    assert "| synthetic_depth_3 | 66.7 | 33.3 | 66.7 | 66.7 | 2.9 | 33.3 | B 3 |" in "\n".join(baselines_table(metrics))
+    assert metrics.groups["synthetic_depth_3"].baselines == b and metrics.groups["synthetic_depth_3"].legibility == leg
+    assert metrics.groups["synthetic_depth_3"].choices.answer_letters == {"B": 3}
+    table = "\n".join(baselines_table(metrics.to_json()))
+    assert "| synthetic_depth_3 | 66.7 | 33.3 | 66.7 | 66.7 | 2.9 | 33.3 | B 3 |" in table
 
 
 def test_depth_dependence_by_hand():

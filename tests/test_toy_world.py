@@ -303,9 +303,10 @@ def test_marker_step_scored_by_hand():
     items = [EvalItem("synthetic_depth_3", f"k{i}", np.zeros((8, 8, 3), np.uint8), "q", ref, "relative_depth", 3)
              for i, ref in enumerate(references)]
     metrics, rows = score(items, [Prediction(text, [], None, None, None) for text in answers])
-    assert {k: metrics["synthetic_depth_3"][k] for k in group} == group
+    assert {k: metrics.groups["synthetic_depth_3"].marker_steps[k] for k in group} == group
     assert rows[0]["marker_step"] == first
-    assert "| synthetic_depth_3 | 72.7 | 90.9 | 72.7 | 90.9 | 63.6 | 81.8 | 25.0 | – | 11 |" in marker_step_table(metrics)
+    table = marker_step_table(metrics.to_json())
+    assert "| synthetic_depth_3 | 72.7 | 90.9 | 72.7 | 90.9 | 63.6 | 81.8 | 25.0 | – | 11 |" in table
 
 
 def test_marker_step_without_cells_scored_by_hand():

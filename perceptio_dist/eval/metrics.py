@@ -1,10 +1,17 @@
 """The metrics of an evaluation: one row per item and the figures per group (accuracy or cIoU/gIoU and counts,
 the baselines, legibility, chain consistency, the interventions, the depth maps' dependence on the image,
-CircularEval, the means over HardBLINK's and the synthetic scenes' point counts)."""
+CircularEval, the means over HardBLINK's and the synthetic scenes' point counts).
+
+The figures are typed (:class:`EvalMetrics`, one :class:`GroupMetrics` per group, a part for each kind of figure,
+None where a group has none); ``to_json`` writes metrics.json in its documented layout, the form the report, the
+demo and the sweep read.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -16,11 +23,112 @@ from .generate import Prediction
 from .marker_step import group_marker_scores, marker_step_scores
 from .scoring import MaskScores, accuracy, parse_choice_letter
 
+SPLIT_MEANS = ("hardblink", "synthetic_depth")  # groups <prefix>_3/4/5 averaged into <prefix>_mean
+
+
+@dataclass
+class MaskFigures:
+    """Referring segmentation: cumulative and mean IoU over the group's masks, and exact restatements."""
+    ciou: float
+    giou: float
+    count: int
+    answer_exact: Optional[float] = None
+
+
+@dataclass
+class ChoiceFigures:
+    """A multiple-choice group: accuracy, items, and how often each letter was answered ('none': unparsed)."""
+    accuracy: float
+    count: int
+    answer_letters: Optional[dict[str, int]] = None
+
+
+@dataclass
+class ChainFigures:
+    """Answers naming the point the model's own depth map puts nearest."""
+    consistency: float
+    count: int
+
+
+@dataclass
+class InterventionFigures:
+    """Accuracy with the model's own depth codes and after each replacement, and the items each applies to."""
+    accuracy: dict[str, float]
+    counts: dict[str, int]
+
+
+@dataclass
+class CircularFigures:
+    """VLMEvalKit's CircularEval over one question's option rotations."""
+    circular_accuracy: float
+    single_pass_accuracy: float
+    questions: int
+
+
+@dataclass
+class GroupMetrics:
+    """Everything measured on one benchmark group; exactly one of ``masks`` and ``choices`` is set."""
+    masks: Optional[MaskFigures] = None
+    choices: Optional[ChoiceFigures] = None
+    marker_steps: Optional[dict] = None  # eval/marker_step.group_marker_scores
+    chain: Optional[ChainFigures] = None
+    baselines: Optional[dict[str, float]] = None
+    legibility: Optional[dict[str, float]] = None
+    depth_dependence: Optional[dict] = None
+    interventions: Optional[InterventionFigures] = None
+    circular: Optional[CircularFigures] = None
+
+    @property
+    def accuracy(self) -> Optional[float]:
+        return self.choices.accuracy if self.choices else None
+
+    def to_json(self) -> dict:
+        out: dict = {}
+        if self.masks:
+            out.update(ciou=self.masks.ciou, giou=self.masks.giou, count=self.masks.count)
+            if self.masks.answer_exact is not None:
+                out["answer_exact"] = self.masks.answer_exact
+        if self.choices:
+            out.update(accuracy=self.choices.accuracy, count=self.choices.count)
+            if self.choices.answer_letters is not None:
+                out["answer_letters"] = self.choices.answer_letters
+        out.update(self.marker_steps or {})
+        if self.chain:
+            out.update(chain_consistency=self.chain.consistency, chain_count=self.chain.count)
+        for name in ("baselines", "legibility", "depth_dependence"):
+            if getattr(self, name):
+                out[name] = getattr(self, name)
+        if self.interventions:
+            out.update(interventions=self.interventions.accuracy, intervention_counts=self.interventions.counts)
+        if self.circular:
+            out.update(vars(self.circular))
+        return out
+
+
+@dataclass
+class SplitMean:
+    """The mean accuracy over a benchmark's 3-, 4- and 5-point groups, and how many of them were evaluated."""
+    accuracy: float
+    splits: int
+
+
+@dataclass
+class EvalMetrics:
+    groups: dict[str, GroupMetrics] = field(default_factory=dict)
+    means: dict[str, SplitMean] = field(default_factory=dict)  # by name, e.g. hardblink_mean
+
+    def to_json(self) -> dict:
+        """metrics.json: the groups by name, then the means."""
+        out = {name: group.to_json() for name, group in sorted(self.groups.items())}
+        out.update({name: vars(mean).copy() for name, mean in self.means.items()})
+        return out
+
 
 def score(items: list[EvalItem], predictions: list[Prediction],
           interventions: dict[str, dict[int, Prediction]] | None = None,
-          geometry: tuple[int, int] | None = None, mean_depth: np.ndarray | None = None) -> tuple[dict, list[dict]]:
-    """(metrics per group, one row per item). ``geometry`` (tile size, depth grid) adds the legibility numbers;
+          geometry: tuple[int, int] | None = None, mean_depth: np.ndarray | None = None
+          ) -> tuple[EvalMetrics, list[dict]]:
+    """(the figures, one row per item). ``geometry`` (tile size, depth grid) adds the legibility numbers;
     ``mean_depth`` (the training set's mean map) the reference for the generated maps' error."""
     groups: dict[str, dict] = {}
     rows = []
@@ -60,42 +168,38 @@ def score(items: list[EvalItem], predictions: list[Prediction],
                         "codes": answers[index].depth_codes}
                     g["intervened"].setdefault(name, []).append(other == expected)
         rows.append(row)
-    metrics: dict = {}
+    metrics = EvalMetrics()
     for name, g in sorted(groups.items()):
+        group = metrics.groups[name] = GroupMetrics()
         if g["masks"].per_sample:
-            metrics[name] = {"ciou": g["masks"].ciou, "giou": g["masks"].giou, "count": len(g["masks"].per_sample)}
-            if g.get("exact"):
-                metrics[name]["answer_exact"] = accuracy(g["exact"])
-        else:
-            metrics[name] = {"accuracy": accuracy(g["correct"]), "count": len(g["correct"])}
-            if g.get("letters"):  # a constant answer shows at once
-                metrics[name]["answer_letters"] = dict(sorted(Counter(g["letters"]).items()))
+            group.masks = MaskFigures(g["masks"].ciou, g["masks"].giou, len(g["masks"].per_sample),
+                                      accuracy(g["exact"]) if g.get("exact") else None)
+        else:  # a constant answer shows at once in the letters
+            letters = dict(sorted(Counter(g["letters"]).items())) if g.get("letters") else None
+            group.choices = ChoiceFigures(accuracy(g["correct"]), len(g["correct"]), letters)
         if g.get("marker_steps"):
-            metrics[name].update(group_marker_scores(g["marker_steps"]))
+            group.marker_steps = group_marker_scores(g["marker_steps"])
         if "consistent" in g:
-            metrics[name]["chain_consistency"] = accuracy(g["consistent"])
-            metrics[name]["chain_count"] = len(g["consistent"])
+            group.chain = ChainFigures(accuracy(g["consistent"]), len(g["consistent"]))
         in_group = [item for item in items if item.group == name]
         if in_group[0].task == "relative_depth":
-            metrics[name]["baselines"] = relative_depth_baselines(in_group)
-            readable = legibility(in_group, *geometry) if geometry else None
-            if readable:
-                metrics[name]["legibility"] = readable
+            group.baselines = relative_depth_baselines(in_group)
+            group.legibility = (legibility(in_group, *geometry) if geometry else None) or None
         if g.get("maps"):
-            metrics[name]["depth_dependence"] = depth_dependence(g["maps"], mean_depth)
+            group.depth_dependence = depth_dependence(g["maps"], mean_depth)
         if "intervened" in g:  # own: every answer with a depth block; the others on the items they apply to
-            metrics[name]["interventions"] = {k: accuracy(v) for k, v in g["intervened"].items()}
-            metrics[name]["intervention_counts"] = {k: len(v) for k, v in g["intervened"].items()}
-    if CIRCULAR_GROUP in metrics:
-        metrics[CIRCULAR_GROUP].update(circular_scores([r for r in rows if r["group"] == CIRCULAR_GROUP]))
-    for prefix in ("hardblink", "synthetic_depth"):
-        parts = [metrics[f"{prefix}_{n}"]["accuracy"] for n in (3, 4, 5) if f"{prefix}_{n}" in metrics]
+            group.interventions = InterventionFigures({k: accuracy(v) for k, v in g["intervened"].items()},
+                                                      {k: len(v) for k, v in g["intervened"].items()})
+    if CIRCULAR_GROUP in metrics.groups:
+        metrics.groups[CIRCULAR_GROUP].circular = circular_scores([r for r in rows if r["group"] == CIRCULAR_GROUP])
+    for prefix in SPLIT_MEANS:
+        parts = [metrics.groups[f"{prefix}_{n}"].accuracy for n in (3, 4, 5) if f"{prefix}_{n}" in metrics.groups]
         if parts:
-            metrics[f"{prefix}_mean"] = {"accuracy": float(np.mean(parts)), "splits": len(parts)}
+            metrics.means[f"{prefix}_mean"] = SplitMean(float(np.mean(parts)), len(parts))
     return metrics, rows
 
 
-def circular_scores(rows: list[dict]) -> dict:
+def circular_scores(rows: list[dict]) -> CircularFigures:
     """VLMEvalKit's CircularEval over one question's rotations (keys <question>@<rotation>): right only if every
     rotation is right; the single pass is rotation 0 (the options in their original order)."""
     by_question: dict[str, list[bool]] = {}
@@ -105,5 +209,19 @@ def circular_scores(rows: list[dict]) -> dict:
         by_question.setdefault(question, []).append(row["correct"])
         if rotation == "0":
             single.append(row["correct"])
-    return {"circular_accuracy": accuracy([all(v) for v in by_question.values()]),
-            "single_pass_accuracy": accuracy(single), "questions": len(by_question)}
+    return CircularFigures(accuracy([all(v) for v in by_question.values()]), accuracy(single), len(by_question))
+
+
+def summary_line(group: GroupMetrics) -> str:
+    """One console line of a group's headline figures, in percent."""
+    values = {}
+    if group.choices:
+        values["accuracy"] = group.choices.accuracy
+    if group.masks:
+        values.update(ciou=group.masks.ciou, giou=group.masks.giou)
+    if group.chain:
+        values["chain_consistency"] = group.chain.consistency
+    line = ", ".join(f"{k} {100 * v:.1f}" for k, v in values.items())
+    if group.interventions:
+        line += " | after codes: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in group.interventions.accuracy.items())
+    return line

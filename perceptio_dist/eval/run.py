@@ -27,7 +27,7 @@ from .benchmarks import (CIRCULAR_GROUP, CIRCULAR_SEPARATOR, EvalItem, hardblink
 from .depth_dependence import MEAN_DEPTH_FILE
 from .faithfulness import intervene
 from .generate import GenerationSettings
-from .metrics import score
+from .metrics import score, summary_line
 from .predict import plan_batches, predict
 from .report import write_report
 
@@ -148,7 +148,8 @@ def run_evaluation(request: EvalRequest) -> None:
         grid = int(round(model.token_ids.num_depth_tokens ** 0.5))
         mean_path = folder / MEAN_DEPTH_FILE
         mean_depth = np.load(mean_path, allow_pickle=False) if mean_path.exists() else None
-        metrics, rows = score(items, ordered, interventions, (builder.geo.tile_size, grid), mean_depth)
+        figures, rows = score(items, ordered, interventions, (builder.geo.tile_size, grid), mean_depth)
+        metrics = figures.to_json()
         out = Path(request.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -156,11 +157,10 @@ def run_evaluation(request: EvalRequest) -> None:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         report = write_report(out, items, ordered, rows, metrics)
-        for name, m in metrics.items():
-            values = ", ".join(f"{k} {100 * v:.1f}" for k, v in m.items()
-                               if k in ("accuracy", "ciou", "giou", "chain_consistency"))
-            after = ", ".join(f"{k} {100 * v:.1f}" for k, v in m.get("interventions", {}).items())
-            print(f"{name:24s} {values}" + (f" | after codes: {after}" if after else ""))
+        for name, group in figures.groups.items():
+            print(f"{name:24s} {summary_line(group)}")
+        for name, mean in figures.means.items():
+            print(f"{name:24s} accuracy {100 * mean.accuracy:.1f}")
         print(f"report: {report}")
     if distributed:
         dist.barrier()
