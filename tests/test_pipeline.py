@@ -103,6 +103,22 @@ def test_four_ranks_as_two_stages_times_two_replicas_train_like_zero3(zero3_run,
     assert stages[0]["kinds"][:2] == ["embed", "vision"] and stages[-1]["kinds"][-1] == "head"
 
 
+def test_a_middle_stage_reads_no_batches_and_three_stages_train_like_zero3(zero3_run, tiny_shards, tmp_path):
+    """3 ranks as 3 stages: the middle stage receives activations only, so it reads (and builds) no micro-batch and
+    its loader starts no worker; the step's items are counted once, by the last stage."""
+    run_dir = tmp_path / "run"
+    run = train(run_dir, 3, tiny_shards, *PIPELINE[:3], "parallel.pp_stages=3", "train.grad_accum_steps=2",
+                "parallel.pp_layers_per_stage=[0,1,1]")
+    assert_same_training(run, read_metrics(zero3_run))
+    assert step_keys(run_dir, [0]) == step_keys(run_dir, [2]) == step_keys(zero3_run, [0, 1])
+    final = sorted((run_dir / "checkpoints").glob("global_step*"))[-1]
+    positions = [torch.load(final / f"rank{r:05d}_state.pt", weights_only=True)["loader"]["position"]
+                 for r in range(3)]
+    assert positions == [STEPS * 2, 0, STEPS * 2]  # micro-batches read by each stage
+    stages = json.loads((run_dir / "summary.json").read_text())["pipeline_stages"]
+    assert [s["kinds"] for s in stages] == [["embed", "vision"], ["decoder:0"], ["decoder:1", "head"]]
+
+
 def test_tied_embeddings_are_shared_between_first_and_last_stage(tiny_shards, tmp_path):
     tied = "model.backbone.tie_word_embeddings=true"
     reference = train(tmp_path / "zero3", 2, tiny_shards, tied, "parallel.zero_init=false", steps=3)

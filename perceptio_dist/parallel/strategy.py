@@ -72,17 +72,28 @@ class ParallelStrategy:
         self.engine = None
         self.objective: PerceptioObjective | None = None  # set by wrap(); each step runs normalised_by its counts
 
-    def read_step(self, batches: Iterator) -> tuple[list, StepNormaliser]:
-        """The step's micro-batches of this rank, read before its first forward, and the step's normaliser (the
-        objective's item counts over every rank's micro-batches), which the step's forwards run under.
+    @property
+    def reads_batches(self) -> bool:
+        """Whether this rank needs the micro-batches (a pipeline's middle stages receive activations only)."""
+        return True
 
-        Every rank of a replica reads the same micro-batches (pipeline stages), so the all-ranks sum of the
-        counts holds each replica's items ``pp_stages`` times.
-        """
+    @property
+    def counts_items(self) -> bool:
+        """Whether this rank's micro-batches count in the step normaliser: one rank per replica would do, but every
+        rank of a tensor-parallel group reads the same ones, so all count and the sum is divided by the group."""
+        return True
+
+    def counting_ranks_per_replica(self) -> int:
+        return self.dist.world_size // self.data_ranks
+
+    def read_step(self, batches: Iterator) -> tuple[list, StepNormaliser]:
+        """The step's micro-batches of this rank (none where it :attr:`reads_batches` not), read before its first
+        forward, and the step's normaliser (the objective's item counts over every replica's micro-batches), which
+        the step's forwards run under."""
         accum, device = self.cfg.train.grad_accum_steps, self.dist.device
-        micro_batches = [next(batches).to(device) for _ in range(accum)]
-        counts = all_reduce_sum(self.objective.step_counts(micro_batches, device))
-        counts = counts / (self.dist.world_size // self.data_ranks)
+        micro_batches = [next(batches).to(device) for _ in range(accum)] if self.reads_batches else []
+        counted = micro_batches if self.counts_items else []
+        counts = all_reduce_sum(self.objective.step_counts(counted, device)) / self.counting_ranks_per_replica()
         return micro_batches, StepNormaliser(counts.cpu(), scale=float(accum * self.data_ranks))
 
     # ------------------------------------------------------------------------------------------ build
@@ -201,6 +212,19 @@ class PipelineStrategy(ParallelStrategy):
         self.last_stage = self.stage == cfg.parallel.pp_stages - 1
         self.stage_loss = None
         self._layout: list[dict] | None = None
+
+    @property
+    def reads_batches(self) -> bool:
+        """The first stage embeds the inputs and the last scores the labels; DeepSpeed's schedule loads micro-batches
+        on those two only, so the stages between read (and build) none."""
+        return self.stage == 0 or self.last_stage
+
+    @property
+    def counts_items(self) -> bool:
+        return self.last_stage  # the stage whose loss the counts normalise
+
+    def counting_ranks_per_replica(self) -> int:
+        return 1
 
     def wrap(self, model, objective, lm_head_terms):
         from .pipeline import build_pipeline_module

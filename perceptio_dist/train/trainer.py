@@ -167,7 +167,8 @@ class Trainer:
             self._resume(self.resume_from)
         if self.dist.is_main:  # only now: a refused resume leaves the run folder as it was
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        self.batches = iter(self.loader)
+        # A rank that reads no batches (a pipeline's middle stage) never starts the loader's workers.
+        self.batches = iter(self.loader) if self.strategy.reads_batches else iter(())
         self._log_setup()
 
     # -------------------------------------------------------------------------------- resume
