@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up the venv if needed, then run the whole workflow at toy scale on this machine
-# (perceptio_dist/demo.py): render scenes, train the depth tokenizer, preprocess with `ray job submit`
+# (perceptio_dist/experiments/toy/demo.py): render scenes, train the depth tokenizer, preprocess with `ray job submit`
 # on a local Ray head, train the toy-spatial Perceptio with and without depth tokens on two CPU ranks
 # (DeepSpeed ZeRO-3, a checkpoint midway), export and evaluate both, write runs/toy_data/report.md.
 # Each stage reuses what an earlier run finished.

@@ -187,10 +187,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def tools_module(name: str):
-    """A script of tools/ imported as a module (tools/ is not a package)."""
+    """A script of tools/ imported as a module (tools/ is not a package); ``name`` may name a subfolder (toy/...)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name.replace("/", "."), ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

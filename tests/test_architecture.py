@@ -7,6 +7,8 @@
 * every console script in pyproject.toml points into ``perceptio_dist/cli/``, and only ``cli/`` parses command
   lines (argparse): library code takes typed arguments;
 * ``eval/`` imports nothing from the entry points;
+* the core never imports ``experiments/`` (they plug in through perceptio_dist/registry.py; only ``cli/``, the
+  entry points, may name them);
 * config fields are declared beside their component, in its ``config.py`` (or ``<job>_config.py``), and the
   configuration engine (``config/``) imports no component: only ``config/training.py`` assembles them.
 
@@ -167,3 +169,18 @@ def test_the_config_engine_knows_no_component():
     # A deliberate violation: the path module reading the model's config.
     assert engine_reaching_components({"perceptio_dist.config.paths": {"perceptio_dist.model.config"}}) == [
         ("perceptio_dist.config.paths", "perceptio_dist.model.config")]
+
+
+def core_importing_experiments(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    experiments = "perceptio_dist.experiments"
+    return sorted((module, target) for module, targets in graph.items() for target in targets
+                  if target.startswith(experiments) and not module.startswith((experiments, "perceptio_dist.cli")))
+
+
+def test_the_core_never_imports_an_experiment():
+    graph = _import_graph()
+    assert not core_importing_experiments(graph)
+    assert any(t.startswith("perceptio_dist.experiments") for t in graph["perceptio_dist.cli.demo"])  # it sees them
+    # A deliberate violation: the evaluation's metrics importing the toy world's marker step.
+    assert core_importing_experiments({"perceptio_dist.eval.metrics": {"perceptio_dist.experiments.toy.marker_step"}}
+                                      ) == [("perceptio_dist.eval.metrics", "perceptio_dist.experiments.toy.marker_step")]

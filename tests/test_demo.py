@@ -64,7 +64,7 @@ def test_quick_demo_runs_every_stage_then_reuses_them(tmp_path):
 def test_the_demo_report_tables_its_runs_metrics_and_draws_their_losses(tmp_path):
     """The report from the two runs' metrics alone: one row per benchmark and metric, both models side by side,
     a dash where a model has no figure, and the loss curves drawn from metrics.jsonl."""
-    from perceptio_dist.demo import write_demo_report
+    from perceptio_dist.experiments.toy.demo import write_demo_report
 
     out = tmp_path / "demo"
     metrics = {"depth_model": {"synthetic_depth_3": {"accuracy": 0.5, "count": 12},

@@ -260,6 +260,11 @@ def test_hardblink_scoring_of_fixed_predictions_against_the_real_answers():
                                                        "splits": 3}
     metrics, _ = score(items, [Prediction(i.answer, [], None, None, None) for i in items])  # the answers themselves
     assert all(metrics.groups[f"hardblink_{n}"].accuracy == 1.0 for n in (3, 4, 5))
+    # The toy world's marker-step diagnostic is registered, but HardBLINK's letter answers give it nothing to read.
+    from perceptio_dist.registry import EVAL_DIAGNOSTICS
+
+    assert "marker_step" in EVAL_DIAGNOSTICS
+    assert not any(group.diagnostics for group in metrics.groups.values())
 
 
 def test_refcoco_and_mmbench_readers(tmp_path):

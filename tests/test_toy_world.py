@@ -22,7 +22,7 @@ from perceptio_dist.preprocess.config import load_preprocess_config
 from perceptio_dist.preprocess.scenes.render import render_scene, write_scene
 from perceptio_dist.preprocess.scenes.tasks import PointRules, QuestionRules, closest_point_markers, scene_records
 from perceptio_dist.preprocess.stages import MARKER_COLOURS, draw_markers
-from perceptio_dist.sweep import load_sweep, table_lines
+from perceptio_dist.experiments.toy.sweep import load_sweep, table_lines
 
 from .conftest import run_process, tools_module
 
@@ -257,7 +257,7 @@ def test_sweep_table_by_hand(tmp_path):
 
 
 def test_marker_step_scored_by_hand():
-    from perceptio_dist.eval.marker_step import MarkerStep, group_marker_scores, marker_step_scores, parse_marker_step
+    from perceptio_dist.experiments.toy.marker_step import MarkerStep, group_marker_scores, marker_step_scores, parse_marker_step
 
     reference = "A at 3,4 near 7; B at 3,0 near 2; C at 3,6 near 5. (A)"
     assert parse_marker_step(reference) == MarkerStep({"A": (3, 4), "B": (3, 0), "C": (3, 6)}, {"A": 7, "B": 2, "C": 5})
@@ -293,7 +293,7 @@ def test_marker_step_scored_by_hand():
     # Through the evaluation's scoring: the same four answers as relative-depth items of one group.
     from perceptio_dist.eval.benchmarks import EvalItem
     from perceptio_dist.eval.generate import Prediction
-    from perceptio_dist.eval.marker_step import marker_step_table
+    from perceptio_dist.experiments.toy.marker_step import marker_step_table
     from perceptio_dist.eval.metrics import score
 
     answers = ["A at 3,4 near 5; B at 3,5 near 2; B at 3,0 near 2. (A)",
@@ -303,7 +303,7 @@ def test_marker_step_scored_by_hand():
     items = [EvalItem("synthetic_depth_3", f"k{i}", np.zeros((8, 8, 3), np.uint8), "q", ref, "relative_depth", 3)
              for i, ref in enumerate(references)]
     metrics, rows = score(items, [Prediction(text, [], None, None, None) for text in answers])
-    assert {k: metrics.groups["synthetic_depth_3"].marker_steps[k] for k in group} == group
+    assert {k: metrics.groups["synthetic_depth_3"].diagnostics["marker_step"][k] for k in group} == group
     assert rows[0]["marker_step"] == first
     table = marker_step_table(metrics.to_json())
     assert "| synthetic_depth_3 | 72.7 | 90.9 | 72.7 | 90.9 | 63.6 | 81.8 | 25.0 | – | 11 |" in table
@@ -311,9 +311,9 @@ def test_marker_step_scored_by_hand():
 
 def test_marker_step_without_cells_scored_by_hand():
     """marker_step_format: nearness: "A near 7; B near 2. (A)" is scored on nearness and letters; no cell scores."""
-    from perceptio_dist.eval.marker_step import MarkerStep, group_marker_scores, marker_step_scores, \
+    from perceptio_dist.experiments.toy.marker_step import MarkerStep, group_marker_scores, marker_step_scores, \
         marker_step_table, parse_marker_step
-    from perceptio_dist.preprocess.scenes.tasks import marker_step_answer
+    from perceptio_dist.experiments.toy.marker_step import marker_step_answer
 
     readout = [(3, 4, 7), (3, 0, 2), (4, 6, 5)]
     reference = marker_step_answer(readout, 0, "nearness")
@@ -337,7 +337,7 @@ def test_marker_step_without_cells_scored_by_hand():
 
 
 def test_marker_step_reads_cells_and_nearness_by_hand():
-    from perceptio_dist.preprocess.scenes.tasks import marker_readout, marker_step_answer
+    from perceptio_dist.experiments.toy.marker_step import marker_readout, marker_step_answer
 
     # 4x4 cells of 10x10 px; cell (r, c) at depth 1 + r + c metres: inverse 1/(1+r+c), normalised by hand
     depth = np.fromfunction(lambda y, x: 1.0 + y // 10 + x // 10, (40, 40)).astype(np.float32)
@@ -373,7 +373,7 @@ def test_marker_step_answers_parse_to_their_closest_letter(rendered):
 
 def test_scan_step_by_hand():
     """marker_step_format: scan: the band's cells in reading order; markers, running nearest level, its letter."""
-    from perceptio_dist.preprocess.scenes.tasks import band_rows, marker_step_answer
+    from perceptio_dist.experiments.toy.marker_step import band_rows, marker_step_answer
 
     rules = PointRules(grid=8)
     assert band_rows(rules) == range(3, 5)  # points at 0.42-0.58 of the height: rows 3 and 4 of 8
@@ -402,7 +402,7 @@ def test_scan_rows_are_one_token_per_cell(rendered):
 
 
 def test_scan_step_scored_by_hand():
-    from perceptio_dist.eval.marker_step import MarkerStep, group_marker_scores, marker_step_scores, \
+    from perceptio_dist.experiments.toy.marker_step import MarkerStep, group_marker_scores, marker_step_scores, \
         marker_step_table, parse_marker_step
 
     reference = "--A--B--C-------|--PPPPPPSSSSSSSS|--AAAAAACCCCCCCC. (C)"
@@ -422,9 +422,9 @@ def test_scan_step_scored_by_hand():
 
 
 def test_chain_probe_sequences_and_run():
-    """tools/probe_chain.py: labels are the next token on the answer only, the scan answer ends on its running
+    """tools/toy/probe_chain.py: labels are the next token on the answer only, the scan answer ends on its running
     letter, which is the nearest marker's; a few steps run and report both interventions."""
-    probe = tools_module("probe_chain")
+    probe = tools_module("toy/probe_chain")
     gen = torch.Generator().manual_seed(0)
     ids, labels, markers, nearest = probe.make_batch(gen, 6, "scan", [3, 4, 5], 0.0)
     answer_start = probe.DEPTH_AT + probe.GRID * probe.GRID + 1
@@ -498,11 +498,11 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, tiny_shards):
 
 
 def test_code_level_lookup_by_hand():
-    """tools/code_levels.py: code 1 is level 3 twice and level 4 once, code 2 always level 7: the best table gets
-    3 of 4; levels (tasks.nearness_level) are tenths of the normalised inverse depth, clipped to 0-9."""
-    from perceptio_dist.preprocess.scenes.tasks import nearness_level
+    """tools/toy/code_levels.py: code 1 is level 3 twice and level 4 once, code 2 always level 7: the best table gets
+    3 of 4; levels (marker_step.nearness_level) are tenths of the normalised inverse depth, clipped to 0-9."""
+    from perceptio_dist.experiments.toy.marker_step import nearness_level
 
-    tool = tools_module("code_levels")
+    tool = tools_module("toy/code_levels")
     assert tool.best_lookup_accuracy([(1, 3), (1, 3), (1, 4), (2, 7)]) == 0.75
     assert [nearness_level(x) for x in (0.0, 0.09, 0.1, 0.55, 0.999, 1.0, -0.2)] == [0, 0, 1, 5, 9, 9, 0]
 
@@ -519,7 +519,7 @@ def test_code_levels_on_real_shards(tiny_shards, tmp_path):
     from perceptio_dist.data.shards import read_shard
     from perceptio_dist.model.depth_vqvae import DepthVQVAE
 
-    tool = tools_module("code_levels")
+    tool = tools_module("toy/code_levels")
     arch = DepthVQVAEConfig(input_size=32, code_dim=4, base_channels=2, max_channels=4, decoder="cell")
     torch.manual_seed(0)
     save_file(DepthVQVAE(arch, 8, 4).state_dict(), str(tmp_path / "tokenizer.safetensors"))

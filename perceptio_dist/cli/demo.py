@@ -1,4 +1,4 @@
-"""perceptio-demo (./run_demo.sh): the main job, perceptio_dist/demo.py, from the command line."""
+"""perceptio-demo (./run_demo.sh): the main job, perceptio_dist/experiments/toy/demo.py, from the command line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..demo import BIN, FULL, QUICK, ROOT, Demo, _say
+from ..experiments.toy.demo import BIN, FULL, QUICK, ROOT, Demo, _say
 
 
 def main(argv: list[str] | None = None) -> None:

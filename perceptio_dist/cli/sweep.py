@@ -1,4 +1,4 @@
-"""perceptio-sweep: train a list of configurations on a short budget and write one table (perceptio_dist/sweep.py)."""
+"""perceptio-sweep: train a list of configurations on a short budget and write one table (perceptio_dist/experiments/toy/sweep.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 
 from ..config import ConfigError
 from . import CONFIG_ERROR_EXIT
-from ..sweep import __doc__ as sweep_doc
-from ..sweep import load_sweep, run_sweep
+from ..experiments.toy.sweep import __doc__ as sweep_doc
+from ..experiments.toy.sweep import load_sweep, run_sweep
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="perceptio-sweep", description=sweep_doc.split("\n\n")[0],
-                                     epilog="The sweep file's format: perceptio_dist/sweep.py.")
+                                     epilog="The sweep file's format: perceptio_dist/experiments/toy/sweep.py.")
     parser.add_argument("--sweep", required=True, help="the sweep file (yaml), e.g. tools/sweeps/toy_spatial.yaml")
     parser.add_argument("--out", required=True, help="folder of the runs and of sweep.md / sweep.json")
     parser.add_argument("--only", nargs="*", default=None, help="run only the configurations of these names")

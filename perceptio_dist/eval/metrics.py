@@ -3,7 +3,9 @@ the baselines, legibility, chain consistency, the interventions, the depth maps'
 CircularEval, the means over HardBLINK's and the synthetic scenes' point counts).
 
 The figures are typed (:class:`EvalMetrics`, one :class:`GroupMetrics` per group, a part for each kind of figure,
-None where a group has none); ``to_json`` writes metrics.json in its documented layout, the form the report, the
+None where a group has none). Diagnostics registered by experiments (registry.EVAL_DIAGNOSTICS: ``score_row``
+per item, None where the item has nothing to measure; ``summarise`` per group; ``table`` for the report) run on
+the items whose references have what they measure; ``to_json`` writes metrics.json in its documented layout, the form the report, the
 demo and the sweep read.
 """
 
@@ -15,12 +17,12 @@ from typing import Optional
 
 import numpy as np
 
+from ..registry import EVAL_DIAGNOSTICS
 from .baselines import legibility, relative_depth_baselines
 from .benchmarks import CIRCULAR_GROUP, CIRCULAR_SEPARATOR, EvalItem
 from .depth_dependence import depth_dependence
 from .faithfulness import chain_consistent
 from .generate import Prediction
-from .marker_step import group_marker_scores, marker_step_scores
 from .scoring import MaskScores, accuracy, parse_choice_letter
 
 SPLIT_MEANS = ("hardblink", "synthetic_depth")  # groups <prefix>_3/4/5 averaged into <prefix>_mean
@@ -70,7 +72,7 @@ class GroupMetrics:
     """Everything measured on one benchmark group; exactly one of ``masks`` and ``choices`` is set."""
     masks: Optional[MaskFigures] = None
     choices: Optional[ChoiceFigures] = None
-    marker_steps: Optional[dict] = None  # eval/marker_step.group_marker_scores
+    diagnostics: dict[str, dict] = field(default_factory=dict)  # by registered diagnostic, where the data has it
     chain: Optional[ChainFigures] = None
     baselines: Optional[dict[str, float]] = None
     legibility: Optional[dict[str, float]] = None
@@ -92,7 +94,8 @@ class GroupMetrics:
             out.update(accuracy=self.choices.accuracy, count=self.choices.count)
             if self.choices.answer_letters is not None:
                 out["answer_letters"] = self.choices.answer_letters
-        out.update(self.marker_steps or {})
+        for figures in self.diagnostics.values():
+            out.update(figures)
         if self.chain:
             out.update(chain_consistency=self.chain.consistency, chain_count=self.chain.count)
         for name in ("baselines", "legibility", "depth_dependence"):
@@ -132,6 +135,7 @@ def score(items: list[EvalItem], predictions: list[Prediction],
     ``mean_depth`` (the training set's mean map) the reference for the generated maps' error."""
     groups: dict[str, dict] = {}
     rows = []
+    diagnostics = {name: EVAL_DIAGNOSTICS[name] for name in EVAL_DIAGNOSTICS}
     for index, (item, pred) in enumerate(zip(items, predictions)):
         row = {"group": item.group, "key": item.key, "question": item.question, "answer": item.answer,
                "prediction": pred.text, "depth_codes": pred.depth_codes, "has_mask": pred.mask is not None}
@@ -150,10 +154,11 @@ def score(items: list[EvalItem], predictions: list[Prediction],
             g.setdefault("letters", []).append(letter or "none")
             if pred.depth is not None and item.gt_depth is not None:
                 g.setdefault("maps", []).append((pred.depth, item.gt_depth))
-            located = marker_step_scores(item.answer, pred.text)
-            if located is not None:
-                row["marker_step"] = located
-                g.setdefault("marker_steps", []).append((item.answer, pred.text))
+            for name, diagnostic in diagnostics.items():  # only where the reference has what it measures
+                measured = diagnostic.score_row(item.answer, pred.text)
+                if measured is not None:
+                    row[diagnostic.row_key] = measured
+                    g.setdefault("diagnosed", {}).setdefault(name, []).append((item.answer, pred.text))
             consistent = chain_consistent(item, pred, letter)
             if consistent is not None:
                 row["chain_consistent"] = consistent
@@ -177,8 +182,8 @@ def score(items: list[EvalItem], predictions: list[Prediction],
         else:  # a constant answer shows at once in the letters
             letters = dict(sorted(Counter(g["letters"]).items())) if g.get("letters") else None
             group.choices = ChoiceFigures(accuracy(g["correct"]), len(g["correct"]), letters)
-        if g.get("marker_steps"):
-            group.marker_steps = group_marker_scores(g["marker_steps"])
+        for diagnostic, pairs in g.get("diagnosed", {}).items():
+            group.diagnostics[diagnostic] = diagnostics[diagnostic].summarise(pairs)
         if "consistent" in g:
             group.chain = ChainFigures(accuracy(g["consistent"]), len(g["consistent"]))
         in_group = [item for item in items if item.group == name]

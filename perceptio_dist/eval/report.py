@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..registry import EVAL_DIAGNOSTICS
 from .baselines import baselines_table
 from .benchmarks import EvalItem
 from .faithfulness import INTERVENTIONS
 from .generate import Prediction
-from .marker_step import marker_step_table
 
 
 def faithfulness_table(metrics: dict) -> list[str]:
@@ -66,7 +66,8 @@ def write_report(out: Path, items: list[EvalItem], predictions: list[Prediction]
                 lines.append(f"| {name} | {key} | {100 * m[key]:.1f} | {count} |")
     lines += baselines_table(metrics)
     lines += faithfulness_table(metrics)
-    lines += marker_step_table(metrics)
+    for diagnostic in EVAL_DIAGNOSTICS.values():
+        lines += diagnostic.table(metrics)
     groups: dict[str, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(item.group, []).append(i)

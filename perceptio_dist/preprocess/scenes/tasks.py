@@ -8,18 +8,10 @@
   nearer than the next; drawn as labelled markers at preprocessing time. Answer "(B)". With
   ``QuestionRules.grid`` every marker has its own cell of that grid (the depth grid), and the
   ordering also holds for the cells' mean depth, so the depth tokens can answer the question.
-  ``QuestionRules.per_scene`` marker sets (questions) are drawn per scene. With
-  ``QuestionRules.marker_step`` the answer first reads every marker out of the depth map, then answers:
-  "A at 3,5 near 7; B at 3,1 near 3; C at 4,6 near 5. (A)" (cell row,column of the depth grid, nearness
-  0-9 = the cell's mean normalised inverse depth in tenths); only sets whose closest marker has the strictly
-  highest nearness are kept. A documented option after AURORA's best chain (marker coordinates, then depth).
-  ``QuestionRules.step_format`` chooses the step (MARKER_STEP_FORMATS): "cells" as above; "nearness" names no
-  cells ("A near 7; B near 3; C near 5. (A)"); "scan" walks the cells of the marker band in reading order and
-  writes three rows, one character per cell: the marker in the cell (or -), the nearness of the nearest marker so
-  far (LEVEL_SYMBOLS, or -), and that marker's letter (or -), then the answer:
-  "--A--B-C--D-----|--KKKMMMMMQQQQQQ|--AAABBBBBDDDDDD. (D)". Every character of a row sits at a fixed distance
-  from its cell's image token, depth token and the rows before, so each is a positional read, the kind of lookup
-  a tiny model learns from scratch; the nearest marker is the running maximum, carried cell by cell.
+  ``QuestionRules.per_scene`` marker sets (questions) are drawn per scene. The answer's form is a registered
+  answer format (registry.ANSWER_FORMATS): "letter" here; with ``QuestionRules.marker_step`` the toy world's
+  marker step (experiments/toy/marker_step.py), which first reads every marker out of the depth map:
+  "A at 3,5 near 7; B at 3,1 near 3; C at 4,6 near 5. (A)".
 * depth: depth-only generation.
 * vqa: object count, or the colour of the only object of a kind.
 """
@@ -32,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from ...registry import ANSWER_FORMATS
 from ..records import CLOSEST_POINT_QUESTION, DEPTH_ANSWER, DEPTH_QUESTION, Record, safe_key
 
 LETTERS = "ABCDE"
@@ -61,7 +54,24 @@ class QuestionRules:
     marker_style: str = "hardblink"  # records.MARKER_STYLES
     points: PointRules = PointRules()
     marker_step: bool = False  # answers read the markers out of the depth grid first (needs points.grid)
-    step_format: str = "cells"  # MARKER_STEP_FORMATS
+    step_format: str = "cells"  # the marker step's form (experiments/toy/marker_step.py)
+
+    @property
+    def answer_format(self) -> str:
+        """The registered answer format (registry.ANSWER_FORMATS) that writes these questions' answers."""
+        return "marker_step" if self.marker_step else "letter"
+
+
+class LetterAnswer:
+    """The answer format of HardBLINK: the closest point's letter, "(B)"."""
+
+    attempts = 1  # marker sets drawn until one the format can answer
+
+    def write(self, depth: np.ndarray, points: list[list[float]], closest: int, rules: QuestionRules) -> Optional[str]:
+        return f"({LETTERS[closest]})"
+
+
+ANSWER_FORMATS.register("letter", LetterAnswer())
 
 
 def describe(obj: dict) -> str:
@@ -120,72 +130,6 @@ def cell_means(depth: np.ndarray, grid: int) -> np.ndarray:
     return sums / counts
 
 
-NEARNESS_LEVELS = 10
-MARKER_STEP_FORMATS = ("cells", "nearness", "scan")
-# The scan rows' nearness levels 0-9, one symbol each: the tiny BPE merges pairs of digits ("10", "55"), which would
-# move every later character of a row, so the levels are written as ten capitals it never merges (K far ... T near).
-LEVEL_SYMBOLS = "KLMNOPQRST"
-
-
-def marker_readout(depth: np.ndarray, points: list[list[float]], grid: int) -> list[tuple[int, int, int]]:
-    """(row, column, nearness 0-9) of each point's depth-grid cell; nearness from the cell's mean of the
-    per-image min-max normalised inverse depth (the map the depth tokenizer encodes: larger is nearer)."""
-    h, w = depth.shape
-    valid = np.isfinite(depth) & (depth > 0)
-    inverse = 1.0 / np.where(valid, depth, np.median(depth[valid]))
-    normalised = (inverse - inverse.min()) / max(float(inverse.max() - inverse.min()), 1e-12)
-    means = cell_means(normalised, grid)
-    out = []
-    for x, y in points:
-        row, col = min(grid - 1, int(y * grid / h)), min(grid - 1, int(x * grid / w))
-        out.append((row, col, nearness_level(means[row, col])))
-    return out
-
-
-def nearness_level(nearness: float) -> int:
-    """A normalised inverse depth in [0, 1] (larger is nearer) as the marker step's level 0-9."""
-    return min(NEARNESS_LEVELS - 1, max(0, int(NEARNESS_LEVELS * nearness)))
-
-
-def band_rows(rules: PointRules) -> range:
-    """The depth-grid rows the markers can lie in: rules.band at rules.grid."""
-    return range(int(rules.band[0] * rules.grid), min(rules.grid - 1, int(rules.band[1] * rules.grid)) + 1)
-
-
-def scan_rows(readout: list[tuple[int, int, int]], rows: range, grid: int) -> tuple[str, str, str]:
-    """The scan step's three rows over the cells of ``rows`` in reading order: the marker in each cell, the
-    nearness symbol of the nearest marker so far, its letter ('-' for none / none yet)."""
-    at = {(r, c): i for i, (r, c, _) in enumerate(readout)}
-    if len(at) < len(readout) or any(r not in rows for r, _, _ in readout):
-        raise ValueError(f"scan step: markers {readout} must have their own cells in rows {list(rows)}")
-    markers, levels, nearest = [], [], []
-    best = None
-    for cell in ((r, c) for r in rows for c in range(grid)):
-        i = at.get(cell)
-        markers.append("-" if i is None else LETTERS[i])
-        if i is not None and (best is None or readout[i][2] > readout[best][2]):
-            best = i
-        levels.append("-" if best is None else LEVEL_SYMBOLS[readout[best][2]])
-        nearest.append("-" if best is None else LETTERS[best])
-    return "".join(markers), "".join(levels), "".join(nearest)
-
-
-def marker_step_answer(readout: list[tuple[int, int, int]], closest: int, step_format: str = "cells",
-                       rules: PointRules | None = None) -> Optional[str]:
-    """The answer with its marker step (``step_format``, MARKER_STEP_FORMATS; "scan" needs the ``rules`` with the
-    grid), or None when the nearness levels do not single out ``closest``."""
-    levels = [level for _, _, level in readout]
-    if any(level >= levels[closest] for i, level in enumerate(levels) if i != closest):
-        return None
-    if step_format == "scan":
-        return f"{'|'.join(scan_rows(readout, band_rows(rules), rules.grid))}. ({LETTERS[closest]})"
-    if step_format not in MARKER_STEP_FORMATS:
-        raise ValueError(f"unknown marker step format {step_format!r}; one of {MARKER_STEP_FORMATS}")
-    where = (lambda r, c: f" at {r},{c}") if step_format == "cells" else (lambda r, c: "")
-    steps = "; ".join(f"{LETTERS[i]}{where(r, c)} near {level}" for i, (r, c, level) in enumerate(readout))
-    return f"{steps}. ({LETTERS[closest]})"
-
-
 def scene_records(folder: Path, meta: dict, depth: np.ndarray, tasks: list[str],
                   questions: QuestionRules = QuestionRules()) -> list[Record]:
     """All records of one scene folder (rgb.png, depth.npy, instances.png, meta.json)."""
@@ -214,15 +158,13 @@ def scene_records(folder: Path, meta: dict, depth: np.ndarray, tasks: list[str],
         for index in range(questions.per_scene):
             draw = rng if index == 0 else np.random.default_rng([seed, 13, index])
             count = int(questions.counts[int(draw.integers(len(questions.counts)))])
-            answer = None
-            for _ in range(20 if questions.marker_step else 1):
+            answer, answer_format = None, ANSWER_FORMATS[questions.answer_format]
+            for _ in range(answer_format.attempts):
                 found = closest_point_markers(depth, count, draw, questions.points)
                 if found is None:
                     break
                 points, closest = found
-                answer = f"({LETTERS[closest]})" if not questions.marker_step else \
-                    marker_step_answer(marker_readout(depth, points, questions.points.grid), closest,
-                                       questions.step_format, questions.points)
+                answer = answer_format.write(depth, points, closest, questions)
                 if answer is not None:
                     break
             if answer is None:

@@ -1,8 +1,8 @@
 """Can the toy LLM learn to answer the closest-marker question from its depth block, in a given answer format and
 number of steps? A learnability probe for issue 16, minutes per format on one CPU thread.
 
-    python tools/probe_chain.py --formats letter band scan --steps 1500          (about 5 min a format)
-    python tools/probe_chain.py --formats scan --context-noise 0.5
+    python tools/toy/probe_chain.py --formats letter band scan --steps 1500          (about 5 min a format)
+    python tools/toy/probe_chain.py --formats scan --context-noise 0.5
 
 It trains the toy recipe's language model (transformers' Qwen2, 128 wide, 4 layers, from scratch, AdamW at the
 recipe's learning rate and schedule) on sequences laid out as the toy world's (a question, the image after it, the
@@ -29,7 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from perceptio_dist.preprocess.scenes.tasks import LETTERS, LEVEL_SYMBOLS, PointRules, band_rows, scan_rows
+from perceptio_dist.experiments.toy.marker_step import LEVEL_SYMBOLS, band_rows, scan_rows
+from perceptio_dist.preprocess.scenes.tasks import LETTERS, PointRules
 
 GRID, CODES, QUESTION_TOKENS = 8, 32, 20
 FORMATS = ("letter", "band", "scan")

@@ -1,7 +1,7 @@
 """Does the depth block come from the image or from its own earlier codes? Teacher-forced depth-token loss of
 an exported model with each sample's own image, and with another sample's image in its place.
 
-    python tools/depth_image_dependence.py --model runs/toy/depth_model/export --shards runs/toy_data/shards \
+    python tools/toy/depth_image_dependence.py --model runs/toy/depth_model/export --shards runs/toy_data/shards \
         [--shards runs/toy_data/heldout_shards] [--batches 12] [--batch-size 8]
 
 The shards are read in the training loader's order (tasks depth and relative_depth, seed 123); the other

@@ -1,6 +1,6 @@
 """How well does a depth tokenizer's code say the nearness level the scan step writes for a marker? (issue 16)
 
-    python tools/code_levels.py --shards runs/toy_data/shards --scenes runs/toy_data/scenes \
+    python tools/toy/code_levels.py --shards runs/toy_data/shards --scenes runs/toy_data/scenes \
         --tokenizer runs/toy_data/depth_vqvae
 
 For every marker of the shards' relative-depth questions it takes the level the answer's scan writes (the true
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from perceptio_dist.data.shards import npy_load, read_shard
-from perceptio_dist.preprocess.scenes.tasks import cell_means, marker_readout, nearness_level
+from perceptio_dist.experiments.toy.marker_step import marker_readout, nearness_level
+from perceptio_dist.preprocess.scenes.tasks import cell_means
 from perceptio_dist.teachers.depth_anything import inverse_depth_target
 
 

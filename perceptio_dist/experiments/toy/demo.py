@@ -30,9 +30,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .parallel.distributed import free_port
+from ...parallel.distributed import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]  # the repository
 BIN = Path(sys.executable).parent
 
 
@@ -92,7 +92,7 @@ class Demo:
     # ---------------------------------------------------------------- stages
 
     def scenes(self) -> dict:
-        from .preprocess.scenes.folders import write_scenes
+        from ...preprocess.scenes.folders import write_scenes
 
         write_scenes(self.out / "scenes", self.size.train_scenes, seed=0)
         write_scenes(self.out / "heldout_scenes", self.size.heldout_scenes, seed=100_000)
@@ -161,8 +161,8 @@ class Demo:
         return self._train("ablation", ["data.depth_tokens=false"])
 
     def evaluate(self) -> dict:
-        from .eval.benchmarks import DEFAULT_HARDBLINK
-        from .export import export_checkpoint
+        from ...eval.benchmarks import DEFAULT_HARDBLINK
+        from ...export import export_checkpoint
 
         results = {}
         for name in ("depth_model", "ablation"):
@@ -227,9 +227,9 @@ def write_demo_report(out: Path) -> Path:
                 fa = f"{100 * a[key]:.1f}" if key in a else "-"
                 fb = f"{100 * b[key]:.1f}" if key in b else "-"
                 lines.append(f"| {group} | {key} | {fa} | {fb} | {a.get('count', a.get('splits', ''))} |")
-    from .eval.baselines import baselines_table
-    from .eval.marker_step import marker_step_table
-    from .eval.report import faithfulness_table
+    from ...eval.baselines import baselines_table
+    from .marker_step import marker_step_table
+    from ...eval.report import faithfulness_table
 
     for name, label in (("depth_model", "Depth model"), ("ablation", "Ablation")):
         lines += [line.replace("## Baselines", f"## {label}: baselines") for line in baselines_table(metrics[name])]

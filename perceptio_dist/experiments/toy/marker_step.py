@@ -1,7 +1,9 @@
-"""Does the answer find the markers? The marker step of relative-depth answers scored against the reference's.
+"""The marker-step answer format of the toy world's relative-depth questions, written and read back in one place.
 
-With ``marker_step`` (preprocess/scenes/tasks.py) an answer first reads every marker out of the depth grid, then
-answers: "A at 3,5 near 7; B at 3,1 near 3; C at 4,6 near 5. (A)". The letter alone cannot tell a model that finds
+Written at preprocessing (``sources[synthetic].marker_step``): the answer first reads every marker out of the
+depth grid (cell row,column, nearness 0-9 = the cell's mean normalised inverse depth in tenths), then answers;
+only marker sets whose closest marker has the strictly highest nearness are kept. Read back at evaluation: does the
+answer find the markers? "A at 3,5 near 7; B at 3,1 near 3; C at 4,6 near 5. (A)": the letter alone cannot tell a model that finds
 the markers and misreads their depth from one that does not find them; the step can. Per item:
 
 * ``cells``     markers whose grid cell the answer names as the reference does;
@@ -32,6 +34,81 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import chain
 from typing import Optional
+
+import numpy as np
+
+from ...preprocess.scenes.tasks import LETTERS, PointRules, QuestionRules, cell_means
+from ...registry import ANSWER_FORMATS, EVAL_DIAGNOSTICS
+
+# ----------------------------------------------------------------------------------------------- writing
+
+NEARNESS_LEVELS = 10
+MARKER_STEP_FORMATS = ("cells", "nearness", "scan")
+# The scan rows' nearness levels 0-9, one symbol each: the tiny BPE merges pairs of digits ("10", "55"), which would
+# move every later character of a row, so the levels are written as ten capitals it never merges (K far ... T near).
+LEVEL_SYMBOLS = "KLMNOPQRST"
+
+
+def marker_readout(depth: np.ndarray, points: list[list[float]], grid: int) -> list[tuple[int, int, int]]:
+    """(row, column, nearness 0-9) of each point's depth-grid cell; nearness from the cell's mean of the
+    per-image min-max normalised inverse depth (the map the depth tokenizer encodes: larger is nearer)."""
+    h, w = depth.shape
+    valid = np.isfinite(depth) & (depth > 0)
+    inverse = 1.0 / np.where(valid, depth, np.median(depth[valid]))
+    normalised = (inverse - inverse.min()) / max(float(inverse.max() - inverse.min()), 1e-12)
+    means = cell_means(normalised, grid)
+    out = []
+    for x, y in points:
+        row, col = min(grid - 1, int(y * grid / h)), min(grid - 1, int(x * grid / w))
+        out.append((row, col, nearness_level(means[row, col])))
+    return out
+
+
+def nearness_level(nearness: float) -> int:
+    """A normalised inverse depth in [0, 1] (larger is nearer) as the marker step's level 0-9."""
+    return min(NEARNESS_LEVELS - 1, max(0, int(NEARNESS_LEVELS * nearness)))
+
+
+def band_rows(rules: PointRules) -> range:
+    """The depth-grid rows the markers can lie in: rules.band at rules.grid."""
+    return range(int(rules.band[0] * rules.grid), min(rules.grid - 1, int(rules.band[1] * rules.grid)) + 1)
+
+
+def scan_rows(readout: list[tuple[int, int, int]], rows: range, grid: int) -> tuple[str, str, str]:
+    """The scan step's three rows over the cells of ``rows`` in reading order: the marker in each cell, the
+    nearness symbol of the nearest marker so far, its letter ('-' for none / none yet)."""
+    at = {(r, c): i for i, (r, c, _) in enumerate(readout)}
+    if len(at) < len(readout) or any(r not in rows for r, _, _ in readout):
+        raise ValueError(f"scan step: markers {readout} must have their own cells in rows {list(rows)}")
+    markers, levels, nearest = [], [], []
+    best = None
+    for cell in ((r, c) for r in rows for c in range(grid)):
+        i = at.get(cell)
+        markers.append("-" if i is None else LETTERS[i])
+        if i is not None and (best is None or readout[i][2] > readout[best][2]):
+            best = i
+        levels.append("-" if best is None else LEVEL_SYMBOLS[readout[best][2]])
+        nearest.append("-" if best is None else LETTERS[best])
+    return "".join(markers), "".join(levels), "".join(nearest)
+
+
+def marker_step_answer(readout: list[tuple[int, int, int]], closest: int, step_format: str = "cells",
+                       rules: PointRules | None = None) -> Optional[str]:
+    """The answer with its marker step (``step_format``, MARKER_STEP_FORMATS; "scan" needs the ``rules`` with the
+    grid), or None when the nearness levels do not single out ``closest``."""
+    levels = [level for _, _, level in readout]
+    if any(level >= levels[closest] for i, level in enumerate(levels) if i != closest):
+        return None
+    if step_format == "scan":
+        return f"{'|'.join(scan_rows(readout, band_rows(rules), rules.grid))}. ({LETTERS[closest]})"
+    if step_format not in MARKER_STEP_FORMATS:
+        raise ValueError(f"unknown marker step format {step_format!r}; one of {MARKER_STEP_FORMATS}")
+    where = (lambda r, c: f" at {r},{c}") if step_format == "cells" else (lambda r, c: "")
+    steps = "; ".join(f"{LETTERS[i]}{where(r, c)} near {level}" for i, (r, c, level) in enumerate(readout))
+    return f"{steps}. ({LETTERS[closest]})"
+
+
+# ----------------------------------------------------------------------------------------------- reading
 
 STEP = re.compile(r"\b([A-Z])(?: at (\d+),(\d+))? near (\d+)")
 SCAN = re.compile(r"([A-E-]+)\|([K-T-]+)\|([A-E-]+)")
@@ -148,3 +225,35 @@ def marker_step_table(metrics: dict) -> list[str]:
                      f"{pct(m['marker_nearness'])} | {pct(m.get('marker_nearness_mode'))} | "
                      f"{pct(m['marker_listed'])} | {pct(m.get('marker_running'))} | {m['marker_count']} |")
     return lines
+
+
+# ----------------------------------------------------------------------------------------------- registered parts
+
+
+class MarkerStepAnswer:
+    """The answer format (registry.ANSWER_FORMATS): the marker step in ``rules.step_format``, then the letter."""
+
+    attempts = 20  # marker sets drawn until one whose levels single out the closest marker
+
+    def write(self, depth: np.ndarray, points: list[list[float]], closest: int, rules: QuestionRules) -> Optional[str]:
+        readout = marker_readout(depth, points, rules.points.grid)
+        return marker_step_answer(readout, closest, rules.step_format, rules.points)
+
+
+class MarkerStepDiagnostic:
+    """The evaluation diagnostic (registry.EVAL_DIAGNOSTICS): only items whose reference has a marker step."""
+
+    row_key = "marker_step"
+
+    def score_row(self, reference: str, prediction: str) -> dict | None:
+        return marker_step_scores(reference, prediction)
+
+    def summarise(self, pairs: list[tuple[str, str]]) -> dict:
+        return group_marker_scores(pairs)
+
+    def table(self, metrics: dict) -> list[str]:
+        return marker_step_table(metrics)
+
+
+ANSWER_FORMATS.register("marker_step", MarkerStepAnswer())
+EVAL_DIAGNOSTICS.register("marker_step", MarkerStepDiagnostic())

@@ -38,10 +38,10 @@ from typing import Optional
 
 import yaml
 
-from .config import ConfigError
+from ...config import ConfigError
 
 BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]  # the repository
 GROUPS = ("synthetic_depth_3", "synthetic_depth_4", "synthetic_depth_5")
 
 
@@ -103,7 +103,7 @@ def load_sweep(path: str | Path) -> Sweep:
                           "(render them with perceptio-scenes --seed 100000 ...).")
     sweep.heldout_scenes = str(scenes.resolve())
     # Every configuration's recipe and overrides load and validate now, not after an hour of training.
-    from .config.training import load_config
+    from ...config.training import load_config
 
     for entry in entries:
         try:
@@ -138,7 +138,7 @@ def train_and_evaluate(sweep: Sweep, overrides: list[str], folder: Path) -> dict
         seconds = json.loads(timing.read_text())["seconds"]
     else:
         timing.write_text(json.dumps({"seconds": seconds}))
-    from .export import export_checkpoint
+    from ...export import export_checkpoint
 
     checkpoints = folder / "run" / "checkpoints"
     export_checkpoint(checkpoints / (checkpoints / "latest").read_text().strip(), folder / "export")
@@ -185,7 +185,7 @@ def table_lines(sweep: Sweep, rows: list[dict]) -> list[str]:
              "questions with 3 / 4 / 5 points: the depth model, the ablation, the depth model with random and with "
              "ground-truth codes in its chain (3 points), its chain consistency (3 points), the markers whose cell its "
              "marker step names right / names for any letter and the markers whose nearness it names right (3 points; "
-             "eval/marker_step.py; – : no cells in the step), its depth maps' AbsRel over the training mean "
+             "experiments/toy/marker_step.py; – : no cells in the step), its depth maps' AbsRel over the training mean "
              "map's (3 points; under 1: the maps follow the image), training seconds.", "",
              "| configuration | depth 3 / 4 / 5 | ablation 3 / 4 / 5 | random codes | ground-truth codes | "
              "consistency | marker cells right / found / nearness right | map / mean AbsRel | train s |",
