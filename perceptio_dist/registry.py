@@ -59,3 +59,12 @@ ANSWER_FORMATS: Registry = Registry("answer format")
 # Per-group evaluation diagnostics beyond the core figures, each run only on the groups whose data has what it
 # measures (eval/metrics.py says what a part provides).
 EVAL_DIAGNOSTICS: Registry = Registry("evaluation diagnostic")
+# Initialisers of a fresh model's parts (never of weights a checkpoint brings), in name order:
+# ``initialise(model, backbone_cfg)`` on a random-weight InternVL (model/backbone.py) ...
+BACKBONE_INITIALISERS: Registry = Registry("backbone initialiser")
+# ... and ``initialise(backbone, vqvae, token_ids, model_cfg, seed)`` on the new spatial-token rows of the
+# embedding and LM head (model/perceptio.py).
+CODE_ROW_INITIALISERS: Registry = Registry("code-row initialiser")
+# Options of the sample builder (data/training_data.py): ``configure(cfg, training, options)`` sets fields of a
+# data.sample_builder.SampleOptions (where the image sits, transforms of a sample's input ids).
+SAMPLE_OPTIONS: Registry = Registry("sample option")

@@ -194,3 +194,14 @@ def tools_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def overridden(cfg, *overrides: str):
+    """``cfg`` with dotted overrides applied as a recipe's are (they may name an experiment's field)."""
+    from perceptio_dist.config.recipes import apply_override
+    from perceptio_dist.config.training import config_from_dict
+
+    data = cfg.to_dict()
+    for override in overrides:
+        apply_override(data, override)
+    return config_from_dict(data)

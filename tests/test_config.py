@@ -199,18 +199,47 @@ def test_depth_downsampling_rule_is_shared():
 
 
 def test_a_checkpoint_from_before_a_new_model_field_resumes():
-    """A checkpoint saved before model.backbone.vision.position_init existed was trained with its default: not a
-    different model. Asking for another value than the default still is."""
+    """A checkpoint saved before model.backbone.flatten_packed_rows existed was trained with its default: not a
+    different model. A checkpoint saved when position_init was the core's names it at its default, which a recipe
+    since need not. Asking for another value than the default still is a different model."""
+    from perceptio_dist.config.extensions import with_extension_defaults
     from perceptio_dist.train.trainer import _model_differences, saved_model_fields
 
     cfg = load_config("tiny_cpu")
+    current = with_extension_defaults(cfg)["model"]
     saved = cfg.to_dict()
-    del saved["model"]["backbone"]["vision"]["position_init"]
+    del saved["model"]["backbone"]["flatten_packed_rows"]
+    saved["model"]["backbone"]["vision"]["position_init"] = "random"
     assert _model_differences(saved["model"], cfg.to_dict()["model"])  # compared raw: refused (what happened)
-    assert _model_differences(saved_model_fields(saved), cfg.to_dict()["model"]) == []
-    other = load_config("tiny_cpu", ["model.backbone.vision.position_init=sincos_2d"]).to_dict()["model"]
-    assert _model_differences(saved_model_fields(saved), other) == [
+    assert _model_differences(saved_model_fields(saved), current) == []
+    other = with_extension_defaults(load_config("tiny_cpu", ["model.backbone.vision.position_init=sincos_2d"]))
+    assert _model_differences(saved_model_fields(saved), other["model"]) == [
         "model.backbone.vision.position_init: checkpoint 'random', recipe 'sincos_2d'"]
+
+
+SAVED_BEFORE_EXPERIMENTS = ROOT / "tests" / "golden" / "saved_before_experiments"
+
+
+@pytest.mark.parametrize("recipe", ["toy_spatial", "perceptio_8b"])
+def test_configs_saved_before_the_toy_experiment_owned_its_fields_load(recipe):
+    """Configs as checkpoints and exports wrote them when the toy world's fields were the core's (written by the
+    code of commit 52a87b8, every field present): they load, the toy fields keep their values, nothing is lost, and
+    the 8B recipe itself no longer shows them."""
+    import yaml
+
+    from perceptio_dist.config import dump_yaml
+    from perceptio_dist.config.extensions import extension_value, with_extension_defaults
+    from perceptio_dist.config.training import config_from_dict
+
+    written = yaml.safe_load((SAVED_BEFORE_EXPERIMENTS / f"{recipe}.yaml").read_text())
+    cfg = config_from_dict(written)
+    assert with_extension_defaults(cfg) == written
+    assert extension_value(cfg.model.backbone, "image_position") == written["model"]["backbone"]["image_position"]
+    assert extension_value(cfg.data, "depth_context_noise") == written["data"]["depth_context_noise"]
+    assert yaml.safe_load(dump_yaml(cfg)) == written  # and written back as it was
+    toy_fields = ("position_init", "image_position", "code_embedding_init", "depth_context_noise")
+    assert not any(name in dump_yaml(load_config("perceptio_8b")) for name in toy_fields)
+    assert not any(name.endswith(toy_fields) for name, *_ in iter_field_docs(PerceptioConfig))
 
 
 def test_sources_are_a_tagged_union(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from perceptio_dist.model.config import DepthVQVAEConfig
-from perceptio_dist.model.code_embeddings import order_code_rows
+from perceptio_dist.experiments.toy.initialisers import order_code_rows
 from perceptio_dist.model.depth_vqvae import DepthVQVAE
 from perceptio_dist.model.spatial_tokens import SpatialTokenIds
 from perceptio_dist.parallel.placement import check_placement, place_unmanaged

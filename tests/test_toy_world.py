@@ -24,7 +24,7 @@ from perceptio_dist.preprocess.scenes.tasks import PointRules, QuestionRules, cl
 from perceptio_dist.preprocess.stages import MARKER_COLOURS, draw_markers
 from perceptio_dist.experiments.toy.sweep import load_sweep, table_lines
 
-from .conftest import run_process, tools_module
+from .conftest import overridden, run_process, tools_module
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +153,7 @@ def test_depth_ordered_code_rows(tiny_cfg):
     to, decoded here one code at a time; every other row is untouched."""
     torch.manual_seed(0)  # the backbone draws from the global generator; each build gets a fresh tokenizer
     plain = build_perceptio(tiny_cfg.model, load_tokenizer(tiny_cfg.model.backbone), seed=5)
-    ordered_cfg = dataclasses.replace(tiny_cfg.model, tokens=dataclasses.replace(
-        tiny_cfg.model.tokens, code_embedding_init="depth_order"))
+    ordered_cfg = overridden(tiny_cfg, "model.tokens.code_embedding_init=depth_order").model
     torch.manual_seed(0)
     ordered = build_perceptio(ordered_cfg, load_tokenizer(tiny_cfg.model.backbone), seed=5)
     ids = plain.token_ids
@@ -178,8 +177,7 @@ def test_an_export_keeps_its_trained_code_rows(tiny_cfg, tmp_path):
     the spatial tokens, so their rows are trained weights (this once perturbed every evaluated model)."""
     from perceptio_dist.export import load_exported, write_exported
 
-    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, tokens=dataclasses.replace(
-        tiny_cfg.model.tokens, code_embedding_init="depth_order")))
+    cfg = overridden(tiny_cfg, "model.tokens.code_embedding_init=depth_order")
     tokenizer = load_tokenizer(cfg.model.backbone)
     model = build_perceptio(cfg.model, tokenizer, seed=5).eval()
     write_exported(model, tokenizer, cfg, tmp_path / "export", "a random depth_order model")

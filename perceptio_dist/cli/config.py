@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..config import ConfigError, dump_yaml, iter_field_docs
+from ..config import ConfigError, dump_yaml, iter_extension_docs, iter_field_docs
 from . import config_error_exit, load_or_exit, recipe_parser
 
 
@@ -36,7 +36,7 @@ def config_main(argv: list[str] | None = None) -> None:
     recipe = default if args.recipe == parser.get_default("recipe") else args.recipe
     try:
         if args.explain:
-            for name, type_name, default, doc in iter_field_docs(cls):
+            for name, type_name, default, doc in [*iter_field_docs(cls), *iter_extension_docs(cls)]:
                 print(f"{name} ({type_name}, default {default!r})\n    {doc}")
         else:
             try:

@@ -9,7 +9,7 @@ Loading is strict: unknown keys, wrong types and inconsistent values raise :clas
 one-paragraph message that names the field, never a traceback.
 """
 
-from .docs import dump_yaml, iter_field_docs
+from .docs import dump_yaml, iter_extension_docs, iter_field_docs
 from .fields import WEIGHTS_REMEDY, ConfigError, PathSpec, check_positive, config_error, doc_field, path_field
 from .paths import check_input_paths, path_fields, resolve_paths, unset_variable
 from .recipes import load_typed_config, recipe_names
@@ -17,6 +17,6 @@ from .typed_yaml import build_dataclass, normalise_numbers
 
 __all__ = [
     "WEIGHTS_REMEDY", "ConfigError", "PathSpec", "build_dataclass", "check_input_paths", "check_positive",
-    "config_error", "doc_field", "dump_yaml", "iter_field_docs", "load_typed_config", "normalise_numbers",
+    "config_error", "doc_field", "dump_yaml", "iter_extension_docs", "iter_field_docs", "load_typed_config", "normalise_numbers",
     "path_field", "path_fields", "recipe_names", "resolve_paths", "unset_variable",
 ]

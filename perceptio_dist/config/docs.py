@@ -51,3 +51,15 @@ def iter_field_docs(cls: type, prefix: str = ""):
 
 def dump_yaml(cfg) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+def iter_extension_docs(cls: type, prefix: str = ""):
+    """Like :func:`iter_field_docs` for the fields experiments registered (config/extensions.py) in ``cls``'s
+    sections, each doc ending with the experiment that owns it."""
+    from .extensions import extension_fields
+
+    for name, field in sorted(extension_fields(cls).items()):
+        yield f"{prefix}{name}", type_name(field.type), field.default, f"{field.doc} (experiment: {field.owner})"
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from iter_extension_docs(hints[f.name], f"{prefix}{f.name}.")

@@ -14,6 +14,7 @@ import types
 import typing
 from typing import Any, Literal
 
+from .extensions import extended, extension_fields
 from .fields import ConfigError
 
 
@@ -123,6 +124,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 
 
 def build_dataclass(cls: type, data: dict, path: str) -> Any:
+    """``cls`` from a mapping, every value type-checked; keys an experiment registered for ``cls``
+    (config/extensions.py) extend it."""
+    added = [key for key in data if key not in {f.name for f in dataclasses.fields(cls)}
+             and key in extension_fields(cls)]
+    if added:
+        cls = extended(cls, tuple(added))
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -139,6 +146,10 @@ def build_dataclass(cls: type, data: dict, path: str) -> Any:
             kwargs[name] = _coerce(data[name], hints[name], sub)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"Config error: required key '{sub}' is missing ({f.metadata.get('doc', '')}).")
+    for name in added:  # an experiment's own checks of its fields
+        check = extension_fields(cls)[name].check
+        if check is not None:
+            check(kwargs[name], f"{path}.{name}" if path else name)
     return cls(**kwargs)
 
 

@@ -70,16 +70,6 @@ class DataConfig:
         "Put the depth block into assistant turns that have one. false: the no-depth-token ablation (same samples, "
         "the answer follows directly).", True
     )
-    depth_context_noise: float = doc_field(
-        "Training only: probability that each depth code in a block's *input* is replaced by a random code (the "
-        "labels keep the true codes), so the block cannot be predicted from its own earlier codes alone and must "
-        "be read from the image (a toy-world lever; drawn per sample key, so resume stays exact). 0: off.",
-        0.0)
-    depth_context_noise_tasks: Optional[list[str]] = doc_field(
-        "The tasks whose depth blocks get data.depth_context_noise; null: every task. A task left out keeps its true "
-        "codes in the input, so an answer after the block can learn to read them: under the noise an answer can only "
-        "trust what the image says, and then random or true codes in its chain change nothing (docs/research, the "
-        "toy world).", None)
 
     def check(self, at: str = "data") -> None:
         weightings = [(f"{at}.task_weights", self.task_weights)] + [
@@ -92,12 +82,6 @@ class DataConfig:
                 raise config_error(where, "weights must be >= 0 with at least one positive.")
         if self.shuffle_window < 1:
             raise config_error(f"{at}.shuffle_window", f"must be >= 1 shard, got {self.shuffle_window}.")
-        if not 0.0 <= self.depth_context_noise <= 1.0:
-            raise config_error(f"{at}.depth_context_noise", f"must be in [0, 1], got {self.depth_context_noise}.")
-        if self.depth_context_noise_tasks is not None:
-            bad = sorted(set(self.depth_context_noise_tasks) - set(TASKS))
-            if bad:
-                raise config_error(f"{at}.depth_context_noise_tasks", f"unknown task(s) {bad}; tasks are {list(TASKS)}.")
         if self.num_workers < 0:
             raise config_error(f"{at}.num_workers", "must be >= 0.")
         if self.max_tokens_per_row is not None and self.max_tokens_per_row < self.max_seq_len:

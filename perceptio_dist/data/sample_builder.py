@@ -6,15 +6,15 @@
 * the whole image resized for SAM2, the mask at SAM2's input size;
 * the depth codes and teacher map (unless the no-depth-token ablation drops them);
 * the conversation with the chat template and the label mask (data/conversation.py);
-* optionally (training only, ``context_noise``) depth codes in the *input* replaced by random codes while the
-  labels keep the true ones, so a depth block cannot be predicted from its own earlier codes alone (in the
-  samples of ``noise_tasks``, or of every task when it is None).
+* then the ``input_transforms`` an experiment configured (:class:`SampleOptions`, registry.SAMPLE_OPTIONS), each
+  ``(input_ids, labels, info, key) -> input_ids``: they may change what the model reads, never the labels.
 """
 
 from __future__ import annotations
 
 import io
-import zlib
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,15 +33,26 @@ class SampleTooLong(ValueError):
     pass
 
 
+InputTransform = Callable[[torch.Tensor, torch.Tensor, dict, str], torch.Tensor]
+
+
+@dataclass
+class SampleOptions:
+    """What an experiment may change in how a stored sample becomes model inputs (registry.SAMPLE_OPTIONS)."""
+
+    image_after_question: bool = False  # the image span after the question in the first user turn
+    input_transforms: list[InputTransform] = field(default_factory=list)  # applied in order, after encoding
+
+
 class SampleBuilder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, token_ids: SpatialTokenIds, image_tokens: ImageTokens,
                  geometry: SampleGeometry, max_seq_len: int, depth_tokens: bool = True,
-                 context_noise: float = 0.0, noise_seed: int = 0, noise_tasks: frozenset[str] | None = None):
+                 input_transforms: tuple[InputTransform, ...] = ()):
         from transformers import GotOcr2ImageProcessorPil
 
         self.tokenizer, self.ids, self.image_tokens, self.geo = tokenizer, token_ids, image_tokens, geometry
         self.max_seq_len, self.depth_tokens = max_seq_len, depth_tokens
-        self.context_noise, self.noise_seed, self.noise_tasks = context_noise, noise_seed, noise_tasks
+        self.input_transforms = tuple(input_transforms)
         self.processor = GotOcr2ImageProcessorPil(
             size={"height": geometry.tile_size, "width": geometry.tile_size},
             crop_to_patches=geometry.max_tiles > 1, min_patches=1, max_patches=geometry.max_tiles,
@@ -51,18 +62,6 @@ class SampleBuilder:
     def tiles(self, image: np.ndarray) -> torch.Tensor:
         out = self.processor(images=[image], return_tensors="pt")
         return out["pixel_values"]
-
-    def noisy_code_context(self, input_ids: torch.Tensor, labels: torch.Tensor, key: str) -> torch.Tensor:
-        """Each code in the depth block's input replaced with probability ``context_noise`` by a uniform random
-        code. Drawn from the sample key (and the seed), so any rank, worker or resume draws the same; the same
-        sample is corrupted the same way every epoch. Labels keep the true codes: position t still predicts
-        code t+1, only from a context in which earlier codes cannot be trusted."""
-        ids = self.ids
-        is_code = (labels >= ids.code_start) & (labels < ids.code_end)
-        rng = np.random.default_rng([self.noise_seed, zlib.crc32(key.encode())])
-        flip = torch.from_numpy(rng.random(input_ids.numel()) < self.context_noise) & is_code
-        random_codes = torch.from_numpy(rng.integers(ids.code_start, ids.code_end, input_ids.numel()))
-        return torch.where(flip, random_codes, input_ids)
 
     def __call__(self, stored: ShardSample) -> Sample:
         geo, info = self.geo, stored.info
@@ -88,9 +87,8 @@ class SampleBuilder:
                                                 info["turns"], spatial)
         if input_ids.numel() > self.max_seq_len:
             raise SampleTooLong(f"{input_ids.numel()} tokens > data.max_seq_len={self.max_seq_len}")
-        noised_task = self.noise_tasks is None or info["task"] in self.noise_tasks
-        if self.context_noise > 0 and codes is not None and noised_task:
-            input_ids = self.noisy_code_context(input_ids, labels, stored.key)
+        for transform in self.input_transforms:
+            input_ids = transform(input_ids, labels, info, stored.key)
         return Sample(
             input_ids=input_ids, labels=labels, pixel_values=pixel_values,
             sam_image=resize_normalised(to_tensor(image), geo.sam_size), seg_masks=masks, teacher_depth=depth,

@@ -11,9 +11,10 @@ from ..config.training import PerceptioConfig
 from ..model.depth_vqvae import is_trained_tokenizer_id, tokenizer_identity
 from ..model.geometry import sample_geometry
 from ..model.spatial_tokens import SpatialTokenIds
+from ..registry import SAMPLE_OPTIONS
 from .conversation import ImageTokens
 from .loader import ShardLoader
-from .sample_builder import SampleBuilder
+from .sample_builder import SampleBuilder, SampleOptions
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +62,17 @@ def check_shard_tokenizer(manifest: dict, cfg: PerceptioConfig, folder: str) -> 
 
 def build_sample_builder(cfg: PerceptioConfig, tokenizer: PreTrainedTokenizerBase,
                          token_ids: SpatialTokenIds, training: bool = False) -> SampleBuilder:
-    """Stored sample -> model inputs, with the model's tiling and token layout (training and evaluation;
-    ``training`` adds the training-only input noise, data.depth_context_noise)."""
+    """Stored sample -> model inputs, with the model's tiling and token layout (training and evaluation, which
+    read it from the same config; ``training`` lets an experiment add training-only input transforms)."""
     b = cfg.model.backbone
     geometry = sample_geometry(cfg.model)
+    options = SampleOptions()
+    for part in SAMPLE_OPTIONS.values():
+        part.configure(cfg, training, token_ids, options)
     image_tokens = ImageTokens(b.image_start_token, b.image_token, b.image_end_token, geometry.image_tokens_per_tile,
-                               after_question=b.image_position == "after_question")
+                               after_question=options.image_after_question)
     return SampleBuilder(tokenizer, token_ids, image_tokens, geometry, cfg.data.max_seq_len, cfg.data.depth_tokens,
-                         context_noise=cfg.data.depth_context_noise if training else 0.0, noise_seed=cfg.data.seed,
-                         noise_tasks=None if cfg.data.depth_context_noise_tasks is None
-                         else frozenset(cfg.data.depth_context_noise_tasks))
+                         input_transforms=tuple(options.input_transforms))
 
 
 def build_loader(cfg: PerceptioConfig, tokenizer: PreTrainedTokenizerBase, token_ids: SpatialTokenIds,

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, InternVLConfig, InternVLForConditionalGeneration
 
 from ..config import ConfigError
+from ..registry import BACKBONE_INITIALISERS
 from .config import BackboneConfig
 
 log = logging.getLogger(__name__)
@@ -131,38 +132,9 @@ def build_backbone(
         return model
     hf_config = internvl_config(cfg, vocab_size, image_token_id)
     model = InternVLForConditionalGeneration._from_config(hf_config, attn_implementation=attn_implementation, dtype=dtype)
-    if cfg.vision.position_init == "sincos_2d":
-        set_sincos_positions(model.model.vision_tower.embeddings.position_embeddings,
-                             cfg.vision.image_size // cfg.vision.patch_size)
+    for initialise in BACKBONE_INITIALISERS.values():  # experiments' starts of a random-weight backbone
+        initialise(model, cfg)
     return model
-
-
-def sincos_2d(side: int, dim: int) -> torch.Tensor:
-    """[side * side, dim] embeddings of a side x side patch grid in row-major order: the first half of the
-    channels sines and cosines of the row at dim / 4 frequencies, the second half the same of the column."""
-    if dim % 4:
-        raise ConfigError(f"Config error at 'model.backbone.vision.hidden_size': sincos_2d positions need a multiple "
-                          f"of 4, got {dim}.")
-    quarter = dim // 4
-    frequencies = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
-    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
-                                indexing="ij")
-    parts = []
-    for coordinate in (rows.flatten(), cols.flatten()):
-        angles = coordinate[:, None] * frequencies[None]
-        parts += [torch.sin(angles), torch.cos(angles)]
-    return torch.cat(parts, dim=1).float()
-
-
-@torch.no_grad()
-def set_sincos_positions(position_embeddings: torch.nn.Parameter, side: int) -> None:
-    """Patch positions (the [CLS] row stays zero) set to sincos_2d, ZeRO-3 aware (rank 0's values broadcast)."""
-    from .zero_params import editable
-
-    with editable([position_embeddings]):
-        table = sincos_2d(side, position_embeddings.shape[-1]).to(position_embeddings.dtype)
-        position_embeddings[0, 0].zero_()
-        position_embeddings[0, 1:] = table
 
 
 def resize_for_tokenizer(model: InternVLForConditionalGeneration, tokenizer_size: int) -> None:

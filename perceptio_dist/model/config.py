@@ -24,10 +24,6 @@ class VisionArchitecture:
     patch_size: int = doc_field("Patch size in pixels.", 14)
     norm_type: Literal["layer_norm", "rms_norm"] = doc_field("Normalisation layer of the vision tower.", "layer_norm")
     use_qk_norm: bool = doc_field("Normalise queries and keys (InternViT-6B uses it, InternViT-300M does not).", False)
-    position_init: Literal["random", "sincos_2d"] = doc_field(
-        "Start of a random-weight tower's patch position embeddings (a checkpoint's win). random: transformers' "
-        "init. sincos_2d: fixed-frequency 2D sines and cosines of row and column (as MAE), so where a patch is "
-        "can be read out linearly from the first step; they stay trainable.", "random")
 
 
 @dataclass
@@ -77,11 +73,6 @@ class BackboneConfig:
     image_token: str = doc_field("Placeholder token replaced by image features.", "<IMG_CONTEXT>")
     image_start_token: str = doc_field("Token opening an image span.", "<img>")
     image_end_token: str = doc_field("Token closing an image span.", "</img>")
-    image_position: Literal["before_question", "after_question"] = doc_field(
-        "Where the image span sits in the first user turn. before_question: InternVL's chat template "
-        "('<image>\\n{question}'). after_question: '{question}\\n<image>', so the distance from image token i to "
-        "depth token i is the same for every question whatever its length (a lever of the toy world, docs/research). "
-        "Training and evaluation read it from the same config.", "before_question")
     max_tiles: int = doc_field("Most 448-px tiles per image in dynamic tiling (a thumbnail is added when > 1).", 12)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = doc_field(
         "Attention kernel. 'auto': flash_attention_2 when flash-attn imports and a GPU is present, else sdpa.", "auto"
@@ -143,11 +134,6 @@ class SpatialTokensConfig(DepthCodesConfig):
     depth_start_token: str = doc_field("Token opening a depth block.", "<DEPTH_START>")
     depth_end_token: str = doc_field("Token closing a depth block.", "<DEPTH_END>")
     depth_code_template: str = doc_field("Format of the K code tokens; '{}' is replaced by the code index.", "<DEPTH_{}>")
-    code_embedding_init: Literal["mean", "depth_order"] = doc_field(
-        "How a fresh model's code-token rows (input embedding and LM head) start. mean: the mean of the other rows "
-        "(transformers' resizing). depth_order: plus a shared direction scaled by the depth each code decodes to, "
-        "so nearer/farther is readable from the first step (model/code_embeddings.py). A checkpoint's rows win.",
-        "mean")
 
     def check(self, at: str) -> None:
         super().check(at)

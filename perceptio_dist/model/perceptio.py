@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
+from ..registry import CODE_ROW_INITIALISERS
 from .config import ModelConfig
 from .backbone import build_backbone, choose_attention_implementation, internvl_config, resize_for_tokenizer
 from .depth_vqvae import DepthVQVAE, load_depth_vqvae
@@ -191,10 +192,9 @@ def _build_perceptio(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype
             torch.manual_seed(seed + 2)
             vqvae = DepthVQVAE(cfg.depth_vqvae, cfg.tokens.num_depth_codes, cfg.tokens.depth_grid)
     vqvae = vqvae.to(dtype)
-    if cfg.tokens.code_embedding_init == "depth_order" and fresh_spatial_rows:
-        from .code_embeddings import order_code_rows
-
-        order_code_rows(backbone.get_input_embeddings(), backbone.lm_head, vqvae, token_ids, seed + 3)
+    if fresh_spatial_rows:  # experiments' starts of the new spatial-token rows (a checkpoint's rows win)
+        for initialise in CODE_ROW_INITIALISERS.values():
+            initialise(backbone, vqvae, token_ids, cfg, seed)
     flatten = attn == "flash_attention_2" if b.flatten_packed_rows is None else b.flatten_packed_rows
     model = PerceptioModel(
         backbone, seg_head, vqvae, token_ids, base_vocab, b.freeze_vision_tower, b.freeze_language_model, flatten

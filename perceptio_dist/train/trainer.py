@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, dump_yaml
+from ..config.extensions import with_extension_defaults
 from ..config.training import PerceptioConfig, config_from_dict, validate_runtime
 from ..data.training_data import build_loader
 from ..logging_setup import configure_logging
@@ -61,7 +62,7 @@ def saved_model_fields(saved: dict) -> dict:
     """A checkpoint's model config with fields added to the stack since it was saved at their defaults (what the
     checkpoint was trained with), so an upgrade does not refuse it; a field the recipe sets otherwise still does."""
     try:
-        return config_from_dict(saved).to_dict()["model"]
+        return with_extension_defaults(config_from_dict(saved))["model"]
     except ConfigError:
         return saved["model"]
 
@@ -187,7 +188,7 @@ class Trainer:
     def _check_resumable(self, found: Resumable) -> None:
         """Refuse, before building anything, a checkpoint of another model or of a layout this run cannot load."""
         saved = saved_config(found.path)
-        diffs = _model_differences(saved_model_fields(saved), self.cfg.to_dict()["model"])
+        diffs = _model_differences(saved_model_fields(saved), with_extension_defaults(self.cfg)["model"])
         if diffs:
             raise ConfigError(f"Config error at 'checkpoint.resume': {found.path.name} holds a different model "
                               f"({'; '.join(diffs[:5])}). Resume with the recipe it was trained with.")
