@@ -86,4 +86,3 @@ def check_input_paths(cfg: Any, skip: tuple[str, ...] = (), first: tuple[str, ..
             raise ConfigError(f"Config error at '{dotted}': '{value}' does not exist.{what} {spec.remedy}".rstrip())
         if spec.folder and not Path(value).is_dir():
             raise ConfigError(f"Config error at '{dotted}': '{value}' is a file, not a folder.{what}")
-

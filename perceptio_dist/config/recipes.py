@@ -14,8 +14,6 @@ from .paths import resolve_paths
 from .typed_yaml import build_dataclass, normalise_numbers
 
 
-
-
 def recipe_names(kind: str = "") -> list[str]:
     """Shipped recipes: training ones at the top of recipes/, others in a subfolder (e.g. 'preprocess')."""
     folder = resources.files("perceptio_dist.recipes").joinpath(kind) if kind else resources.files("perceptio_dist.recipes")
@@ -75,8 +73,6 @@ def apply_override(data: dict, override: str) -> None:
             node[part] = value
         else:
             node = node.setdefault(part, {})
-
-
 
 
 def is_overlay(override: str) -> bool:

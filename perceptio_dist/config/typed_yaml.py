@@ -18,8 +18,6 @@ from .extensions import extended, extension_fields
 from .fields import ConfigError
 
 
-
-
 def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -151,7 +149,6 @@ def build_dataclass(cls: type, data: dict, path: str) -> Any:
         if check is not None:
             check(kwargs[name], f"{path}.{name}" if path else name)
     return cls(**kwargs)
-
 
 
 def normalise_numbers(data: Any) -> Any:

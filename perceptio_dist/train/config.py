@@ -58,7 +58,6 @@ class TrainConfig:
             raise config_error(f"{at}.max_nonfinite_in_a_row", "must be at least 1.")
 
 
-
 @dataclass
 class CheckpointConfig:
     dir: Optional[str] = path_field("Checkpoint folder; null: <logging.output_dir>/checkpoints.", None, kind="output")
