@@ -67,17 +67,25 @@ def test_the_demo_report_tables_its_runs_metrics_and_draws_their_losses(tmp_path
     from perceptio_dist.experiments.toy.demo import write_demo_report
 
     out = tmp_path / "demo"
-    metrics = {"depth_model": {"synthetic_depth_3": {"accuracy": 0.5, "count": 12},
+    metrics = {"depth_model": {"synthetic_depth_3": {"accuracy": 0.5, "count": 12, "accuracy_ci": [0.25, 0.75]},
                                "synthetic_refer": {"ciou": 0.25, "giou": 0.125, "count": 4}},
-               "ablation": {"synthetic_depth_3": {"accuracy": 0.75, "count": 12}}}
+               "ablation": {"synthetic_depth_3": {"accuracy": 0.75, "count": 12, "accuracy_ci": [0.5, 0.9]}}}
     out.mkdir()
     (out / "metrics.json").write_text(json.dumps(metrics))
+    # The same 12 items: the depth model right on the first 6, the ablation on items 3-11: 3 items only the
+    # depth model gets, 6 only the ablation: -25 points, McNemar p = 2 (1 + 9 + 36 + 84) / 2^9 = 0.508.
+    verdicts = {"depth_model": [i < 6 for i in range(12)], "ablation": [i >= 3 for i in range(12)]}
     for name, losses in (("depth_model", [3.0, 2.0]), ("ablation", [3.5, 2.5])):
-        (out / name).mkdir()
+        (out / name / "eval").mkdir(parents=True)
         (out / name / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v, "loss/text": v / 2})
                                                           + "\n" for i, v in enumerate(losses)))
+        (out / name / "eval" / "predictions.jsonl").write_text("".join(
+            json.dumps({"group": "synthetic_depth_3", "key": f"k{i}", "correct": ok}) + "\n"
+            for i, ok in enumerate(verdicts[name])))
     report = write_demo_report(out).read_text()
-    assert "| synthetic_depth_3 | accuracy | 50.0 | 75.0 | 12 |" in report
-    assert "| synthetic_refer | ciou | 25.0 | - | 4 |" in report
-    assert "| synthetic_refer | giou | 12.5 | - | 4 |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| synthetic_depth_3 | accuracy |"))
+    assert row.startswith("| synthetic_depth_3 | accuracy | 50.0 [25.0, 75.0] | 75.0 [50.0, 90.0] | 12 | -25.0 [")
+    assert row.endswith(", p 0.51 (12) |")
+    assert "| synthetic_refer | ciou | 25.0 | - | 4 | – |" in report
+    assert "| synthetic_refer | giou | 12.5 | - | 4 | – |" in report
     assert (out / "loss_curves.png").stat().st_size > 1000 and "![losses](loss_curves.png)" in report

@@ -19,6 +19,7 @@ from PIL import Image
 from perceptio_dist.config.training import load_config
 from perceptio_dist.eval.benchmarks import DEFAULT_HARDBLINK
 from perceptio_dist.eval.generate import GenerationSettings, SpatialConstraint, SpatialPolicy, generate
+from perceptio_dist.eval.intervals import wilson
 from perceptio_dist.eval.scoring import MaskScores, parse_choice_letter
 from perceptio_dist.model.spatial_tokens import SpatialTokenIds
 
@@ -458,8 +459,15 @@ def test_intervention_and_consistency_metrics_by_hand():
     assert m.chain.consistency == pytest.approx(2 / 3)  # answers A, A, B; the map says A every time
     # metrics.json keeps its layout: the figures flat, in this order, a kind absent where the group has none.
     assert list(metrics.to_json()["synthetic_depth_2"]) == [
-        "accuracy", "count", "answer_letters", "chain_consistency", "chain_count", "baselines", "interventions",
-        "intervention_counts"]
+        "accuracy", "count", "accuracy_ci", "answer_letters", "chain_consistency", "chain_count",
+        "chain_consistency_ci", "baselines", "interventions", "intervention_counts", "intervention_against_own"]
+    # Each intervention against the own codes on the same items: random right where own was wrong and the other
+    # way once (items 1 and 0); ground truth only on item 1, right where own was wrong.
+    against = metrics.to_json()["synthetic_depth_2"]["intervention_against_own"]
+    assert against["random"]["difference"] == 0.0 and against["random"]["count"] == 3
+    assert against["random"]["mcnemar_p"] == 1.0
+    assert against["ground_truth"]["difference"] == 1.0 and against["ground_truth"]["count"] == 1
+    assert m.choices.interval == pytest.approx(wilson(1, 3))
     assert rows[1]["interventions"]["random"] == {"prediction": "(B)", "parsed": "B", "correct": True,
                                                   "codes": [1] * 16}
     table = "\n".join(faithfulness_table(metrics.to_json()))

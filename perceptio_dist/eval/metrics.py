@@ -23,6 +23,7 @@ from .benchmarks import CIRCULAR_GROUP, CIRCULAR_SEPARATOR, EvalItem
 from .depth_dependence import depth_dependence
 from .faithfulness import chain_consistent
 from .generate import Prediction
+from .intervals import PairedDifference, paired_difference, wilson
 from .scoring import MaskScores, accuracy, parse_choice_letter
 
 SPLIT_MEANS = ("hardblink", "synthetic_depth")  # groups <prefix>_3/4/5 averaged into <prefix>_mean
@@ -30,33 +31,40 @@ SPLIT_MEANS = ("hardblink", "synthetic_depth")  # groups <prefix>_3/4/5 averaged
 
 @dataclass
 class MaskFigures:
-    """Referring segmentation: cumulative and mean IoU over the group's masks, and exact restatements."""
+    """Referring segmentation: cumulative and mean IoU over the group's masks, and exact restatements (with their
+    95 % Wilson interval)."""
     ciou: float
     giou: float
     count: int
     answer_exact: Optional[float] = None
+    answer_exact_interval: Optional[tuple[float, float]] = None
 
 
 @dataclass
 class ChoiceFigures:
-    """A multiple-choice group: accuracy, items, and how often each letter was answered ('none': unparsed)."""
+    """A multiple-choice group: accuracy and its 95 % Wilson interval, items, and how often each letter was answered
+    ('none': unparsed)."""
     accuracy: float
     count: int
+    interval: tuple[float, float]
     answer_letters: Optional[dict[str, int]] = None
 
 
 @dataclass
 class ChainFigures:
-    """Answers naming the point the model's own depth map puts nearest."""
+    """Answers naming the point the model's own depth map puts nearest, with the 95 % Wilson interval."""
     consistency: float
     count: int
+    interval: tuple[float, float]
 
 
 @dataclass
 class InterventionFigures:
-    """Accuracy with the model's own depth codes and after each replacement, and the items each applies to."""
+    """Accuracy with the model's own depth codes and after each replacement, the items each applies to, and each
+    replacement against the own codes on the same items (eval/intervals.py)."""
     accuracy: dict[str, float]
     counts: dict[str, int]
+    against_own: dict[str, PairedDifference] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,19 +98,23 @@ class GroupMetrics:
             out.update(ciou=self.masks.ciou, giou=self.masks.giou, count=self.masks.count)
             if self.masks.answer_exact is not None:
                 out["answer_exact"] = self.masks.answer_exact
+                out["answer_exact_ci"] = list(self.masks.answer_exact_interval)
         if self.choices:
-            out.update(accuracy=self.choices.accuracy, count=self.choices.count)
+            out.update(accuracy=self.choices.accuracy, count=self.choices.count,
+                       accuracy_ci=list(self.choices.interval))
             if self.choices.answer_letters is not None:
                 out["answer_letters"] = self.choices.answer_letters
         for figures in self.diagnostics.values():
             out.update(figures)
         if self.chain:
-            out.update(chain_consistency=self.chain.consistency, chain_count=self.chain.count)
+            out.update(chain_consistency=self.chain.consistency, chain_count=self.chain.count,
+                       chain_consistency_ci=list(self.chain.interval))
         for name in ("baselines", "legibility", "depth_dependence"):
             if getattr(self, name):
                 out[name] = getattr(self, name)
         if self.interventions:
-            out.update(interventions=self.interventions.accuracy, intervention_counts=self.interventions.counts)
+            out.update(interventions=self.interventions.accuracy, intervention_counts=self.interventions.counts,
+                       intervention_against_own={k: d.to_json() for k, d in self.interventions.against_own.items()})
         if self.circular:
             out.update(vars(self.circular))
         return out
@@ -172,20 +184,26 @@ def score(items: list[EvalItem], predictions: list[Prediction],
                         "prediction": answers[index].text, "parsed": other, "correct": other == expected,
                         "codes": answers[index].depth_codes}
                     g["intervened"].setdefault(name, []).append(other == expected)
+                    if pred.depth_codes is not None:  # the same item with the model's own codes
+                        g.setdefault("paired", {}).setdefault(name, []).append((row["correct"], other == expected))
         rows.append(row)
     metrics = EvalMetrics()
     for name, g in sorted(groups.items()):
         group = metrics.groups[name] = GroupMetrics()
         if g["masks"].per_sample:
+            exact = g.get("exact")
             group.masks = MaskFigures(g["masks"].ciou, g["masks"].giou, len(g["masks"].per_sample),
-                                      accuracy(g["exact"]) if g.get("exact") else None)
+                                      accuracy(exact) if exact else None,
+                                      wilson(sum(exact), len(exact)) if exact else None)
         else:  # a constant answer shows at once in the letters
             letters = dict(sorted(Counter(g["letters"]).items())) if g.get("letters") else None
-            group.choices = ChoiceFigures(accuracy(g["correct"]), len(g["correct"]), letters)
+            group.choices = ChoiceFigures(accuracy(g["correct"]), len(g["correct"]),
+                                          wilson(sum(g["correct"]), len(g["correct"])), letters)
         for diagnostic, pairs in g.get("diagnosed", {}).items():
             group.diagnostics[diagnostic] = diagnostics[diagnostic].summarise(pairs)
         if "consistent" in g:
-            group.chain = ChainFigures(accuracy(g["consistent"]), len(g["consistent"]))
+            group.chain = ChainFigures(accuracy(g["consistent"]), len(g["consistent"]),
+                                       wilson(sum(g["consistent"]), len(g["consistent"])))
         in_group = [item for item in items if item.group == name]
         if in_group[0].task == "relative_depth":
             group.baselines = relative_depth_baselines(in_group)
@@ -193,8 +211,10 @@ def score(items: list[EvalItem], predictions: list[Prediction],
         if g.get("maps"):
             group.depth_dependence = depth_dependence(g["maps"], mean_depth)
         if "intervened" in g:  # own: every answer with a depth block; the others on the items they apply to
-            group.interventions = InterventionFigures({k: accuracy(v) for k, v in g["intervened"].items()},
-                                                      {k: len(v) for k, v in g["intervened"].items()})
+            group.interventions = InterventionFigures(
+                {k: accuracy(v) for k, v in g["intervened"].items()}, {k: len(v) for k, v in g["intervened"].items()},
+                {k: paired_difference([other for _, other in pairs], [own for own, _ in pairs])  # other - own
+                 for k, pairs in g.get("paired", {}).items()})
     if CIRCULAR_GROUP in metrics.groups:
         metrics.groups[CIRCULAR_GROUP].circular = circular_scores([r for r in rows if r["group"] == CIRCULAR_GROUP])
     for prefix in SPLIT_MEANS:
@@ -219,14 +239,15 @@ def circular_scores(rows: list[dict]) -> CircularFigures:
 
 def summary_line(group: GroupMetrics) -> str:
     """One console line of a group's headline figures, in percent."""
-    values = {}
+    values, interval = {}, ""
     if group.choices:
         values["accuracy"] = group.choices.accuracy
+        interval = " [{:.1f}, {:.1f}]".format(*(100 * x for x in group.choices.interval))
     if group.masks:
         values.update(ciou=group.masks.ciou, giou=group.masks.giou)
     if group.chain:
         values["chain_consistency"] = group.chain.consistency
-    line = ", ".join(f"{k} {100 * v:.1f}" for k, v in values.items())
+    line = ", ".join(f"{k} {100 * v:.1f}" + (interval if k == "accuracy" else "") for k, v in values.items())
     if group.interventions:
         line += " | after codes: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in group.interventions.accuracy.items())
     return line

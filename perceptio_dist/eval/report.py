@@ -34,6 +34,34 @@ def faithfulness_table(metrics: dict) -> list[str]:
     return lines + depth_dependence_table(metrics)
 
 
+def interval(bounds: list[float] | None) -> str:
+    """' [lo, hi]' in percent, or '' without bounds."""
+    return "" if not bounds else " [{:.1f}, {:.1f}]".format(*(100 * x for x in bounds))
+
+
+def paired_cell(difference: dict) -> str:
+    """A paired difference (eval/intervals.py) in points: '-28.5 [-38.0, -19.0], p 1e-06 (200)'."""
+    low, high = difference["ci"]
+    return (f"{100 * difference['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}], "
+            f"p {difference['mcnemar_p']:.2g} ({difference['count']})")
+
+
+def intervention_differences_table(metrics: dict) -> list[str]:
+    """Markdown: per group, each intervention's accuracy minus the own codes' on the same items."""
+    groups = [(name, m["intervention_against_own"]) for name, m in metrics.items() if m.get("intervention_against_own")]
+    if not groups:
+        return []
+    names = [k for k in INTERVENTIONS if k != "own"]
+    lines = ["", "## How much does each intervention change the answers?", "",
+             "Accuracy after the intervention minus with the model's own codes, on the same items (points): the "
+             "paired difference, its 95 % paired-bootstrap interval, the exact McNemar p-value, items.", "",
+             "| group | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for name, against in groups:
+        lines.append(f"| {name} | " + " | ".join(paired_cell(against[k]) if k in against else "–" for k in names)
+                     + " |")
+    return lines
+
+
 def depth_dependence_table(metrics: dict) -> list[str]:
     """Markdown: per group, the generated depth maps' error beside the training-set mean map's (eval/depth_dependence.py)."""
     groups = [(name, m["depth_dependence"]) for name, m in metrics.items() if m.get("depth_dependence")]
@@ -58,14 +86,16 @@ def write_report(out: Path, items: list[EvalItem], predictions: list[Prediction]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["# Evaluation report", "", "| group | metric | value | items |", "| --- | --- | ---: | ---: |"]
+    lines = ["# Evaluation report", "", "Values in %; in brackets the 95 % Wilson interval where there is one.", "",
+             "| group | metric | value | items |", "| --- | --- | ---: | ---: |"]
     for name, m in metrics.items():
         for key in ("accuracy", "single_pass_accuracy", "circular_accuracy", "ciou", "giou", "answer_exact"):
             if key in m:
                 count = m.get("questions") if key == "circular_accuracy" else m.get("count", m.get("splits"))
-                lines.append(f"| {name} | {key} | {100 * m[key]:.1f} | {count} |")
+                lines.append(f"| {name} | {key} | {100 * m[key]:.1f}{interval(m.get(f'{key}_ci'))} | {count} |")
     lines += baselines_table(metrics)
     lines += faithfulness_table(metrics)
+    lines += intervention_differences_table(metrics)
     for diagnostic in EVAL_DIAGNOSTICS.values():
         lines += diagnostic.table(metrics)
     groups: dict[str, list[int]] = {}

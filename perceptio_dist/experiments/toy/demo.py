@@ -211,29 +211,58 @@ def _loss_curves(out: Path) -> Path:
     return path
 
 
+def paired_arms(out: Path) -> dict[str, dict]:
+    """Per multiple-choice group, the depth model's accuracy minus the ablation's on the items both answered
+    (their predictions.jsonl, matched by key): a paired difference (eval/intervals.py), as JSON."""
+    from ...eval.intervals import paired_difference
+
+    rows = {}
+    for arm in ("depth_model", "ablation"):
+        path = out / arm / "eval" / "predictions.jsonl"
+        if not path.exists():
+            return {}
+        rows[arm] = {(r["group"], r["key"]): r["correct"] for r in map(json.loads, path.read_text().splitlines())
+                     if "correct" in r}
+    both: dict[str, list[tuple[bool, bool]]] = {}
+    for (group, key), correct in sorted(rows["depth_model"].items()):
+        if (group, key) in rows["ablation"]:
+            both.setdefault(group, []).append((correct, rows["ablation"][(group, key)]))
+    return {group: paired_difference([a for a, _ in pairs], [b for _, b in pairs]).to_json()
+            for group, pairs in both.items()}
+
+
 def write_demo_report(out: Path) -> Path:
+    from ...eval.baselines import baselines_table
+    from ...eval.report import faithfulness_table, interval, intervention_differences_table, paired_cell
+    from .marker_step import marker_step_table
+
     metrics = json.loads((out / "metrics.json").read_text())
+    paired = paired_arms(out)
     groups = sorted(set(metrics["depth_model"]) | set(metrics["ablation"]))
     lines = ["# Perceptio demo report", "",
              "Two toy-spatial Perceptio models trained on the same synthetic scenes, steps and seed: one answers after "
              "generating depth tokens (the spatial chain of thought), the ablation answers directly. Scores on "
              "held-out scenes (other seeds) and, where present, the real HardBLINK files. Chance: 1/3, 1/4, 1/5 "
-             "for 3/4/5 points.", "",
-             "| benchmark | metric | with depth tokens | without (ablation) | items |", "| --- | --- | ---: | ---: | ---: |"]
+             "for 3/4/5 points. Values in %, 95 % Wilson intervals in brackets; the last column is the depth model "
+             "minus the ablation on the same items (points, 95 % paired-bootstrap interval, exact McNemar p, "
+             "items).", "",
+             "| benchmark | metric | with depth tokens | without (ablation) | items | depth model - ablation |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
     for group in groups:
         a, b = metrics["depth_model"].get(group, {}), metrics["ablation"].get(group, {})
         for key in ("accuracy", "ciou", "giou", "answer_exact"):
             if key in a or key in b:
-                fa = f"{100 * a[key]:.1f}" if key in a else "-"
-                fb = f"{100 * b[key]:.1f}" if key in b else "-"
-                lines.append(f"| {group} | {key} | {fa} | {fb} | {a.get('count', a.get('splits', ''))} |")
-    from ...eval.baselines import baselines_table
-    from .marker_step import marker_step_table
-    from ...eval.report import faithfulness_table
+                fa = f"{100 * a[key]:.1f}{interval(a.get(f'{key}_ci'))}" if key in a else "-"
+                fb = f"{100 * b[key]:.1f}{interval(b.get(f'{key}_ci'))}" if key in b else "-"
+                difference = paired_cell(paired[group]) if key == "accuracy" and group in paired else "–"
+                lines.append(f"| {group} | {key} | {fa} | {fb} | {a.get('count', a.get('splits', ''))} | "
+                             f"{difference} |")
 
     for name, label in (("depth_model", "Depth model"), ("ablation", "Ablation")):
         lines += [line.replace("## Baselines", f"## {label}: baselines") for line in baselines_table(metrics[name])]
     lines += [line.replace("## Does", "## Depth model: does") for line in faithfulness_table(metrics["depth_model"])]
+    lines += [line.replace("## How much", "## Depth model: how much")
+              for line in intervention_differences_table(metrics["depth_model"])]
     for name, label in (("depth_model", "Depth model"), ("ablation", "Ablation")):
         lines += [line.replace("## Does", f"## {label}: does") for line in marker_step_table(metrics[name])]
     timings = {p.name[1:-5]: json.loads(p.read_text()).get("seconds") for p in sorted(out.glob(".*.done"))}
