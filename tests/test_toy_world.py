@@ -252,6 +252,18 @@ def test_sweep_table_by_hand(tmp_path):
     ablation = {"synthetic_depth_3": {"accuracy": 0.4}, "synthetic_depth_5": {"accuracy": 0.2}, "train_seconds": 90}
     rows = table_lines(sweep, [{"name": "base", "depth": depth, "ablation": ablation}])
     assert rows[-1] == "| base | 60.0 / 50.0 / – | 40.0 / – / 20.0 | 30.0 | 62.0 | 85 | 12.5 / 25.0 / 50.0 | 0.61 | 190 |"
+    # Seeds: a row per seed, then mean ± sample sd per group: depth 3 points 60 and 70 -> 65.0 ± 7.1.
+    other = {"synthetic_depth_3": {"accuracy": 0.7}, "synthetic_depth_4": {"accuracy": 0.5}, "train_seconds": 50}
+    seeded = table_lines(sweep, [{"name": "base", "seeds": [{"seed": 1, "depth": depth, "ablation": ablation},
+                                                             {"seed": 2, "depth": other}]}])
+    assert seeded[-3].startswith("| base, seed 1 | 60.0 / 50.0 / – | 40.0 / – / 20.0 |")
+    assert seeded[-2].startswith("| base, seed 2 | 70.0 / 50.0 / – | not trained |")
+    assert seeded[-1] == ("| base, mean ± sd of 2 seeds | 65.0 ± 7.1 / 50.0 ± 0.0 / – | 40.0 ± 0.0 / – / 20.0 ± 0.0 |"
+                          " | | | | | |")
+    path.write_text(json.dumps({"recipe": "toy_spatial", "heldout_scenes": str(scenes), "seeds": [1, 1],
+                                "configurations": [{"name": "base"}]}))
+    with pytest.raises(ConfigError, match="distinct integers"):
+        load_sweep(path)
 
 
 def test_marker_step_scored_by_hand():
@@ -465,6 +477,8 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, tiny_shards):
     import subprocess
     import sys
 
+    import yaml
+
     from .conftest import NO_TOKENIZER, ROOT
 
     sweep_file = tmp_path / "sweep.yaml"
@@ -493,6 +507,22 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, tiny_shards):
     assert (out / "sweep.md").read_text() == table
     bad = subprocess.run([*cmd[:-2], "--out", str(out), "--only", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "names no configuration" in bad.stderr
+    # Seeds: each seed trains in its own folder with train.seed and data.seed set; the summary row is the mean of
+    # the runs' own evaluations.
+    seeded_file = tmp_path / "seeded.yaml"
+    seeded_file.write_text(json.dumps({**json.loads(sweep_file.read_text()), "seeds": [7, 8],
+                                       "configurations": [{"name": "two steps", "ablation": False}]}))
+    seeded_out = tmp_path / "seeded"
+    third = run_process([*cmd[:4], str(seeded_file), "--out", str(seeded_out)], timeout=900, cwd=ROOT)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    accuracies = []
+    for seed in (7, 8):
+        folder = seeded_out / "two_steps" / f"seed_{seed}" / "depth_model"
+        config = yaml.safe_load((folder / "run" / "config.yaml").read_text())
+        assert config["train"]["seed"] == config["data"]["seed"] == seed
+        accuracies.append(json.loads((folder / "eval" / "metrics.json").read_text())["synthetic_depth_3"]["accuracy"])
+    mean = f"{100 * sum(accuracies) / 2:.1f} ± "
+    assert f"| two steps, mean ± sd of 2 seeds | {mean}" in (seeded_out / "sweep.md").read_text()
 
 
 def test_code_level_lookup_by_hand():

@@ -18,6 +18,11 @@ overrides on one recipe, trained with depth tokens and (unless ``ablation: false
       - name: 4x4 grid, K 32
         overrides: [model.tokens.depth_grid=4, data.shards=runs/toy4/shards, model.depth_vqvae.checkpoint=...]
 
+``seeds: [1, 2, 3]`` trains every configuration (both models) once per seed, the seed set as both the training
+seed (``train.seed``: initialisation) and the data-order seed (``data.seed``), each in its own folder
+(``<configuration>/seed_<s>/``); the table then gives each seed's row and the mean ± standard deviation across the
+seeds. Without ``seeds`` each configuration trains once with its recipe's seeds.
+
 Levers that change the data (marker style, grid, K, questions per scene) point ``data.shards`` and the
 tokenizer at shards prepared for them. Each (configuration, model) trains in its own folder and is skipped
 when its result exists, so a sweep that stops resumes. The table (sweep.md, sweep.json) gives per row the
@@ -65,6 +70,7 @@ class Sweep:
     nproc_per_node: int = 2
     eval_limit: Optional[int] = 150
     eval_batch_size: int = 16
+    seeds: list[int] = field(default_factory=list)  # train.seed and data.seed of each run; []: the recipe's
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -94,7 +100,11 @@ def load_sweep(path: str | Path) -> Sweep:
     slugs = [e.slug for e in entries]
     if len(set(slugs)) != len(slugs):
         raise ConfigError(f"Sweep file {path}: configuration names must differ (folders {slugs}).")
-    sweep = Sweep(**{**data, "configurations": entries})
+    seeds = data.get("seeds") or []
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"Sweep file {path}: seeds must be a list of distinct integers, got {seeds!r}.")
+    sweep = Sweep(**{**data, "configurations": entries, "seeds": seeds})
     scenes = Path(sweep.heldout_scenes)
     if not scenes.is_absolute():
         scenes = (path.parent / scenes) if (path.parent / scenes).exists() else (ROOT / scenes)
@@ -154,15 +164,25 @@ def train_and_evaluate(sweep: Sweep, overrides: list[str], folder: Path) -> dict
     return metrics
 
 
+def run_configuration(sweep: Sweep, entry: SweepEntry, folder: Path, seed: Optional[int]) -> dict:
+    """Both models of one configuration at one seed (None: the recipe's seeds): {"depth": ..., "ablation": ...}."""
+    overrides = [*entry.overrides, *([] if seed is None else [f"train.seed={seed}", f"data.seed={seed}"])]
+    run = {"depth": train_and_evaluate(sweep, overrides, folder / "depth_model")}
+    if entry.ablation:
+        run["ablation"] = train_and_evaluate(sweep, [*overrides, "data.depth_tokens=false"], folder / "ablation")
+    return run
+
+
 def run_sweep(sweep: Sweep, out: Path, progress=print) -> list[dict]:
     rows = []
     for i, entry in enumerate(sweep.configurations):
         progress(f"[sweep] {i + 1}/{len(sweep.configurations)} {entry.name}")
-        row = {"name": entry.name, "overrides": entry.overrides,
-               "depth": train_and_evaluate(sweep, entry.overrides, out / entry.slug / "depth_model")}
-        if entry.ablation:
-            row["ablation"] = train_and_evaluate(sweep, [*entry.overrides, "data.depth_tokens=false"],
-                                                 out / entry.slug / "ablation")
+        row = {"name": entry.name, "overrides": entry.overrides}
+        if sweep.seeds:
+            row["seeds"] = [{"seed": seed, **run_configuration(sweep, entry, out / entry.slug / f"seed_{seed}", seed)}
+                            for seed in sweep.seeds]
+        else:
+            row.update(run_configuration(sweep, entry, out / entry.slug, None))
         rows.append(row)
         write_table(sweep, rows, out)
     return rows
@@ -191,18 +211,45 @@ def table_lines(sweep: Sweep, rows: list[dict]) -> list[str]:
              "consistency | marker cells right / found / nearness right | map / mean AbsRel | train s |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
-        d, a = row["depth"], row.get("ablation")
-        g3 = GROUPS[0]
-        consistency = d.get(g3, {}).get("chain_consistency")
-        ratio = (d.get(g3, {}).get("depth_dependence") or {}).get("ratio")
-        lines.append(
-            f"| {row['name']} | {' / '.join(_pct(d, g) for g in GROUPS)} | "
+        lines += seed_lines(row) if "seeds" in row else [result_line(row["name"], row["depth"], row.get("ablation"))]
+    return lines
+
+
+def result_line(name: str, d: dict, a: dict | None) -> str:
+    """One table row: a configuration's depth model ``d`` and ablation ``a`` (None: not trained)."""
+    g3 = GROUPS[0]
+    consistency = d.get(g3, {}).get("chain_consistency")
+    ratio = (d.get(g3, {}).get("depth_dependence") or {}).get("ratio")
+    return (f"| {name} | {' / '.join(_pct(d, g) for g in GROUPS)} | "
             f"{' / '.join(_pct(a, g) for g in GROUPS) if a else 'not trained'} | {_intervention(d, g3, 'random')} | "
             f"{_intervention(d, g3, 'ground_truth')} | "
-            f"{'–' if consistency is None else f'{100 * consistency:.0f}'} | {_pct(d, g3, 'marker_cells')} / {_pct(d, g3, 'marker_found')} / "
-            f"{_pct(d, g3, 'marker_nearness')} | "
+            f"{'–' if consistency is None else f'{100 * consistency:.0f}'} | {_pct(d, g3, 'marker_cells')} / "
+            f"{_pct(d, g3, 'marker_found')} / {_pct(d, g3, 'marker_nearness')} | "
             f"{'–' if ratio is None else f'{ratio:.2f}'} | "
             f"{d.get('train_seconds', 0) + (a or {}).get('train_seconds', 0):.0f} |")
+
+
+def _mean_sd(values: list[float]) -> str:
+    """'61.3 ± 4.2' in percent: the mean and the sample standard deviation across seeds ('–' without values)."""
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
+
+
+def seed_lines(row: dict) -> list[str]:
+    """A seeded configuration: one table row per seed, then the mean ± standard deviation across its seeds of the
+    accuracies (the other columns are per seed)."""
+    runs = row["seeds"]
+    lines = [result_line(f"{row['name']}, seed {run['seed']}", run["depth"], run.get("ablation")) for run in runs]
+    accuracies = {model: {g: [run[model][g]["accuracy"] for run in runs
+                              if run.get(model, {}).get(g, {}).get("accuracy") is not None] for g in GROUPS}
+                  for model in ("depth", "ablation")}
+    ablation = " / ".join(_mean_sd(accuracies["ablation"][g]) for g in GROUPS) \
+        if any("ablation" in run for run in runs) else "not trained"
+    lines.append(f"| {row['name']}, mean ± sd of {len(runs)} seeds | "
+                 f"{' / '.join(_mean_sd(accuracies['depth'][g]) for g in GROUPS)} | {ablation} | | | | | | |")
     return lines
 
 
