@@ -558,3 +558,23 @@ def test_code_levels_on_real_shards(tiny_shards, tmp_path):
     assert result["markers"] == sum(len(q["points"]) for q in questions)
     assert result["level_from_own_code"] >= result["decoded_level_right"] - 1e-12
     assert 0.0 <= result["decoded_single_out_nearest"] + result["decoded_ties"] <= 1.0
+
+
+def test_shortcut_measure_by_hand_and_on_rendered_scenes(tmp_path):
+    """tools/toy/shortcuts.py: the shortcuts pick the marker they name (by hand), and on questions the real generator
+    makes from rendered scenes the camera's tilt shows: the lowest marker is the nearest far above chance."""
+    from perceptio_dist.preprocess.config import load_preprocess_config
+
+    tool = tools_module("toy/shortcuts")
+    points = [[10.0, 50.0], [40.0, 80.0], [70.0, 20.0]]
+    picks = {name: pick(points, [5, 9, 9]) for name, pick in tool.SHORTCUTS.items()}
+    assert picks == {"lowest": 1, "highest": 2, "leftmost": 0, "rightmost": 2, "largest_region": 1}
+    assert tool.region_sizes(np.array([[0, 0, 1], [2, 0, 1]])).tolist() == [[3, 3, 2], [1, 3, 2]]
+    folders = []
+    for seed in range(6):
+        folders.append(tmp_path / f"scene_{seed}")
+        write_scene(render_scene(seed), folders[-1])
+    source = dataclasses.replace(load_preprocess_config("preprocess_toy").sources[0], questions_per_scene=15)
+    result = tool.measure(folders, source)
+    assert result["questions"] > 40 and 0.2 < result["chance"] < 0.34
+    assert result["lowest"] > result["chance"] + 0.15

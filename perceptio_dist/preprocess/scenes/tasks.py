@@ -96,6 +96,7 @@ def closest_point_markers(depth: np.ndarray, count: int, rng: np.random.Generato
                           tries: int = 300) -> Optional[tuple[list[list[float]], int]]:
     """Marker positions and the index of the closest one, or None if the rules cannot be met."""
     h, w = depth.shape
+    means = cell_means(depth, rules.grid) if rules.grid is not None else None
     for _ in range(tries):
         xs = rng.uniform(rules.margin * w, (1 - rules.margin) * w, count)
         if count > 1 and np.min(np.diff(np.sort(xs))) < rules.min_separation * w:
@@ -109,7 +110,6 @@ def closest_point_markers(depth: np.ndarray, count: int, rng: np.random.Generato
             cells = [(int(y * rules.grid / h), int(x * rules.grid / w)) for x, y in zip(xs, ys)]
             if len(set(cells)) < count:
                 continue
-            means = cell_means(depth, rules.grid)
             cell_values = np.array([means[c] for c in cells])
             cell_order = np.argsort(cell_values)
             if cell_order[0] != order[0] or cell_values[cell_order[1]] < (1 + rules.min_gap) * cell_values[cell_order[0]]:
