@@ -49,9 +49,12 @@ class Registry(Generic[T]):
         load_experiments()
         return iter(sorted(self._parts))
 
-    def values(self) -> list[T]:
+    def items(self) -> list[tuple[str, T]]:
         load_experiments()
-        return [self._parts[name] for name in sorted(self._parts)]
+        return sorted(self._parts.items())
+
+    def values(self) -> list[T]:
+        return [part for _, part in self.items()]
 
 # Answer formats of the synthetic relative-depth questions: written at preprocessing, read back at evaluation by
 # the same part (preprocess/scenes/tasks.py's LetterAnswer shows what a part provides).

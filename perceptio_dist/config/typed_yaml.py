@@ -124,8 +124,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 def build_dataclass(cls: type, data: dict, path: str) -> Any:
     """``cls`` from a mapping, every value type-checked; keys an experiment registered for ``cls``
     (config/extensions.py) extend it."""
-    added = [key for key in data if key not in {f.name for f in dataclasses.fields(cls)}
-             and key in extension_fields(cls)]
+    own = {f.name for f in dataclasses.fields(cls)}
+    added = [key for key in data if key not in own and key in extension_fields(cls)]
     if added:
         cls = extended(cls, tuple(added))
     hints = typing.get_type_hints(cls)

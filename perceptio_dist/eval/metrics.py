@@ -147,7 +147,7 @@ def score(items: list[EvalItem], predictions: list[Prediction],
     ``mean_depth`` (the training set's mean map) the reference for the generated maps' error."""
     groups: dict[str, dict] = {}
     rows = []
-    diagnostics = {name: EVAL_DIAGNOSTICS[name] for name in EVAL_DIAGNOSTICS}
+    diagnostics = dict(EVAL_DIAGNOSTICS.items())
     for index, (item, pred) in enumerate(zip(items, predictions)):
         row = {"group": item.group, "key": item.key, "question": item.question, "answer": item.answer,
                "prediction": pred.text, "depth_codes": pred.depth_codes, "has_mask": pred.mask is not None}
